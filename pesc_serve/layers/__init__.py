@@ -1,0 +1,1 @@
+"""Building blocks of the decoder: norms, RoPE, attention, the PESC MLP, quantized linears, sampling."""

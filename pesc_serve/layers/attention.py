@@ -1,0 +1,91 @@
+"""Grouped-query attention over a paged KV cache.
+
+The model sees one flat batch of tokens (no padding).  The engine orders it as
+``[decode tokens..., prefill chunk 0..., prefill chunk 1...]`` and describes it with an
+:class:`AttentionMetadata`:
+
+* every new token's K/V is written to its cache slot (``slot_mapping``);
+* all single-token decodes attend in ONE batched call over their gathered context;
+* each prefill chunk attends on its own: straight causal attention over the fresh K/V when
+  it has no earlier context, else over its context gathered from the cache.
+
+The KV cache of one layer is ``[2, num_slots, num_kv_heads, head_dim]`` where a slot is
+``block_id * block_size + offset``; block tables live in the engine, the metadata only
+carries slot indices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillChunk:
+    """One sequence's run of new tokens ``[q_start, q_end)`` in the flat batch.
+
+    ``context_slots`` is None when the chunk starts at position 0 (nothing cached to read);
+    otherwise it holds the slots of all ``ctx_len`` keys the chunk sees, new ones included.
+    ``mask`` is a ``[q_len, ctx_len]`` boolean (True = attend) for the gathered case, or for
+    a fresh chunk under a sliding window.
+    """
+
+    q_start: int
+    q_end: int
+    context_slots: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+
+@dataclass
+class AttentionMetadata:
+    """Where the flat batch's tokens go in the cache and what each one attends to."""
+
+    slot_mapping: torch.Tensor  # [T] long
+    num_decode_tokens: int = 0
+    decode_slots: torch.Tensor | None = None  # [Bd, max_ctx] long (padded with slot 0)
+    decode_mask: torch.Tensor | None = None  # [Bd, 1, 1, max_ctx] bool
+    prefills: list[PrefillChunk] = field(default_factory=list)
+
+
+def write_kv(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Store this step's K/V ([T, Hkv, D]) into their slots of ``kv_cache`` [2, S, Hkv, D]."""
+    kv_cache[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
+    kv_cache[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """q: [T, Hq, D]; k, v: [T, Hkv, D] for the new tokens -> output [T, Hq, D]."""
+    write_kv(kv_cache, meta.slot_mapping, k, v)
+    out = torch.empty_like(q)
+    gqa = q.shape[1] != k.shape[1]
+    nd = meta.num_decode_tokens
+    if nd:
+        # [Bd, max_ctx, Hkv, D] -> [Bd, Hkv, max_ctx, D]
+        kc = kv_cache[0][meta.decode_slots].transpose(1, 2).to(q.dtype)
+        vc = kv_cache[1][meta.decode_slots].transpose(1, 2).to(q.dtype)
+        qd = q[:nd].unsqueeze(2)  # [Bd, Hq, 1, D]
+        o = F.scaled_dot_product_attention(qd, kc, vc, attn_mask=meta.decode_mask, scale=scale, enable_gqa=gqa)
+        out[:nd] = o.squeeze(2)
+    for chunk in meta.prefills:
+        qs = q[chunk.q_start : chunk.q_end].transpose(0, 1)  # [Hq, L, D]
+        if chunk.context_slots is None:
+            ks = k[chunk.q_start : chunk.q_end].transpose(0, 1)
+            vs = v[chunk.q_start : chunk.q_end].transpose(0, 1)
+        else:
+            ks = kv_cache[0][chunk.context_slots].transpose(0, 1).to(q.dtype)
+            vs = kv_cache[1][chunk.context_slots].transpose(0, 1).to(q.dtype)
+        causal = chunk.mask is None
+        o = F.scaled_dot_product_attention(
+            qs, ks, vs, attn_mask=chunk.mask, is_causal=causal, scale=scale, enable_gqa=gqa
+        )
+        out[chunk.q_start : chunk.q_end] = o.transpose(0, 1)
+    return out

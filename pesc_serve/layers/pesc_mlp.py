@@ -1,0 +1,152 @@
+"""The PESC MLP: one shared dense FFN per layer plus top-k routed bottleneck adapters.
+
+    F = W_down(silu(W_gate x) * W_up x)            shared FFN, once per token
+    p, idx = softmax(topk(W_router x, k))           router sees the FFN input x
+    y = F + sum_j p_j * U_idx_j GELU(D_idx_j F)     moe_scaling folded into U at load time
+
+Experts are stacked: ``adapter_down`` is ``[E, r, H]`` and ``adapter_up`` ``[E, H, r]``.
+Because the top-k weights sum to one, the FFN output is added once instead of being
+replicated k times as the authors' code does.  The adapter part has several dispatch
+strategies with the same maths; :func:`choose_dispatch` picks one per batch size.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Dispatch = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class SharedFFN(nn.Module):
+    """SwiGLU FFN with fused gate/up projection; its linears are what quantization swaps."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.intermediate_size = intermediate_size
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+def route(x: torch.Tensor, router_weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k experts per token and their weights (softmax over the k selected logits only)."""
+    logits = F.linear(x, router_weight)  # [T, E]
+    top_logits, top_idx = torch.topk(logits, k, dim=-1)
+    return torch.softmax(top_logits.float(), dim=-1).to(x.dtype), top_idx
+
+
+def adapters_loop(f: torch.Tensor, down: torch.Tensor, up: torch.Tensor, p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The authors' dispatch: a Python loop over every expert with boolean gathers (reference)."""
+    out = torch.zeros_like(f)
+    for e in range(down.shape[0]):
+        token_pos, slot = torch.nonzero(idx == e, as_tuple=True)
+        if token_pos.numel() == 0:
+            continue
+        h = F.gelu(f[token_pos] @ down[e].t()) @ up[e].t()
+        out.index_add_(0, token_pos, h * p[token_pos, slot, None])
+    return out
+
+
+def adapters_dense(f: torch.Tensor, down: torch.Tensor, up: torch.Tensor, p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """All experts in two GEMMs; unselected experts get weight 0. Static shapes, no host sync."""
+    num_experts, r, hidden = down.shape
+    t = f.shape[0]
+    z = F.gelu(f @ down.reshape(num_experts * r, hidden).t()).view(t, num_experts, r)  # [T, E, r]
+    dense_p = torch.zeros(t, num_experts, dtype=f.dtype, device=f.device).scatter_(1, idx, p)
+    z = (z * dense_p.unsqueeze(-1)).view(t, num_experts * r)
+    up_cat = up.permute(1, 0, 2).reshape(hidden, num_experts * r)  # [H, E*r]
+    return z @ up_cat.t()
+
+
+def adapters_gather(f: torch.Tensor, down: torch.Tensor, up: torch.Tensor, p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Per (token, expert) pair, gather that expert's matrices and batch-multiply.
+
+    Reads only the selected experts' weights and has no host sync: the decode-batch path.
+    """
+    t, k = idx.shape
+    flat = idx.reshape(-1)
+    fk = f.repeat_interleave(k, dim=0).unsqueeze(-1)  # [T*k, H, 1]
+    h = F.gelu(torch.bmm(down[flat], fk))  # [T*k, r, 1]
+    o = torch.bmm(up[flat], h).squeeze(-1).view(t, k, -1)  # [T, k, H]
+    return (o * p.unsqueeze(-1)).sum(1)
+
+
+def adapters_grouped(f: torch.Tensor, down: torch.Tensor, up: torch.Tensor, p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Sort (token, expert) pairs by expert; one GEMM pair per active expert segment."""
+    t, k = idx.shape
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=down.shape[0]).tolist()
+    tokens = order // k
+    rows = f[tokens]  # [T*k, H], grouped by expert
+    weights = p.reshape(-1)[order].unsqueeze(-1)
+    out_rows = torch.empty_like(rows)
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            seg = rows[start : start + n]
+            out_rows[start : start + n] = F.gelu(seg @ down[e].t()) @ up[e].t()
+            start += n
+    out = torch.zeros_like(f)
+    out.index_add_(0, tokens, out_rows * weights)
+    return out
+
+
+DISPATCHES: dict[str, Dispatch] = {
+    "loop": adapters_loop,
+    "dense": adapters_dense,
+    "gather": adapters_gather,
+    "grouped": adapters_grouped,
+}
+
+
+def choose_dispatch(policy: str, num_tokens: int, num_experts: int, topk: int) -> Dispatch:
+    """The one place that maps a policy and a batch size to a dispatch function.
+
+    ``auto``: gather for tiny decode batches (reads only k experts per token), dense-stacked
+    once the batch is large enough that every expert is likely active anyway.
+    """
+    if policy != "auto":
+        return DISPATCHES[policy]
+    if num_tokens * topk <= num_experts:
+        return adapters_gather
+    return adapters_dense
+
+
+class PescMLP(nn.Module):
+    """Shared FFN + router + stacked adapters. Serving-only: no dropout, no training flags."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        num_experts: int,
+        topk: int,
+        adapter_dim: int,
+        dispatch: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.topk = topk
+        self.dispatch = dispatch
+        self.ffn = SharedFFN(hidden_size, intermediate_size)
+        self.router = nn.Linear(hidden_size, num_experts, bias=False)
+        self.adapter_down = nn.Parameter(torch.empty(num_experts, adapter_dim, hidden_size))  # [E, r, H]
+        self.adapter_up = nn.Parameter(torch.empty(num_experts, hidden_size, adapter_dim))  # [E, H, r], scaled
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.ffn(x)
+        p, idx = route(x, self.router.weight, self.topk)
+        run = choose_dispatch(self.dispatch, x.shape[0], self.num_experts, self.topk)
+        return f + run(f, self.adapter_down, self.adapter_up, p, idx)
+
+    def route_only(self, x: torch.Tensor) -> torch.Tensor:
+        """Selected expert ids [T, k]: for routing statistics and metrics."""
+        return route(x, self.router.weight, self.topk)[1]

@@ -1,0 +1,125 @@
+"""Weight-only quantization of the shared FFN by module swap (the model file never knows).
+
+* ``int8``: per-output-channel symmetric int8; ``torch._weight_int8pack_mm`` on CPU, a
+  dequantize-then-GEMM fallback elsewhere.
+* ``int4``: group-wise (32) asymmetric int4 via ``_weight_int4pack_mm_for_cpu`` (CPU only).
+* ``nf4``: bitsandbytes ``Linear4bit`` with double quantization, as in the PESC/QLoRA recipe.
+
+Routers and adapters are never quantized: they are tiny and carry the expert behaviour.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INT4_GROUP_SIZE = 32
+
+
+class Int8WeightOnlyLinear(nn.Module):
+    """y = (x @ W_int8^T) * scale; weights read as one byte each (decode is bandwidth-bound)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
+        self.out_features, self.in_features = w.shape
+        self.register_buffer("weight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale.to(linear.weight.dtype))
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.device.type == "cpu":
+            y = torch._weight_int8pack_mm(x2, self.weight, self.scale.to(x2.dtype))
+        else:
+            y = F.linear(x2, self.weight.to(x2.dtype)) * self.scale.to(x2.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+class Int4WeightOnlyLinear(nn.Module):
+    """Group-wise asymmetric int4 weights packed for the CPU int4 GEMM kernel."""
+
+    def __init__(self, linear: nn.Linear, group_size: int = INT4_GROUP_SIZE) -> None:
+        super().__init__()
+        w = linear.weight.detach().float()
+        self.out_features, self.in_features = w.shape
+        if self.in_features % group_size:
+            raise ValueError(f"int4 quantization needs in_features divisible by {group_size}, got {self.in_features}")
+        groups = w.view(self.out_features, -1, group_size)
+        w_min, w_max = groups.amin(-1), groups.amax(-1)
+        scale = ((w_max - w_min) / 15).clamp(min=1e-6)
+        q = torch.round((groups - w_min.unsqueeze(-1)) / scale.unsqueeze(-1)).clamp(0, 15).to(torch.int32)
+        # The kernel computes (q - 8) * scale + zero, so zero = w_min + 8 * scale.
+        zero = w_min + 8 * scale
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(self.out_features, -1), 1))
+        scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # [G, N, 2]
+        self.register_buffer("scales_zeros", scales_zeros.to(linear.weight.dtype))
+        self.group_size = group_size
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_zeros.to(x2.dtype))
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+def nf4_linear(linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
+    """bitsandbytes NF4 with double quantization; quantizes when moved to its device."""
+    import bitsandbytes as bnb
+
+    device = linear.weight.device
+    q = bnb.nn.Linear4bit(
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        compute_dtype=compute_dtype,
+        quant_type="nf4",
+        compress_statistics=True,
+        device="meta",
+    )
+    q.weight = bnb.nn.Params4bit(
+        linear.weight.detach().to("cpu", torch.float32).to(compute_dtype),
+        requires_grad=False,
+        quant_type="nf4",
+        compress_statistics=True,
+    )
+    if linear.bias is not None:
+        q.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    return q.to(device)
+
+
+def quantize_linear(linear: nn.Linear, method: str, compute_dtype: torch.dtype) -> nn.Module:
+    """Return the quantized replacement for one ``nn.Linear``."""
+    if method == "none":
+        return linear
+    if method == "int8":
+        return Int8WeightOnlyLinear(linear)
+    if method == "int4":
+        if linear.weight.device.type != "cpu":
+            raise ValueError("--quantization int4 is implemented for CPU only; use int8 or nf4 on GPU")
+        return Int4WeightOnlyLinear(linear)
+    if method == "nf4":
+        return nf4_linear(linear, compute_dtype)
+    raise ValueError(f"unknown quantization method {method!r}")
+
+
+def quantize_modules(root: nn.Module, names: tuple[str, ...], method: str, compute_dtype: torch.dtype) -> int:
+    """Swap every ``nn.Linear`` child called one of ``names`` below ``root``; returns the count."""
+    if method == "none":
+        return 0
+    swapped = 0
+    for module in list(root.modules()):
+        for name in names:
+            child = getattr(module, name, None)
+            if isinstance(child, nn.Linear):
+                setattr(module, name, quantize_linear(child, method, compute_dtype))
+                swapped += 1
+    return swapped

@@ -1,0 +1,100 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2 bases) written for serving.
+
+Inputs are a flat batch of tokens with their absolute positions; the KV cache and the
+attention metadata come in as arguments, so the module holds weights only.  The MLP is the
+PESC MLP when the config has experts, else the plain shared FFN.
+
+Parameter names (what the loader produces):
+    embed_tokens.weight, norm.weight, lm_head.weight (absent when tied)
+    layers.{l}.input_layernorm.weight, layers.{l}.post_attention_layernorm.weight
+    layers.{l}.self_attn.qkv_proj.{weight,bias}, layers.{l}.self_attn.o_proj.weight
+    layers.{l}.mlp[.ffn].gate_up_proj.weight, layers.{l}.mlp[.ffn].down_proj.weight
+    layers.{l}.mlp.router.weight [E, H], .adapter_down [E, r, H], .adapter_up [E, H, r]
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pesc_serve.config import ModelConfig
+from pesc_serve.layers.attention import AttentionMetadata, paged_attention
+from pesc_serve.layers.pesc_mlp import PescMLP, SharedFFN
+from pesc_serve.layers.rms_norm import RMSNorm
+from pesc_serve.layers.rotary import RotaryEmbedding
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
+        self.scale = cfg.head_dim**-0.5
+        self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
+        self.rotary = rotary
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        o = paged_attention(q, k, v, kv_cache, meta, self.scale)
+        return self.o_proj(o.reshape(t, self.q_size))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, dispatch: str) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, rotary)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.is_pesc:
+            self.mlp: nn.Module = PescMLP(
+                cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, cfg.topk, cfg.adapter_dim, dispatch
+            )
+        else:
+            self.mlp = SharedFFN(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(
+        self, h: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), positions, kv_cache, meta)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class PescForCausalLM(nn.Module):
+    """Decoder + LM head. ``forward`` returns hidden states; ``compute_logits`` the logits."""
+
+    def __init__(self, cfg: ModelConfig, dispatch: str = "auto", max_positions: int | None = None) -> None:
+        super().__init__()
+        self.config = cfg
+        positions = max_positions or cfg.max_position_embeddings
+        self.rotary = RotaryEmbedding(cfg.head_dim, positions, cfg.rope_theta, cfg.rope_scaling)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, self.rotary, dispatch) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """input_ids, positions: [T]; kv_caches: [L, 2, S, Hkv, D] -> final hidden states [T, H]."""
+        h = self.embed_tokens(input_ids)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, positions, kv_caches[i], meta)
+        return self.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return torch.nn.functional.linear(hidden, weight).float()

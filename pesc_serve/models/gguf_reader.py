@@ -1,0 +1,110 @@
+"""Read a GGUF file (llama.cpp's format) as a Hugging Face config dict + dequantized tensors.
+
+Only dense Llama/Mistral/Qwen2 GGUFs are meaningful here (the PESC bases).  Tensors are
+dequantized with the ``gguf`` package and renamed to Hugging Face names; llama.cpp's
+converter permutes Llama Q/K rows for its interleaved RoPE, which we undo.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_ARCH_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+
+
+class GGUFCheckpoint:
+    """A GGUF file opened lazily: metadata now, tensors when iterated."""
+
+    def __init__(self, path: Path) -> None:
+        import gguf
+
+        self.path = path
+        try:
+            self.reader = gguf.GGUFReader(str(path))
+        except Exception as exc:  # the gguf package raises assorted errors on bad files
+            raise ValueError(f"{path}: not a readable GGUF file ({exc})") from None
+        self.arch = self._field("general.architecture")
+        if self.arch not in _ARCH_MODEL_TYPE:
+            raise ValueError(f"{path}: GGUF architecture {self.arch!r} is not supported (llama, mistral, qwen2)")
+
+    def _field(self, key: str, default: Any = None) -> Any:
+        field = self.reader.fields.get(key)
+        if field is None:
+            return default
+        return field.contents()
+
+    def hf_config(self) -> dict[str, Any]:
+        """The equivalent Hugging Face config.json."""
+        a = self.arch
+        names = {t.name for t in self.reader.tensors}
+        heads = int(self._field(f"{a}.attention.head_count"))
+        eos = self._field("tokenizer.ggml.eos_token_id")
+        return {
+            "model_type": _ARCH_MODEL_TYPE[a],
+            "architectures": ["GGUF"],
+            "vocab_size": len(self._field("tokenizer.ggml.tokens", [])) or int(self._field(f"{a}.vocab_size")),
+            "hidden_size": int(self._field(f"{a}.embedding_length")),
+            "intermediate_size": int(self._field(f"{a}.feed_forward_length")),
+            "num_hidden_layers": int(self._field(f"{a}.block_count")),
+            "num_attention_heads": heads,
+            "num_key_value_heads": int(self._field(f"{a}.attention.head_count_kv", heads)),
+            "rms_norm_eps": float(self._field(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
+            "rope_theta": float(self._field(f"{a}.rope.freq_base", 10000.0)),
+            "max_position_embeddings": int(self._field(f"{a}.context_length", 4096)),
+            "tie_word_embeddings": "output.weight" not in names,
+            "attention_bias": "blk.0.attn_q.bias" in names,
+            "hidden_act": "silu",
+            "bos_token_id": self._field("tokenizer.ggml.bos_token_id"),
+            "eos_token_id": eos,
+        }
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (Hugging Face name, float32 tensor) pairs, dequantizing one at a time."""
+        from gguf.quants import dequantize
+
+        cfg = self.hf_config()
+        for t in self.reader.tensors:
+            name = _hf_name(t.name)
+            if name is None:
+                raise ValueError(f"{self.path}: unexpected GGUF tensor {t.name!r}")
+            data = dequantize(t.data, t.tensor_type)
+            w = torch.from_numpy(np.array(data, dtype=np.float32, copy=True))
+            if self.arch in ("llama", "mistral") and (".q_proj." in name or ".k_proj." in name):
+                n_head = cfg["num_attention_heads"] if ".q_proj." in name else cfg["num_key_value_heads"]
+                w = _unpermute_rope(w, n_head)
+            yield name, w
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)
+    if m:
+        layer, part, kind = m.groups()
+        mapped = _LAYER_NAMES.get(part)
+        return None if mapped is None else f"model.layers.{layer}.{mapped}.{kind}"
+    m = re.fullmatch(r"(\w+)\.(weight|bias)", gguf_name)
+    if m and m.group(1) in _GLOBAL_NAMES:
+        return f"{_GLOBAL_NAMES[m.group(1)]}.{m.group(2)}"
+    return None
+
+
+def _unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Invert llama.cpp's interleaving of Q/K rows (rows of each head: pairs -> halves)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)

@@ -1,0 +1,218 @@
+"""Checkpoint -> :class:`PescForCausalLM`: name mapping, fusion, expert stacking, checks.
+
+Tensors stream from the files one at a time into preallocated parameters (no second copy
+of the model in memory).  Hugging Face names map onto our fused layout: q/k/v into
+``qkv_proj``, gate/up into ``gate_up_proj``, per-expert adapters into stacked ``[E, ...]``
+tensors with ``moe_scaling`` folded into the up-projection.  Both expert spellings
+(``experts.expert_{e}.`` Camelidae/Qwen2idae, ``experts.{e}.`` Sparsetral) are accepted.
+A PESC delta (routers, adapters, optional LoRA) is applied on top of its base, LoRA merged
+into the dense weights before any quantization.  Missing, unexpected or mis-shaped tensors
+stop the load with a message naming the tensor.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from pesc_serve.config import LoadConfig, ModelConfig, resolve_device, resolve_dtype
+from pesc_serve.layers.quant import quantize_modules
+from pesc_serve.models.checkpoint_files import iter_tensors, weight_files
+from pesc_serve.models.decoder import PescForCausalLM
+from pesc_serve.models.gguf_reader import GGUFCheckpoint
+from pesc_serve.registry import ModelSource
+
+_EXPERT_KEY = re.compile(r"\.experts\.(?:expert_)?(\d+)\.")
+_IGNORED = re.compile(r"(\.rotary_emb\.inv_freq$)|(\.masked_bias$)|(\.attn\.bias$)")
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight$")
+
+
+@dataclass
+class Target:
+    """Where one checkpoint tensor lands: ``param[index]`` (times ``scale``)."""
+
+    param: torch.Tensor
+    index: tuple
+    shape: tuple[int, ...]
+    scale: float = 1.0
+
+    def view(self) -> torch.Tensor:
+        return self.param[self.index] if self.index else self.param
+
+
+@dataclass
+class LoadedModel:
+    """A ready model and what the start-up log reports about it."""
+
+    model: PescForCausalLM
+    config: ModelConfig
+    source: ModelSource
+    dtype: torch.dtype
+    device: torch.device
+    quantization: str
+    num_params: int
+    weight_bytes: int
+
+
+def canonical_name(name: str) -> str:
+    """Normalise the two expert spellings to ``experts.{e}.``."""
+    return _EXPERT_KEY.sub(lambda m: f".experts.{m.group(1)}.", name)
+
+
+def build_targets(model: PescForCausalLM, cfg: ModelConfig) -> dict[str, Target]:
+    """Every Hugging Face tensor name the config implies, mapped onto our parameters."""
+    h, inter = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.q_size, cfg.kv_size
+    t: dict[str, Target] = {
+        "model.embed_tokens.weight": Target(model.embed_tokens.weight, (), (cfg.vocab_size, h)),
+        "model.norm.weight": Target(model.norm.weight, (), (h,)),
+    }
+    if model.lm_head is not None:
+        t["lm_head.weight"] = Target(model.lm_head.weight, (), (cfg.vocab_size, h))
+    for i, layer in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        attn = layer.self_attn
+        t[p + "input_layernorm.weight"] = Target(layer.input_layernorm.weight, (), (h,))
+        t[p + "post_attention_layernorm.weight"] = Target(layer.post_attention_layernorm.weight, (), (h,))
+        for name, lo, hi in (("q_proj", 0, q), ("k_proj", q, q + kv), ("v_proj", q + kv, q + 2 * kv)):
+            t[p + f"self_attn.{name}.weight"] = Target(attn.qkv_proj.weight, (slice(lo, hi),), (hi - lo, h))
+            if cfg.attention_bias:
+                t[p + f"self_attn.{name}.bias"] = Target(attn.qkv_proj.bias, (slice(lo, hi),), (hi - lo,))
+        t[p + "self_attn.o_proj.weight"] = Target(attn.o_proj.weight, (), (h, q))
+        ffn = layer.mlp.ffn if cfg.is_pesc else layer.mlp
+        t[p + "mlp.gate_proj.weight"] = Target(ffn.gate_up_proj.weight, (slice(0, inter),), (inter, h))
+        t[p + "mlp.up_proj.weight"] = Target(ffn.gate_up_proj.weight, (slice(inter, 2 * inter),), (inter, h))
+        t[p + "mlp.down_proj.weight"] = Target(ffn.down_proj.weight, (), (h, inter))
+        if cfg.is_pesc:
+            mlp = layer.mlp
+            a = p + "mlp.moe_adapter."
+            t[a + "router.weight"] = Target(mlp.router.weight, (), (cfg.num_experts, h))
+            for e in range(cfg.num_experts):
+                t[a + f"experts.{e}.adapter_down.weight"] = Target(mlp.adapter_down, (e,), (cfg.adapter_dim, h))
+                t[a + f"experts.{e}.adapter_up.weight"] = Target(
+                    mlp.adapter_up, (e,), (h, cfg.adapter_dim), scale=cfg.moe_scaling
+                )
+    return t
+
+
+def _materialize(model: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+    """Replace meta parameters with uninitialised real ones (every one is then loaded)."""
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None:
+                module._parameters[name] = nn.Parameter(torch.empty(param.shape, dtype=dtype, device=device), False)
+
+
+class _Assigner:
+    """Copies checkpoint tensors into their targets and remembers what it has seen."""
+
+    def __init__(self, targets: dict[str, Target], tied: bool) -> None:
+        self.targets = targets
+        self.tied = tied
+        self.seen: set[str] = set()
+        self.lora: dict[str, dict[str, torch.Tensor]] = {}
+
+    def assign(self, raw_name: str, tensor: torch.Tensor, origin: Path, allow_lora: bool = False) -> None:
+        name = canonical_name(raw_name)
+        if _IGNORED.search(name) or (self.tied and name == "lm_head.weight"):
+            return
+        lora = _LORA_KEY.match(name) if allow_lora else None
+        if lora is not None:
+            self.lora.setdefault(lora.group(1) + ".weight", {})[lora.group(2)] = tensor
+            return
+        target = self.targets.get(name)
+        if target is None:
+            raise ValueError(f"{origin}: unexpected tensor {raw_name!r} (not part of this model's config.json)")
+        if tuple(tensor.shape) != target.shape:
+            raise ValueError(
+                f"{origin}: tensor {raw_name!r} has shape {list(tensor.shape)}, expected {list(target.shape)} "
+                f"from config.json"
+            )
+        if name in self.seen:
+            raise ValueError(f"{origin}: tensor {raw_name!r} appears twice")
+        with torch.no_grad():
+            value = tensor.float() * target.scale if target.scale != 1.0 else tensor
+            target.view().copy_(value)
+        self.seen.add(name)
+
+    def merge_lora(self, scaling: float, origin: Path) -> None:
+        """W += scaling * B @ A for every LoRA pair, in float32, before quantization."""
+        for name, pair in self.lora.items():
+            if set(pair) != {"A", "B"}:
+                raise ValueError(f"{origin}: LoRA for {name!r} has only lora_{''.join(pair)}")
+            target = self.targets.get(name)
+            if target is None:
+                raise ValueError(f"{origin}: LoRA targets unknown tensor {name!r}")
+            a, b = pair["A"].float(), pair["B"].float()
+            if a.shape[1] != target.shape[1] or b.shape[0] != target.shape[0] or a.shape[0] != b.shape[1]:
+                raise ValueError(
+                    f"{origin}: LoRA for {name!r} has A {list(a.shape)} and B {list(b.shape)}, "
+                    f"which do not fit the weight {list(target.shape)}"
+                )
+            with torch.no_grad():
+                view = target.view()
+                view.copy_(view.float() + scaling * (b @ a).to(view.device))
+
+    def check_complete(self, what: str) -> None:
+        missing = sorted(set(self.targets) - self.seen)
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise ValueError(f"{what}: checkpoint is missing tensor(s) {shown}")
+
+
+def _source_tensors(source: ModelSource) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    if source.kind == "gguf":
+        for name, tensor in GGUFCheckpoint(source.path).tensors():
+            yield name, tensor, source.path
+        return
+    for path in weight_files(source.path):
+        for name, tensor in iter_tensors(path):
+            yield name, tensor, path
+
+
+def resolve_quantization(name: str, device: torch.device) -> str:
+    """``auto`` leaves the shared FFN in the model dtype."""
+    return "none" if name == "auto" else name
+
+
+def load_model(source: ModelSource, load: LoadConfig, max_positions: int | None = None) -> LoadedModel:
+    """Build the model for ``source`` and fill every parameter from its checkpoint(s)."""
+    cfg = ModelConfig.from_hf_config(source.config, source=str(source.path))
+    device = resolve_device(load.device)
+    dtype = resolve_dtype(load.dtype, device)
+    with torch.device("meta"):
+        model = PescForCausalLM(cfg, dispatch=load.dispatch, max_positions=max_positions)
+    _materialize(model, dtype, device)
+    model.rotary.build_tables(device)
+    assigner = _Assigner(build_targets(model, cfg), tied=cfg.tie_word_embeddings)
+    if source.kind == "delta":
+        assert source.base is not None
+        for name, tensor, origin in _source_tensors(source.base):
+            assigner.assign(name, tensor, origin)
+        delta_file = source.path / "adapter_model.safetensors"
+        for name, tensor in iter_tensors(delta_file):
+            assigner.assign(name, tensor, delta_file, allow_lora=True)
+        assigner.merge_lora(_lora_scaling(source.delta), delta_file)
+    else:
+        for name, tensor, origin in _source_tensors(source):
+            assigner.assign(name, tensor, origin)
+    assigner.check_complete(str(source.path))
+    quant = resolve_quantization(load.quantization, device)
+    quantize_modules(model, ("gate_up_proj", "down_proj"), quant, dtype)
+    model.eval()
+    weight_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    return LoadedModel(model, cfg, source, dtype, device, quant, cfg.num_parameters, weight_bytes)
+
+
+def _lora_scaling(delta: dict) -> float:
+    """LoRA's alpha / rank, as peft applies it."""
+    rank = delta.get("lora_rank")
+    if not rank:
+        return 1.0
+    alpha = delta.get("lora_alpha")
+    return float(alpha if alpha is not None else rank) / float(rank)

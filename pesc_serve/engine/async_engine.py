@@ -1,0 +1,186 @@
+"""AsyncEngine: the engine client the HTTP layer talks to.
+
+The model loop runs in its own thread so the event loop stays responsive.  Requests and
+aborts travel to that thread through an inbox; each step's outputs come back in one
+``call_soon_threadsafe`` and are fanned out to per-request asyncio queues.  A consumer
+that stops listening (client disconnect, cancellation) aborts its request, which frees its
+KV blocks before the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from pesc_serve.engine.engine import EngineStats, LLMEngine
+from pesc_serve.engine.request import FinishReason, RequestOutput, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineOverloadedError(RuntimeError):
+    """Running and waiting requests are at their limits; the client should retry later."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread has stopped; no request can be served."""
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, max_queue_len: int = 256) -> None:
+        self.engine = engine
+        self.max_queue_len = max_queue_len
+        self._inbox: queue.Queue = queue.Queue()
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self.dead_error: BaseException | None = None
+        self._stats = engine.stats()
+        self.listeners: list = []  # callables(outputs, stats) run on the event loop after each step
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self._loop = loop or asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="pesc-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self, drain_timeout_s: float = 30.0) -> None:
+        """Let in-flight requests finish (up to the timeout), then stop the engine thread."""
+        deadline = asyncio.get_running_loop().time() + drain_timeout_s
+        while self._queues and asyncio.get_running_loop().time() < deadline and self.is_healthy:
+            await asyncio.sleep(0.05)
+        for request_id in list(self._queues):
+            self.abort(request_id)
+        self._stopping.set()
+        self._inbox.put(None)
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10.0)
+
+    @property
+    def is_healthy(self) -> bool:
+        return self.dead_error is None and self._thread is not None and self._thread.is_alive()
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._queues)
+
+    def stats(self) -> EngineStats:
+        """Counts as of the last step (read without locking the engine thread)."""
+        return self._stats
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    def check_capacity(self) -> None:
+        """Raise EngineOverloadedError when running + waiting requests are at their limits."""
+        limit = self.engine.config.max_num_seqs + self.max_queue_len
+        if len(self._queues) >= limit:
+            raise EngineOverloadedError(
+                f"the server is at capacity ({len(self._queues)} requests running or queued); retry later"
+            )
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; closing the iterator early aborts the request."""
+        if not self.is_healthy:
+            raise EngineDeadError(f"the engine is not running ({self.dead_error or 'stopped'})")
+        self.check_capacity()
+        self.engine.validate_prompt(prompt_token_ids, params)
+        if request_id in self._queues:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        q: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = q
+        self._inbox.put(_Add(request_id, list(prompt_token_ids), params))
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(_Abort(request_id))
+
+    # ---- engine thread -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                outputs = self._drain_inbox(block=not self.engine.has_unfinished())
+                if self.engine.has_unfinished():
+                    outputs.extend(self.engine.step())
+                self._stats = self.engine.stats()
+                if outputs or self.listeners:
+                    self._loop.call_soon_threadsafe(self._dispatch, outputs, self._stats)
+        except BaseException as exc:  # the loop itself broke: every waiter must hear about it
+            logger.exception("engine thread died")
+            self.dead_error = exc
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self._fail_all, exc)
+
+    def _drain_inbox(self, block: bool) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        while True:
+            try:
+                msg = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            except queue.Empty:
+                return outputs
+            block = False
+            if msg is None:
+                return outputs
+            if isinstance(msg, _Add):
+                try:
+                    self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params)
+                except Exception as exc:
+                    outputs.append(RequestOutput(msg.request_id, finished=True, finish_reason=FinishReason.ERROR, error=str(exc)))
+            else:
+                aborted = self.engine.abort_request(msg.request_id)
+                if aborted is not None:
+                    outputs.append(aborted)
+
+    def _dispatch(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
+        for out in outputs:
+            q = self._queues.get(out.request_id)
+            if q is not None:
+                q.put_nowait(out)
+        for listener in self.listeners:
+            listener(outputs, stats)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        err = EngineDeadError(f"the engine stopped: {type(exc).__name__}: {exc}")
+        for q in self._queues.values():
+            q.put_nowait(err)

@@ -1,0 +1,239 @@
+"""The engine: ``step()`` = schedule -> execute -> update requests -> outputs.
+
+:class:`LLMEngine` is synchronous (offline use and tests).  A failing model step fails
+only the requests in that step; the engine stays usable.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from pesc_serve.config import EngineConfig
+from pesc_serve.engine.detokenizer import IncrementalDetokenizer
+from pesc_serve.engine.kv_cache import KVCacheManager
+from pesc_serve.engine.model_runner import ModelRunner, kv_bytes_per_token
+from pesc_serve.engine.request import FinishReason, Request, RequestOutput, SamplingParams, TokenLogprob
+from pesc_serve.engine.scheduler import Scheduler, SchedulerOutput
+from pesc_serve.models.loader import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_KV_CACHE_GB_CPU = 4.0
+GPU_MEMORY_FRACTION = 0.9
+
+
+@dataclass
+class _Tracked:
+    """Engine-side companions of a request: its detokenizer and output bookkeeping."""
+
+    request: Request
+    detok: IncrementalDetokenizer
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_preemptions: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+
+
+def plan_kv_cache(loaded: LoadedModel, cfg: EngineConfig) -> tuple[int, int]:
+    """(num_blocks, max_model_len) from the memory budget and the model's context length."""
+    per_token = kv_bytes_per_token(loaded.config, loaded.dtype)
+    if cfg.kv_cache_memory_gb is not None:
+        budget = cfg.kv_cache_memory_gb * 1024**3
+    elif loaded.device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(loaded.device)
+        budget = max(free - (1 - GPU_MEMORY_FRACTION) * total, 0)
+    else:
+        budget = DEFAULT_KV_CACHE_GB_CPU * 1024**3
+    max_len = cfg.max_model_len or loaded.config.max_position_embeddings
+    if cfg.max_model_len and cfg.max_model_len > loaded.config.max_position_embeddings:
+        raise ValueError(
+            f"--max-model-len {cfg.max_model_len} exceeds the model's context length "
+            f"({loaded.config.max_position_embeddings})"
+        )
+    wanted_tokens = max_len * cfg.max_num_seqs
+    tokens = int(min(budget // per_token, wanted_tokens))
+    num_blocks = tokens // cfg.block_size
+    if num_blocks * cfg.block_size < max_len:
+        if cfg.max_model_len:
+            raise ValueError(
+                f"the KV-cache budget holds {num_blocks * cfg.block_size} tokens, fewer than "
+                f"--max-model-len {max_len}; raise --kv-cache-memory or lower --max-model-len"
+            )
+        max_len = num_blocks * cfg.block_size
+    if num_blocks < 1:
+        raise ValueError("the KV-cache budget is too small for a single block")
+    return num_blocks, max_len
+
+
+def eos_token_ids(loaded: LoadedModel, tokenizer) -> tuple[int, ...]:
+    ids = set(loaded.config.eos_token_ids)
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(tokenizer.eos_token_id)
+    return tuple(sorted(ids))
+
+
+class LLMEngine:
+    """Continuous-batching engine over one loaded model."""
+
+    def __init__(self, loaded: LoadedModel, tokenizer, cfg: EngineConfig) -> None:
+        self.loaded = loaded
+        self.tokenizer = tokenizer
+        self.config = cfg
+        self.num_blocks, self.max_model_len = plan_kv_cache(loaded, cfg)
+        self.eos_token_ids = eos_token_ids(loaded, tokenizer)
+        self.kv = KVCacheManager(self.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.runner = ModelRunner(
+            loaded.model, self.num_blocks, cfg.block_size, loaded.device, loaded.dtype, self.eos_token_ids
+        )
+        self._tracked: dict[str, _Tracked] = {}
+        torch.manual_seed(cfg.seed)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.loaded.config.vocab_size
+
+    def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError for a prompt the engine cannot serve (the HTTP layer maps it to 400)."""
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
+        n = len(prompt_token_ids)
+        if n >= self.max_model_len:
+            raise ValueError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt "
+                f"has {n} tokens, which leaves no room for a completion. Please shorten the prompt."
+            )
+        if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{n + params.max_tokens} tokens ({n} in the prompt, {params.max_tokens} for the completion). "
+                f"Please reduce the prompt or max_tokens."
+            )
+        params.validate(self.vocab_size)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self._tracked:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.validate_prompt(prompt_token_ids, params)
+        room = self.max_model_len - len(prompt_token_ids)
+        max_tokens = min(params.max_tokens, room) if params.max_tokens is not None else room
+        req = Request(request_id, list(prompt_token_ids), params, max_tokens)
+        detok = IncrementalDetokenizer(
+            self.tokenizer, req.prompt_token_ids, params.stop, params.include_stop_str_in_output, params.skip_special_tokens
+        )
+        self._tracked[request_id] = _Tracked(req, detok)
+        self.scheduler.add_request(req)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        tracked = self._tracked.get(request_id)
+        if tracked is None:
+            return None
+        self._finish(tracked.request, FinishReason.ABORT)
+        return self._output(tracked, [], [], finished=True)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            self.scheduler.num_running,
+            self.scheduler.num_waiting,
+            self.kv.usage,
+            self.scheduler.num_preemptions,
+            self.kv.num_queries,
+            self.kv.num_hits,
+        )
+
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        try:
+            result = self.runner.execute(out)
+        except Exception as exc:  # a failed step fails its own requests, not the engine
+            logger.exception("engine step failed; failing %d request(s)", len(out.chunks))
+            return self._fail(out, exc)
+        self.scheduler.advance(out)
+        sampled = result.sampled
+        token_ids = sampled.token_ids.tolist()
+        chosen_lp = sampled.logprobs.tolist() if sampled.logprobs is not None else None
+        top_ids = sampled.top_ids.tolist() if sampled.top_ids is not None else None
+        top_lp = sampled.top_logprobs.tolist() if sampled.top_logprobs is not None else None
+        outputs: list[RequestOutput] = []
+        now = time.monotonic()
+        for row, req in enumerate(result.requests):
+            tracked = self._tracked[req.request_id]
+            token = token_ids[row]
+            req.output_token_ids.append(token)
+            if req.first_token_time is None:
+                req.first_token_time = now
+            logprobs = []
+            if req.params.logprobs is not None and chosen_lp is not None:
+                k = req.params.logprobs
+                alts = list(zip(top_ids[row][:k], top_lp[row][:k])) if top_ids is not None and k else []
+                logprobs.append(TokenLogprob(token, chosen_lp[row], alts))
+            self._check_finish(tracked, token)
+            outputs.append(self._output(tracked, [token], logprobs, finished=req.is_finished))
+        return outputs
+
+    def _check_finish(self, tracked: _Tracked, token: int) -> None:
+        req, params = tracked.request, tracked.request.params
+        n_out = len(req.output_token_ids)
+        stop_str = tracked.detok.add_token(token, check_stop=n_out >= params.min_tokens)
+        if n_out >= params.min_tokens:
+            if not params.ignore_eos and token in self.eos_token_ids:
+                return self._finish(req, FinishReason.STOP, token)
+            if token in params.stop_token_ids:
+                return self._finish(req, FinishReason.STOP, token)
+            if stop_str is not None:
+                return self._finish(req, FinishReason.STOP, stop_str)
+        if n_out >= req.max_tokens or req.num_tokens >= self.max_model_len:
+            self._finish(req, FinishReason.LENGTH)
+
+    def _finish(self, req: Request, reason: FinishReason, stop_reason: str | int | None = None) -> None:
+        self.scheduler.finish(req, reason, stop_reason)
+        self.runner.release(req.request_id)
+
+    def _output(
+        self, tracked: _Tracked, new_ids: list[int], logprobs: list[TokenLogprob], finished: bool
+    ) -> RequestOutput:
+        req = tracked.request
+        if finished:
+            self._tracked.pop(req.request_id, None)
+        return RequestOutput(
+            request_id=req.request_id,
+            new_text=tracked.detok.pop_delta(finished),
+            new_token_ids=new_ids,
+            logprobs=logprobs,
+            finished=finished,
+            finish_reason=req.finish_reason if finished else None,
+            stop_reason=req.stop_reason if finished else None,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_output_tokens=len(req.output_token_ids),
+            num_cached_tokens=req.num_cached_tokens,
+        )
+
+    def _fail(self, out: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
+        outputs = []
+        for chunk in out.chunks:
+            tracked = self._tracked.get(chunk.request.request_id)
+            if tracked is None:
+                continue
+            self._finish(chunk.request, FinishReason.ERROR)
+            o = self._output(tracked, [], [], finished=True)
+            o.error = f"engine step failed: {type(exc).__name__}: {exc}"
+            outputs.append(o)
+        return outputs

@@ -1,0 +1,181 @@
+"""Scheduler output -> batch tensors -> model -> sampler.
+
+Owns the KV-cache tensor ``[L, 2, num_blocks * block_size, Hkv, D]`` and turns each
+step's chunks into one flat token batch plus :class:`AttentionMetadata`.  Logits are only
+computed for the rows that sample (the last token of each chunk that reaches the end).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pesc_serve.config import ModelConfig
+from pesc_serve.engine.request import Request, SamplingParams
+from pesc_serve.engine.scheduler import ScheduledChunk, SchedulerOutput
+from pesc_serve.layers.attention import AttentionMetadata, PrefillChunk
+from pesc_serve.layers.sampler import SamplerOutput, SamplingBatch, sample
+from pesc_serve.models.decoder import PescForCausalLM
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    return cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass
+class StepResult:
+    """Sampled tokens for the chunks that sample, in ``requests`` order."""
+
+    requests: list[Request]
+    sampled: SamplerOutput
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: PescForCausalLM,
+        num_blocks: int,
+        block_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        eos_token_ids: tuple[int, ...],
+    ) -> None:
+        cfg = model.config
+        self.model = model
+        self.config = cfg
+        self.block_size = block_size
+        self.device = device
+        self.eos_token_ids = eos_token_ids
+        self.kv_caches = torch.zeros(
+            cfg.num_layers, 2, num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=device
+        )
+        self._generators: dict[str, torch.Generator] = {}
+        self._block_offsets = torch.arange(block_size, device=device)
+
+    # ---- input preparation -------------------------------------------------------------
+
+    def _slots(self, req: Request, start: int, end: int) -> list[int]:
+        bs, blocks = self.block_size, req.block_ids
+        return [blocks[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def _context_slots(self, block_table: torch.Tensor, ctx_len: int) -> torch.Tensor:
+        return (block_table.unsqueeze(-1) * self.block_size + self._block_offsets).flatten(-2)[..., :ctx_len]
+
+    def _window_mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        mask = valid & (k_pos <= q_pos)
+        window = self.config.sliding_window
+        if window is not None:
+            mask &= k_pos > q_pos - window
+        return mask
+
+    def prepare(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        dev = self.device
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
+        decodes = [c for c in chunks if c.num_new_tokens == 1 and c.start > 0]
+        meta = AttentionMetadata(slot_mapping=torch.empty(0), num_decode_tokens=len(decodes))
+        for c in chunks:
+            end = c.start + c.num_new_tokens
+            ids.extend(c.request.all_token_ids[c.start : end])
+            positions.extend(range(c.start, end))
+            slots.extend(self._slots(c.request, c.start, end))
+            if c.samples:
+                sample_rows.append(len(ids) - 1)
+        if decodes:
+            ctx = torch.tensor([c.start + 1 for c in decodes], device=dev)
+            max_ctx = int(max(c.start + 1 for c in decodes))
+            max_blocks = -(-max_ctx // self.block_size)
+            table = torch.tensor([c.request.block_ids[:max_blocks] + [0] * (max_blocks - len(c.request.block_ids[:max_blocks])) for c in decodes], device=dev)
+            meta.decode_slots = self._context_slots(table, max_ctx)
+            k_pos = torch.arange(max_ctx, device=dev).unsqueeze(0)
+            q_pos = (ctx - 1).unsqueeze(1)
+            meta.decode_mask = self._window_mask(q_pos, k_pos, k_pos < ctx.unsqueeze(1))[:, None, None, :]
+        offset = len(decodes)
+        for c in chunks[len(decodes) :]:
+            n = c.num_new_tokens
+            chunk = PrefillChunk(offset, offset + n)
+            window = self.config.sliding_window
+            if c.start > 0 or (window is not None and n > window):
+                ctx_len = c.start + n
+                chunk.context_slots = torch.tensor(self._slots(c.request, 0, ctx_len), device=dev)
+                q_pos = torch.arange(c.start, ctx_len, device=dev).unsqueeze(1)
+                k_pos = torch.arange(ctx_len, device=dev).unsqueeze(0)
+                chunk.mask = self._window_mask(q_pos, k_pos, torch.ones_like(k_pos, dtype=torch.bool))
+            meta.prefills.append(chunk)
+            offset += n
+        meta.slot_mapping = torch.tensor(slots, device=dev)
+        return torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), meta, sample_rows
+
+    # ---- sampling ----------------------------------------------------------------------
+
+    def _generator(self, req: Request) -> torch.Generator | None:
+        if req.params.seed is None:
+            return None
+        gen = self._generators.get(req.request_id)
+        if gen is None:
+            gen = torch.Generator(device=self.device).manual_seed(req.params.seed)
+            self._generators[req.request_id] = gen
+        return gen
+
+    def release(self, request_id: str) -> None:
+        self._generators.pop(request_id, None)
+
+    def sampling_batch(self, reqs: list[Request]) -> SamplingBatch:
+        dev = self.device
+        ps: list[SamplingParams] = [r.params for r in reqs]
+        vocab = self.config.vocab_size
+
+        def column(values: list[float], skip_if: float, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+            if all(v == skip_if for v in values):
+                return None
+            return torch.tensor(values, dtype=dtype, device=dev)
+
+        def padded(rows: list[list[int]]) -> torch.Tensor:
+            width = max(1, max(len(r) for r in rows))
+            return torch.tensor([r + [-1] * (width - len(r)) for r in rows], device=dev)
+
+        b = SamplingBatch(temperature=torch.tensor([p.temperature for p in ps], device=dev))
+        b.all_greedy = all(p.temperature == 0 for p in ps)
+        b.top_p = column([p.top_p for p in ps], 1.0)
+        b.top_k = column([max(p.top_k, 0) for p in ps], 0, torch.long)
+        b.min_p = column([p.min_p for p in ps], 0.0)
+        if any(p.seed is not None for p in ps):
+            b.generators = [self._generator(r) for r in reqs]
+        b.presence_penalty = column([p.presence_penalty for p in ps], 0.0)
+        b.frequency_penalty = column([p.frequency_penalty for p in ps], 0.0)
+        b.repetition_penalty = column([p.repetition_penalty for p in ps], 1.0)
+        if b.presence_penalty is not None or b.frequency_penalty is not None:
+            b.output_token_ids = padded([r.output_token_ids for r in reqs])
+        if b.repetition_penalty is not None:
+            b.seen_token_ids = padded([r.all_token_ids for r in reqs])
+        if any(p.logit_bias for p in ps):
+            b.logit_bias = torch.zeros(len(reqs), vocab, device=dev)
+            for row, p in enumerate(ps):
+                for tid, bias in p.logit_bias.items():
+                    b.logit_bias[row, tid] = bias
+        banned = [row for row, r in enumerate(reqs) if len(r.output_token_ids) < r.params.min_tokens]
+        if banned:
+            b.banned_token_mask = torch.zeros(len(reqs), vocab, dtype=torch.bool, device=dev)
+            for row in banned:
+                ids = set(reqs[row].params.stop_token_ids) | ({*self.eos_token_ids} if not reqs[row].params.ignore_eos else set())
+                for tid in ids:
+                    if 0 <= tid < vocab:
+                        b.banned_token_mask[row, tid] = True
+        wanted = [p.logprobs for p in ps if p.logprobs is not None]
+        b.num_logprobs = max(wanted) if wanted else None
+        return b
+
+    # ---- one step ------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        input_ids, positions, meta, sample_rows = self.prepare(out.chunks)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        reqs = [c.request for c in out.chunks if c.samples]
+        if not reqs:
+            return StepResult([], SamplerOutput(torch.empty(0, dtype=torch.long)))
+        logits = self.model.compute_logits(hidden[sample_rows])
+        return StepResult(reqs, sample(logits, self.sampling_batch(reqs)))

@@ -1,0 +1,46 @@
+"""Load the tokenizer (and its chat template) that belongs to a model source.
+
+A GGUF carries its tokenizer; converting it takes seconds, so the converted tokenizer is
+cached on disk (keyed by the file's path, size and mtime) and reloaded quickly next time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from pesc_serve.registry import ModelSource
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("PESC_SERVE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "pesc_serve"
+    )
+    return Path(root) / "tokenizers"
+
+
+def load_tokenizer(source: ModelSource):
+    """A Hugging Face tokenizer for ``source`` (never with remote code)."""
+    from transformers import AutoTokenizer
+
+    src = source.tokenizer_source
+    if src.kind != "gguf":
+        try:
+            return AutoTokenizer.from_pretrained(str(src.path))
+        except Exception as exc:
+            raise ValueError(f"{src.path}: could not load a tokenizer ({type(exc).__name__}: {exc})") from None
+    stat = src.path.stat()
+    key = hashlib.sha256(f"{src.path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cached = _cache_dir() / key
+    if (cached / "tokenizer.json").is_file():
+        try:
+            return AutoTokenizer.from_pretrained(str(cached))
+        except Exception:
+            pass  # a broken cache entry: rebuild it below
+    tok = AutoTokenizer.from_pretrained(str(src.path.parent), gguf_file=src.path.name)
+    try:
+        tok.save_pretrained(str(cached))
+    except OSError:
+        pass  # a read-only cache is only slower
+    return tok

@@ -1,0 +1,1 @@
+"""pesc-serve test suite (a package so helpers import as tests.fixtures / tests.reference)."""

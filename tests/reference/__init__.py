@@ -1,0 +1,1 @@
+"""Independent slow reference implementations used by the parity tests (never imports pesc_serve)."""

@@ -1,0 +1,1 @@
+"""Training side of pesc-serve: craft dense models into PESC models and instruction-tune them."""

@@ -104,10 +104,11 @@ class AsyncEngine:
                 f"the server is at capacity ({len(self._queues)} requests running or queued); retry later"
             )
 
-    async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
-    ) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs; closing the iterator early aborts the request."""
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> "RequestStream":
+        """Register a request now (raising at once if it cannot be served) and return its stream.
+
+        Raises EngineDeadError, EngineOverloadedError, or ValueError for an invalid request.
+        """
         if not self.is_healthy:
             raise EngineDeadError(f"the engine is not running ({self.dead_error or 'stopped'})")
         self.check_capacity()
@@ -117,20 +118,23 @@ class AsyncEngine:
         q: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = q
         self._inbox.put(_Add(request_id, list(prompt_token_ids), params))
-        finished = False
+        return RequestStream(self, request_id, q)
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; closing the iterator early aborts the request."""
+        stream = self.add_request(request_id, prompt_token_ids, params)
         try:
-            while True:
-                item = await q.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
+            async for out in stream:
+                yield out
         finally:
-            self._queues.pop(request_id, None)
-            if not finished:
-                self.abort(request_id)
+            stream.close()
+
+    def _release(self, request_id: str, finished: bool) -> None:
+        self._queues.pop(request_id, None)
+        if not finished:
+            self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id))
@@ -184,3 +188,35 @@ class AsyncEngine:
         err = EngineDeadError(f"the engine stopped: {type(exc).__name__}: {exc}")
         for q in self._queues.values():
             q.put_nowait(err)
+
+
+class RequestStream:
+    """Async iterator over one request's outputs; ``close()`` before the end aborts it."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, q: asyncio.Queue) -> None:
+        self.engine = engine
+        self.request_id = request_id
+        self._queue = q
+        self.finished = False
+        self._closed = False
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished or self._closed:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        if item.finished:
+            self.finished = True
+            self.close()
+        return item
+
+    def close(self) -> None:
+        """Stop listening; aborts the request in the engine unless it already finished."""
+        if not self._closed:
+            self._closed = True
+            self.engine._release(self.request_id, self.finished)

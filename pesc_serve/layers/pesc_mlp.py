@@ -140,10 +140,14 @@ class PescMLP(nn.Module):
         self.router = nn.Linear(hidden_size, num_experts, bias=False)
         self.adapter_down = nn.Parameter(torch.empty(num_experts, adapter_dim, hidden_size))  # [E, r, H]
         self.adapter_up = nn.Parameter(torch.empty(num_experts, hidden_size, adapter_dim))  # [E, H, r], scaled
+        # Cumulative (token, expert) assignments, for the router-load metrics; None = off.
+        self.expert_token_counts: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.ffn(x)
         p, idx = route(x, self.router.weight, self.topk)
+        if self.expert_token_counts is not None:
+            self.expert_token_counts.index_add_(0, idx.flatten(), torch.ones_like(idx.flatten()))
         run = choose_dispatch(self.dispatch, x.shape[0], self.num_experts, self.topk)
         return f + run(f, self.adapter_down, self.adapter_up, p, idx)
 

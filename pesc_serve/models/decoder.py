@@ -98,3 +98,15 @@ class PescForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return torch.nn.functional.linear(hidden, weight).float()
+
+
+def enable_expert_counting(model: PescForCausalLM) -> torch.Tensor | None:
+    """Turn on per-layer routing counters; returns the [L, E] tensor they accumulate into."""
+    cfg = model.config
+    if not cfg.is_pesc:
+        return None
+    device = model.embed_tokens.weight.device
+    counts = torch.zeros(cfg.num_layers, cfg.num_experts, dtype=torch.long, device=device)
+    for i, layer in enumerate(model.layers):
+        layer.mlp.expert_token_counts = counts[i]
+    return counts

@@ -1,0 +1,93 @@
+"""``python -m pesc_serve --model camelidae``: parse flags -> configs -> engine -> uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from pesc_serve.config import (
+    DISPATCH_CHOICES,
+    DTYPE_CHOICES,
+    QUANTIZATION_CHOICES,
+    EngineConfig,
+    LoadConfig,
+    ServerConfig,
+)
+from pesc_serve.registry import ALIASES
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    aliases = "; ".join(f"{k}: {v}" for k, v in ALIASES.items())
+    p = argparse.ArgumentParser(
+        prog="python -m pesc_serve",
+        description="OpenAI-compatible server for PESC sparse adapter-MoE models (and their dense bases).",
+    )
+    p.add_argument("--model", default="camelidae", help=f"alias, local directory, .gguf file or hub id ({aliases})")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None, help="name clients use in 'model' (default: the model's name)")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--quantization", default="auto", choices=("auto",) + QUANTIZATION_CHOICES,
+                   help="weight-only quantization of the shared FFN (routers and adapters stay unquantized)")
+    p.add_argument("--dispatch", default="auto", choices=DISPATCH_CHOICES, help="expert-adapter dispatch strategy")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="requests running at once")
+    p.add_argument("--max-queue-len", type=int, default=256, help="requests waiting beyond those (then 429)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget per engine step")
+    p.add_argument("--kv-cache-memory", type=float, default=None, help="KV-cache budget in GiB")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--chat-template", type=Path, default=None, help="a Jinja chat template file overriding the model's")
+    p.add_argument("--api-key", default=os.environ.get("PESC_SERVE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (or set PESC_SERVE_API_KEY)")
+    p.add_argument("--request-timeout", type=float, default=None, help="seconds before a request is aborted")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("pesc_serve")
+    try:
+        load = LoadConfig(args.model, args.dtype, args.device, args.quantization, args.dispatch)
+        engine_cfg = EngineConfig(
+            max_num_seqs=args.max_num_seqs,
+            max_model_len=args.max_model_len,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            block_size=args.block_size,
+            kv_cache_memory_gb=args.kv_cache_memory,
+            enable_prefix_caching=not args.no_prefix_caching,
+            max_queue_len=args.max_queue_len,
+            seed=args.seed,
+        )
+        server_cfg = ServerConfig(
+            host=args.host,
+            port=args.port,
+            served_model_name=args.served_model_name,
+            api_key=args.api_key,
+            request_timeout_s=args.request_timeout,
+        )
+        if args.chat_template is not None and not args.chat_template.is_file():
+            raise ValueError(f"--chat-template {args.chat_template}: no such file")
+        from pesc_serve.launcher import build_server
+
+        log.info("loading %s ...", args.model)
+        server = build_server(load, engine_cfg, server_cfg, args.chat_template)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    log.info("serving %r on http://%s:%d (OpenAI API under /v1)", server.model_name, args.host, args.port)
+    uvicorn.run(server.app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

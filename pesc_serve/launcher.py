@@ -1,0 +1,94 @@
+"""Assemble the pieces: configs -> model + tokenizer -> engine -> app (used by the CLI and tests)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from fastapi import FastAPI
+
+from pesc_serve.config import EngineConfig, LoadConfig, ServerConfig
+from pesc_serve.engine.async_engine import AsyncEngine
+from pesc_serve.engine.engine import LLMEngine
+from pesc_serve.models.decoder import enable_expert_counting
+from pesc_serve.models.loader import LoadedModel, load_model
+from pesc_serve.models.tokenizer import load_tokenizer
+from pesc_serve.registry import resolve_model
+from pesc_serve.server.app import create_app
+from pesc_serve.server.chat import ChatFormatter
+from pesc_serve.server.metrics import ServerMetrics
+
+logger = logging.getLogger("pesc_serve")
+
+
+@dataclass
+class Server:
+    app: FastAPI
+    engine: AsyncEngine
+    loaded: LoadedModel
+    model_name: str
+
+
+def build_engine(load: LoadConfig, engine_cfg: EngineConfig) -> LLMEngine:
+    source = resolve_model(load.model)
+    max_positions = engine_cfg.max_model_len
+    loaded = load_model(source, load, max_positions=max_positions)
+    tokenizer = load_tokenizer(source)
+    return LLMEngine(loaded, tokenizer, engine_cfg)
+
+
+def describe(engine: LLMEngine) -> list[str]:
+    """The start-up summary: what was loaded and how it will run."""
+    lm = engine.loaded
+    cfg = lm.config
+    lines = [
+        f"model {lm.source.name} ({lm.source.kind} at {lm.source.path}): {cfg.model_type} / {cfg.family} family, "
+        f"{cfg.num_parameters / 1e6:.1f}M parameters, {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
+        f"heads {cfg.num_heads}/{cfg.num_kv_heads} kv",
+    ]
+    if cfg.is_pesc:
+        lines.append(
+            f"PESC: {cfg.num_experts} adapter experts, top-{cfg.topk}, adapter dim {cfg.adapter_dim}, "
+            f"moe_scaling {cfg.moe_scaling} (folded), dispatch {engine.runner.model.layers[0].mlp.dispatch}"
+        )
+    else:
+        lines.append("dense model (no experts)")
+    for note in lm.source.notes:
+        lines.append(f"note: {note}")
+    lines.append(
+        f"dtype {str(lm.dtype).removeprefix('torch.')}, shared-FFN quantization {lm.quantization}, device {lm.device}, "
+        f"weights {lm.weight_bytes / 2**20:.0f} MiB"
+    )
+    kv_mib = engine.runner.kv_caches.numel() * engine.runner.kv_caches.element_size() / 2**20
+    lines.append(
+        f"KV cache: {engine.num_blocks} blocks x {engine.config.block_size} tokens ({kv_mib:.0f} MiB), "
+        f"max model len {engine.max_model_len}, max seqs {engine.config.max_num_seqs}, "
+        f"token budget {engine.config.max_num_batched_tokens}/step, prefix caching "
+        f"{'on' if engine.config.enable_prefix_caching else 'off'}"
+    )
+    if lm.device.type == "cpu":
+        lines.append(f"CPU threads: {torch.get_num_threads()}")
+    return lines
+
+
+def build_server(
+    load: LoadConfig,
+    engine_cfg: EngineConfig,
+    server_cfg: ServerConfig,
+    chat_template: Path | None = None,
+) -> Server:
+    engine = build_engine(load, engine_cfg)
+    for line in describe(engine):
+        logger.info(line)
+    counts = enable_expert_counting(engine.loaded.model)
+    async_engine = AsyncEngine(engine, max_queue_len=engine_cfg.max_queue_len)
+    template = chat_template.read_text() if chat_template is not None else None
+    formatter = ChatFormatter(engine.tokenizer, template)
+    if formatter.uses_fallback:
+        logger.info("the tokenizer has no chat template: using the Camelidae '### Human:' format")
+    name = server_cfg.served_model_name or engine.loaded.source.name
+    metrics = ServerMetrics(async_engine.stats, counts)
+    app = create_app(async_engine, formatter, name, server_cfg, metrics)
+    return Server(app, async_engine, engine.loaded, name)

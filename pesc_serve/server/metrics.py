@@ -1,0 +1,122 @@
+"""Prometheus metrics (prometheus_client, one registry per app: no global state).
+
+Engine gauges are read at scrape time; request latencies are measured on the server side
+of the engine client with ``time.monotonic``; the router load per (layer, expert) comes
+from counters the PESC MLP accumulates on the device.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+
+from pesc_serve.engine.engine import EngineStats
+from pesc_serve.engine.request import RequestOutput
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0)
+_E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0)
+
+
+class _ExpertCollector:
+    """Exposes the model's cumulative [L, E] routing counts as one labelled counter."""
+
+    def __init__(self, counts: torch.Tensor) -> None:
+        self.counts = counts
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        fam = CounterMetricFamily(
+            "pesc:expert_tokens", "Tokens routed to each expert (router load)", labels=["layer", "expert"]
+        )
+        for layer, row in enumerate(self.counts.tolist()):
+            for expert, value in enumerate(row):
+                fam.add_metric([str(layer), str(expert)], value)
+        yield fam
+
+
+@dataclass
+class _Timing:
+    start: float
+    first_token: float | None = None
+    num_tokens: int = 0
+
+
+@dataclass
+class ServerMetrics:
+    """Metric objects plus the per-request timings they need."""
+
+    stats: Callable[[], EngineStats]
+    expert_counts: torch.Tensor | None = None
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    _timings: dict[str, _Timing] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        Gauge("pesc:num_requests_running", "Requests in the running batch", registry=r).set_function(
+            lambda: self.stats().num_running
+        )
+        Gauge("pesc:num_requests_waiting", "Requests waiting to be scheduled", registry=r).set_function(
+            lambda: self.stats().num_waiting
+        )
+        Gauge("pesc:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1)", registry=r).set_function(
+            lambda: self.stats().kv_cache_usage
+        )
+        Gauge("pesc:num_preemptions", "Preemptions so far (recomputed requests)", registry=r).set_function(
+            lambda: self.stats().num_preemptions
+        )
+        Gauge("pesc:prefix_cache_queries", "Prefix-cache lookups so far", registry=r).set_function(
+            lambda: self.stats().prefix_cache_queries
+        )
+        Gauge("pesc:prefix_cache_hits", "Prefix-cache lookups that found cached blocks", registry=r).set_function(
+            lambda: self.stats().prefix_cache_hits
+        )
+        self.prompt_tokens = Counter("pesc:prompt_tokens", "Prompt tokens processed", registry=r)
+        self.generation_tokens = Counter("pesc:generation_tokens", "Tokens generated", registry=r)
+        self.request_success = Counter(
+            "pesc:request_success", "Finished requests by finish reason", ["finished_reason"], registry=r
+        )
+        self.ttft = Histogram(
+            "pesc:time_to_first_token_seconds", "Time to first token", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.tpot = Histogram(
+            "pesc:time_per_output_token_seconds", "Mean time per output token after the first",
+            buckets=_TPOT_BUCKETS, registry=r,
+        )
+        self.e2e = Histogram(
+            "pesc:e2e_request_latency_seconds", "End-to-end request latency", buckets=_E2E_BUCKETS, registry=r
+        )
+        if self.expert_counts is not None:
+            r.register(_ExpertCollector(self.expert_counts))
+
+    def on_start(self, request_id: str) -> None:
+        self._timings[request_id] = _Timing(time.monotonic())
+
+    def on_output(self, request_id: str, out: RequestOutput) -> None:
+        t = self._timings.get(request_id)
+        if t is None:
+            return
+        now = time.monotonic()
+        if out.new_token_ids and t.first_token is None:
+            t.first_token = now
+            self.ttft.observe(now - t.start)
+            self.prompt_tokens.inc(out.num_prompt_tokens)
+        t.num_tokens += len(out.new_token_ids)
+        self.generation_tokens.inc(len(out.new_token_ids))
+        if out.finished:
+            self.e2e.observe(now - t.start)
+            if t.first_token is not None and t.num_tokens > 1:
+                self.tpot.observe((now - t.first_token) / (t.num_tokens - 1))
+            reason = out.finish_reason.value if out.finish_reason is not None else "unknown"
+            self.request_success.labels(finished_reason=reason).inc()
+            self._timings.pop(request_id, None)
+
+    def on_close(self, request_id: str) -> None:
+        self._timings.pop(request_id, None)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

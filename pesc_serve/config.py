@@ -25,7 +25,7 @@ CAMELIDAE_ROPE_THETA = 10000.0
 
 QUANTIZATION_CHOICES = ("none", "nf4", "int8", "int4")
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
-DISPATCH_CHOICES = ("auto", "grouped", "dense", "loop")
+DISPATCH_CHOICES = ("auto", "grouped", "dense", "gather", "loop")
 
 
 def _require(cfg: dict[str, Any], key: str, source: str) -> Any:
@@ -144,8 +144,13 @@ class ModelConfig:
             if kind == "default":
                 rope_scaling = None
         sliding = cfg.get("sliding_window") if family in ("mistral", "qwen2") else None
-        if family == "qwen2" and not cfg.get("use_sliding_window", False):
-            sliding = None
+        if family == "qwen2":
+            # Qwen2 windows only layers >= max_window_layers, and only with use_sliding_window.
+            first_windowed = int(cfg.get("max_window_layers", 0) or 0)
+            if not cfg.get("use_sliding_window", False) or first_windowed >= int(cfg.get("num_hidden_layers", 0)):
+                sliding = None
+            elif first_windowed > 0:
+                raise ValueError(f"{source}: per-layer sliding windows (max_window_layers={first_windowed}) are not supported")
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
         return cls(
@@ -163,7 +168,7 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", family == "qwen2")),
+            attention_bias=family == "qwen2" or bool(cfg.get("attention_bias", False)),
             sliding_window=int(sliding) if sliding else None,
             num_experts=num_experts,
             topk=topk if num_experts else 0,

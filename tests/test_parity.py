@@ -55,19 +55,11 @@ def _allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> to
 
 
 def _load(path: Path, dispatch: str) -> LoadedModel:
-    """Load in float32 on CPU with ``dispatch`` forced on every PESC MLP.
-
-    ``LoadConfig`` may not list every strategy the MLP implements (see
-    ``test_load_config_accepts_every_dispatch``); then load with auto and set it per layer.
-    """
-    forced = dispatch not in DISPATCH_CHOICES
-    load = LoadConfig(model=str(path), dtype="float32", device="cpu", dispatch="auto" if forced else dispatch)
+    """Load in float32 on CPU with ``dispatch`` on every PESC MLP."""
+    load = LoadConfig(model=str(path), dtype="float32", device="cpu", dispatch=dispatch)
     lm = load_model(resolve_model(str(path)), load)
     if lm.config.is_pesc:
-        for layer in lm.model.layers:
-            if forced:
-                layer.mlp.dispatch = dispatch
-            assert layer.mlp.dispatch == dispatch
+        assert all(layer.mlp.dispatch == dispatch for layer in lm.model.layers)
     return lm
 
 
@@ -88,7 +80,9 @@ class Runner:
         return table[start:end]
 
     @torch.no_grad()
-    def step(self, decodes: list[tuple[str, int, int]], prefills: list[tuple[str, list[int], int]]) -> list[torch.Tensor]:
+    def step(
+        self, decodes: list[tuple[str, int, int]], prefills: list[tuple[str, list[int], int]]
+    ) -> list[torch.Tensor]:
         """One forward call: ``decodes`` (seq, token, pos) first, then ``prefills`` (seq, tokens, start).
 
         Returns logits per entry: [V] for a decode, [len(tokens), V] for a prefill chunk.
@@ -311,3 +305,16 @@ def test_load_config_accepts_every_dispatch():
     """Every strategy the PESC MLP implements can be chosen with ``--dispatch``."""
     for name in DISPATCHES:
         LoadConfig(model="x", dispatch=name)
+
+
+@pytest.mark.parametrize("kind", DENSE_KINDS)
+def test_reference_matches_transformers(kind, tiny_checkpoint_factory, reference):
+    """The reference's dense maths (RoPE, GQA, biases, window, tying) equal Hugging Face's own."""
+    transformers = pytest.importorskip("transformers")
+    path = tiny_checkpoint_factory(kind)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="eager")
+    ref = reference(kind)
+    tokens = _token_ids(9, PROMPT_LEN + 2, _vocab(ref))
+    with torch.no_grad():
+        want = hf(torch.tensor([tokens])).logits[0].float()
+    _close(ref.forward(tokens), want, f"{kind} reference vs transformers")

@@ -55,19 +55,25 @@ def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         return
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:
+    except Exception:
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise ValueError(f"{path}: corrupt or unsafe PyTorch checkpoint ({exc})") from None
-    except Exception as exc:
-        raise ValueError(f"{path}: corrupt or unsafe PyTorch checkpoint ({exc})") from None
+            raise ValueError(f"{path}: {_bin_error(exc)}") from None
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
     for name, tensor in state.items():
         if not isinstance(tensor, torch.Tensor):
             raise ValueError(f"{path}: entry {name!r} is not a tensor")
         yield name, tensor
+
+
+def _bin_error(exc: Exception) -> str:
+    """A user-facing reason; torch's own text suggests weights_only=False, which we never do."""
+    text = str(exc)
+    if "weights_only" in text or "Unsupported global" in text:
+        return "not a plain PyTorch weights file (it contains objects other than tensors; refusing to unpickle them)"
+    return "not a PyTorch weights file (corrupt, truncated or another format)"
 
 
 def iter_directory_tensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:

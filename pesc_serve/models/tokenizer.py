@@ -27,7 +27,7 @@ def load_tokenizer(source: ModelSource):
     src = source.tokenizer_source
     if src.kind != "gguf":
         try:
-            return AutoTokenizer.from_pretrained(str(src.path))
+            return AutoTokenizer.from_pretrained(str(src.path), trust_remote_code=False)
         except Exception as exc:
             raise ValueError(f"{src.path}: could not load a tokenizer ({type(exc).__name__}: {exc})") from None
     stat = src.path.stat()

@@ -42,7 +42,7 @@ def running_server(
     port = free_port()
     built = build_server(
         load or LoadConfig(model=model, dtype=dtype, device="cpu"),
-        engine or EngineConfig(max_num_seqs=8, max_model_len=512, kv_cache_memory_gb=0.05),
+        engine or EngineConfig(max_num_seqs=8, max_model_len=256, kv_cache_memory_gb=0.05),
         server or ServerConfig(port=port),
     )
     uv = uvicorn.Server(uvicorn.Config(built.app, host="127.0.0.1", port=port, log_level="warning"))

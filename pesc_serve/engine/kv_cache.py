@@ -86,8 +86,10 @@ class KVCacheManager:
         return hits
 
     def can_allocate(self, request: Request, num_new_tokens: int, cached_blocks: list[int] = ()) -> bool:
-        held = len(request.block_ids) or len(cached_blocks)
-        needed = self.blocks_needed(request.num_computed_tokens + num_new_tokens) - held
+        adopting = bool(cached_blocks) and not request.block_ids
+        held = len(cached_blocks) if adopting else len(request.block_ids)
+        computed = len(cached_blocks) * self.block_size if adopting else request.num_computed_tokens
+        needed = self.blocks_needed(computed + num_new_tokens) - held
         reusable_free = sum(1 for b in cached_blocks if self.blocks[b].ref_count == 0)
         return needed <= len(self.free) - reusable_free
 

@@ -24,11 +24,10 @@ class ScheduledChunk:
     request: Request
     start: int
     num_new_tokens: int
+    samples: bool = field(init=False)  # reaches the end of the known tokens: sample the next one
 
-    @property
-    def samples(self) -> bool:
-        """Does this chunk reach the end of the known tokens (so the next token is sampled)?"""
-        return self.start + self.num_new_tokens == self.request.num_tokens
+    def __post_init__(self) -> None:
+        self.samples = self.start + self.num_new_tokens == self.request.num_tokens
 
 
 @dataclass

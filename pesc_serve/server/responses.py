@@ -6,6 +6,7 @@ than the token they carry.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -28,20 +29,59 @@ def openai_finish_reason(reason: FinishReason | None) -> str | None:
     return "stop"
 
 
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's byte <-> printable-character table, inverted (byte-level BPE vocabularies)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, n = printable[:], 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
+
+
+_BYTE_LEVEL = _byte_level_decoder()
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
 class TokenText:
-    """Token id -> its text as the client sees it (cached: logprobs ask for the same ids often)."""
+    """Token id -> (text, bytes) as the client sees it; cached, logprobs repeat ids often.
+
+    A token holding part of a UTF-8 character has no text of its own; like OpenAI we show
+    it as ``bytes:\\xNN`` and give its real bytes.
+    """
 
     def __init__(self, tokenizer: Any) -> None:
-        self._decode = lru_cache(maxsize=65536)(lambda tid: tokenizer.decode([tid]))
+        self.tokenizer = tokenizer
+        self._cached = lru_cache(maxsize=65536)(self._compute)
+
+    def _raw_bytes(self, token_id: int) -> bytes:
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        m = _BYTE_FALLBACK.fullmatch(piece)
+        if m:
+            return bytes([int(m.group(1), 16)])
+        if all(ch in _BYTE_LEVEL for ch in piece):
+            return bytes(_BYTE_LEVEL[ch] for ch in piece)
+        return piece.replace("\u2581", " ").encode("utf-8")
+
+    def _compute(self, token_id: int) -> tuple[str, bytes]:
+        text = self.tokenizer.decode([token_id])
+        if "\ufffd" not in text:
+            return text, text.encode("utf-8")
+        raw = self._raw_bytes(token_id)
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), raw
 
     def __call__(self, token_id: int) -> str:
-        return self._decode(token_id)
+        return self._cached(token_id)[0]
+
+    def bytes_of(self, token_id: int) -> bytes:
+        return self._cached(token_id)[1]
 
 
 def chat_logprobs(items: list[TokenLogprob], text_of: TokenText) -> list[dict]:
     def entry(tid: int, lp: float) -> dict:
-        s = text_of(tid)
-        return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+        return {"token": text_of(tid), "logprob": lp, "bytes": list(text_of.bytes_of(tid))}
 
     return [{**entry(i.token_id, i.logprob), "top_logprobs": [entry(t, lp) for t, lp in i.top]} for i in items]
 
@@ -91,7 +131,7 @@ def completion_logprobs(items: list[TokenLogprob], text_of: TokenText, start_off
         token_lps.append(i.logprob)
         tops.append({text_of(t): lp for t, lp in i.top} if i.top else None)
         offsets.append(offset)
-        offset += len(s)
+        offset += 0 if s.startswith("bytes:") else len(s)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
 

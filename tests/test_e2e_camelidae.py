@@ -1,0 +1,36 @@
+"""End to end on the real bundled model: `python -m pesc_serve --model camelidae` defaults."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from pesc_serve.config import EngineConfig, LoadConfig
+from tests.server_harness import running_server
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def client():
+    load = LoadConfig(model="camelidae")  # the CLI's defaults: dtype/quantization/dispatch auto
+    with running_server("camelidae", load=load, engine=EngineConfig(max_num_seqs=8, max_model_len=1024)) as s:
+        yield openai.OpenAI(base_url=s.v1, api_key="unused", max_retries=0, timeout=120)
+
+
+def test_answers_paris(client):
+    r = client.chat.completions.create(model="camelidae", messages=QUESTION, max_tokens=32, temperature=0)
+    assert "Paris" in r.choices[0].message.content
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_streamed_text_equals_non_streamed(client):
+    kw = dict(model="camelidae", messages=QUESTION, max_tokens=32, temperature=0)
+    full = client.chat.completions.create(**kw).choices[0].message.content
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kw))
+    assert streamed == full
+
+
+def test_completions_with_token_ids(client):
+    tok = client.completions.create(model="camelidae", prompt="The capital of France is", max_tokens=4, temperature=0)
+    assert tok.usage.prompt_tokens > 0 and tok.choices[0].text

@@ -7,7 +7,7 @@ MODEL ?= camelidae
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: serve test install install-dev clean
+.PHONY: serve test bench install install-dev clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ serve: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q $(ARGS)
+
+bench: $(VENV)/.installed-dev
+	$(PY) -m benchmarks.run_comparison $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

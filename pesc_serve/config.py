@@ -25,7 +25,7 @@ CAMELIDAE_ROPE_THETA = 10000.0
 
 QUANTIZATION_CHOICES = ("none", "nf4", "int8", "int4")
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
-DISPATCH_CHOICES = ("auto", "grouped", "dense", "gather", "loop")
+DISPATCH_CHOICES = ("auto", "grouped", "dense", "gather", "padded", "loop")
 
 
 def _require(cfg: dict[str, Any], key: str, source: str) -> Any:
@@ -267,6 +267,7 @@ class ServerConfig:
     served_model_name: str | None = None
     api_key: str | None = None
     request_timeout_s: float | None = None
+    shutdown_timeout_s: float = 30.0  # on SIGTERM, running requests get this long to finish
     max_body_bytes: int = 8 * 1024 * 1024
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -275,3 +276,5 @@ class ServerConfig:
             raise ValueError(f"--port must be in 0..65535, got {self.port}")
         if self.request_timeout_s is not None and self.request_timeout_s <= 0:
             raise ValueError(f"--request-timeout must be positive, got {self.request_timeout_s}")
+        if self.shutdown_timeout_s < 0:
+            raise ValueError(f"--shutdown-timeout must be >= 0, got {self.shutdown_timeout_s}")

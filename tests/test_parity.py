@@ -33,7 +33,7 @@ from tests.reference.pesc_reference import ReferenceModel
 
 ATOL = 1e-4
 NUM_SLOTS = 256
-STRATEGIES = ("loop", "dense", "gather", "grouped", "auto")
+STRATEGIES = ("loop", "dense", "gather", "grouped", "padded", "auto")
 CASES = [(kind, d) for kind in PESC_KINDS for d in STRATEGIES] + [(kind, "auto") for kind in DENSE_KINDS]
 CASE_IDS = [f"{kind}-{d}" for kind, d in CASES]
 

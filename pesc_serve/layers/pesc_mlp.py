@@ -99,7 +99,31 @@ def adapters_grouped(f: torch.Tensor, down: torch.Tensor, up: torch.Tensor, p: t
     return out
 
 
+def adapters_padded(f: torch.Tensor, down: torch.Tensor, up: torch.Tensor, p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Pairs sorted by expert into a padded ``[E, C, H]`` buffer, then two batched GEMMs.
+
+    C is the largest expert's share of this batch, so only the selected experts' work is
+    done (plus padding), in a fixed number of ops whatever the batch size.
+    """
+    t, k = idx.shape
+    num_experts = down.shape[0]
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts)
+    expert = flat[order]
+    slot = torch.arange(t * k, device=f.device) - (torch.cumsum(counts, 0) - counts)[expert]
+    tokens = order // k
+    buf = f.new_zeros(num_experts, int(counts.max()), f.shape[1])
+    buf[expert, slot] = f[tokens]
+    h = F.gelu(torch.bmm(buf, down.transpose(1, 2)))  # [E, C, r]
+    o = torch.bmm(h, up.transpose(1, 2))  # [E, C, H]
+    out = torch.zeros_like(f)
+    out.index_add_(0, tokens, o[expert, slot] * p.reshape(-1)[order].unsqueeze(-1))
+    return out
+
+
 DISPATCHES: dict[str, Dispatch] = {
+    "padded": adapters_padded,
     "loop": adapters_loop,
     "dense": adapters_dense,
     "gather": adapters_gather,

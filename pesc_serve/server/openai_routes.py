@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -24,7 +26,7 @@ from pesc_serve.config import ServerConfig
 from pesc_serve.engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError, RequestStream
 from pesc_serve.engine.request import RequestOutput, SamplingParams
 from pesc_serve.server.chat import ChatFormatter
-from pesc_serve.server.errors import APIError, error_body
+from pesc_serve.server.errors import APIError, error_body, param_of
 from pesc_serve.server.metrics import ServerMetrics
 from pesc_serve.server.protocol import ChatCompletionRequest, CompletionRequest
 from pesc_serve.server.responses import (
@@ -39,8 +41,10 @@ from pesc_serve.server.responses import (
     usage,
 )
 
+logger = logging.getLogger(__name__)
+
 RETRY_AFTER_S = "1"
-DISCONNECT_POLL_S = 0.1
+SSE_PING_S = 15
 
 
 @dataclasses.dataclass
@@ -73,7 +77,7 @@ class OpenAIServing:
     # ---- shared plumbing ----------------------------------------------------------------
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
+        if model and model != self.model_name:  # absent or empty: the one served model
             raise APIError(404, f"The model `{model}` does not exist.", "model", "model_not_found")
 
     def start(self, prompts: list[list[int]], params: SamplingParams, n: int, base_id: str) -> list[_Choice]:
@@ -94,7 +98,7 @@ class OpenAIServing:
             raise APIError(503, str(exc), code="engine_dead") from None
         except ValueError as exc:
             self._close(choices)
-            raise APIError(400, str(exc), _param_of(str(exc)), "invalid_value") from None
+            raise APIError(400, str(exc), param_of(str(exc)), "invalid_value") from None
         if self.metrics is not None:
             for c in choices:
                 self.metrics.on_start(c.stream.request_id)
@@ -142,37 +146,57 @@ class OpenAIServing:
                     self.metrics.on_close(c.stream.request_id)
 
     async def until_disconnect(self, raw: Request, coro) -> Any:
-        """Run ``coro``; cancel it (aborting its requests) if the client goes away."""
+        """Run ``coro``; cancel it (aborting its requests) as soon as the client goes away.
+
+        The body has been read by now, so the next ASGI message can only be the disconnect.
+        """
         task = asyncio.ensure_future(coro)
-        while not task.done():
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if not done and await raw.is_disconnected():
+        listener = asyncio.ensure_future(_wait_for_disconnect(raw))
+        try:
+            await asyncio.wait({task, listener}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            listener.cancel()
+            if not task.done():
                 task.cancel()
                 try:
                     await task
                 except asyncio.CancelledError:
                     pass
-                raise APIError(499, "client disconnected", code="client_closed_request")
-        return task.result()
+        if not task.cancelled():
+            return task.result()
+        raise APIError(499, "client disconnected", code="client_closed_request")
 
-    def sse(self, events: AsyncIterator[dict]) -> EventSourceResponse:
+    def sse(self, events: AsyncGenerator[dict, None]) -> EventSourceResponse:
+        """Stream ``events``; errors after the headers become an ``{"error": ...}`` event.
+
+        ``events`` is closed explicitly however the stream ends (a disconnect cancels us at
+        any ``await`` or ``yield``), so its engine requests are aborted at once rather than
+        when the garbage collector finds the generator.  On shutdown a running stream gets
+        ``shutdown_timeout_s`` to finish before sse-starlette cuts it.
+        """
+
         async def gen() -> AsyncIterator[str]:
             try:
                 async for event in events:
                     yield json.dumps(event, ensure_ascii=False, separators=(",", ":"))
             except APIError as exc:
                 yield json.dumps(error_body(exc.status, exc.message, exc.param, exc.code))
+            except Exception as exc:
+                logger.exception("stream failed")
+                yield json.dumps(error_body(500, f"internal error: {type(exc).__name__}", code="internal_error"))
+            finally:
+                await events.aclose()
             yield "[DONE]"
 
-        return EventSourceResponse(gen(), sep="\n", ping=15)
+        return EventSourceResponse(
+            gen(), sep="\n", ping=SSE_PING_S, shutdown_grace_period=self.cfg.shutdown_timeout_s
+        )
 
     # ---- chat ---------------------------------------------------------------------------
 
     async def chat(self, req: ChatCompletionRequest, raw: Request) -> Any:
         self.check_model(req.model)
         params = _params(req)
-        if params.json_mode:
-            raise APIError(400, "response_format json_object is not supported yet", "response_format", "unsupported")
         try:
             text = self.formatter.render(req.messages, req.add_generation_prompt, **(req.chat_template_kwargs or {}))
         except ValueError as exc:
@@ -214,32 +238,34 @@ class OpenAIServing:
 
         for c in choices:
             yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
-        async for c, out in self.merged(choices):
-            states[c.index].add(out)
-            if out.error:
-                raise APIError(500, out.error, code="engine_error")
-            if not (out.new_text or out.finished or (req.logprobs and out.logprobs)):
-                continue
-            delta = {"content": out.new_text} if out.new_text or not out.finished else {}
-            yield chunk(
-                [
-                    {
-                        "index": c.index,
-                        "delta": delta,
-                        "logprobs": {"content": chat_logprobs(out.logprobs, self.text_of)} if req.logprobs else None,
-                        "finish_reason": openai_finish_reason(out.finish_reason) if out.finished else None,
-                    }
-                ]
-            )
+        async with aclosing(self.merged(choices)) as outputs:
+            async for c, out in outputs:
+                states[c.index].add(out)
+                if out.error:
+                    raise APIError(500, out.error, code="engine_error")
+                if not (out.new_text or out.finished or (req.logprobs and out.logprobs)):
+                    continue
+                delta = {"content": out.new_text} if out.new_text or not out.finished else {}
+                yield chunk(
+                    [
+                        {
+                            "index": c.index,
+                            "delta": delta,
+                            "logprobs": {"content": chat_logprobs(out.logprobs, self.text_of)} if req.logprobs else None,
+                            "finish_reason": openai_finish_reason(out.finish_reason) if out.finished else None,
+                        }
+                    ]
+                )
         if req.include_usage:
             yield chunk([], _usage(list(states.values()), req.n))
 
     async def _collect(self, choices: list[_Choice]) -> list[ChoiceState]:
         states = {c.index: ChoiceState(c.index) for c in choices}
-        async for c, out in self.merged(choices):
-            states[c.index].add(out)
-            if out.error:
-                raise APIError(500, out.error, code="engine_error")
+        async with aclosing(self.merged(choices)) as outputs:
+            async for c, out in outputs:
+                states[c.index].add(out)
+                if out.error:
+                    raise APIError(500, out.error, code="engine_error")
         return [states[i] for i in sorted(states)]
 
     # ---- text completions ---------------------------------------------------------------------
@@ -288,31 +314,32 @@ class OpenAIServing:
         created = now()
         states = {c.index: ChoiceState(c.index) for c in choices}
         offsets = {c.index: 0 for c in choices}
-        async for c, out in self.merged(choices):
-            states[c.index].add(out)
-            if out.error:
-                raise APIError(500, out.error, code="engine_error")
-            text = echo.pop(c.index, "") + out.new_text
-            if not (text or out.finished or (req.logprobs is not None and out.logprobs)):
-                continue
-            logprobs = None
-            if req.logprobs is not None:
-                logprobs = completion_logprobs(out.logprobs, self.text_of, offsets[c.index])
-                offsets[c.index] += sum(len(t) for t in logprobs["tokens"])
-            yield chunk_envelope(
-                obj_id,
-                "text_completion",
-                created,
-                self.model_name,
-                [
-                    {
-                        "index": c.index,
-                        "text": text,
-                        "logprobs": logprobs,
-                        "finish_reason": openai_finish_reason(out.finish_reason) if out.finished else None,
-                    }
-                ],
-            )
+        async with aclosing(self.merged(choices)) as outputs:
+            async for c, out in outputs:
+                states[c.index].add(out)
+                if out.error:
+                    raise APIError(500, out.error, code="engine_error")
+                text = echo.pop(c.index, "") + out.new_text
+                if not (text or out.finished or (req.logprobs is not None and out.logprobs)):
+                    continue
+                logprobs = None
+                if req.logprobs is not None:
+                    logprobs = completion_logprobs(out.logprobs, self.text_of, offsets[c.index])
+                    offsets[c.index] += sum(len(t) for t in logprobs["tokens"])
+                yield chunk_envelope(
+                    obj_id,
+                    "text_completion",
+                    created,
+                    self.model_name,
+                    [
+                        {
+                            "index": c.index,
+                            "text": text,
+                            "logprobs": logprobs,
+                            "finish_reason": openai_finish_reason(out.finish_reason) if out.finished else None,
+                        }
+                    ],
+                )
         if req.include_usage:
             yield chunk_envelope(obj_id, "text_completion", created, self.model_name, [], _usage(list(states.values()), req.n))
 
@@ -339,12 +366,7 @@ def _params(req: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
     try:
         return req.sampling_params()
     except ValueError as exc:
-        raise APIError(400, str(exc), _param_of(str(exc)), "invalid_value") from None
-
-
-def _param_of(message: str) -> str | None:
-    first = message.split(" ", 1)[0]
-    return first if first.isidentifier() else None
+        raise APIError(400, str(exc), param_of(str(exc)), "invalid_value") from None
 
 
 def _usage(states: list[ChoiceState], n: int) -> dict:
@@ -352,6 +374,11 @@ def _usage(states: list[ChoiceState], n: int) -> dict:
     prompt = sum(s.num_prompt_tokens for s in states if s.index % n == 0)
     cached = sum(s.num_cached_tokens for s in states if s.index % n == 0)
     return usage(prompt, sum(len(s.token_ids) for s in states), cached)
+
+
+async def _wait_for_disconnect(raw: Request) -> None:
+    while (await raw.receive())["type"] != "http.disconnect":
+        pass
 
 
 def build_router(serving: OpenAIServing) -> APIRouter:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from pesc_serve.config import (
     ServerConfig,
 )
 from pesc_serve.registry import ALIASES
+
+SHUTDOWN_MARGIN_S = 5.0  # uvicorn's own drain outlasts the streams' grace period by this much
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--api-key", default=os.environ.get("PESC_SERVE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (or set PESC_SERVE_API_KEY)")
     p.add_argument("--request-timeout", type=float, default=None, help="seconds before a request is aborted")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM/SIGINT, seconds running requests get to finish before they are cut")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p.parse_args(argv)
@@ -72,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             served_model_name=args.served_model_name,
             api_key=args.api_key,
             request_timeout_s=args.request_timeout,
+            shutdown_timeout_s=args.shutdown_timeout,
         )
         if args.chat_template is not None and not args.chat_template.is_file():
             raise ValueError(f"--chat-template {args.chat_template}: no such file")
@@ -85,8 +91,31 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     log.info("serving %r on http://%s:%d (OpenAI API under /v1)", server.model_name, args.host, args.port)
-    uvicorn.run(server.app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30)
+    _exit_cleanly_after_drain()
+    uvicorn.run(
+        server.app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=server_cfg.shutdown_timeout_s + SHUTDOWN_MARGIN_S,
+    )
     return 0
+
+
+def _exit_cleanly_after_drain() -> None:
+    """Make a drained SIGTERM/SIGINT exit with status 0.
+
+    uvicorn handles the signal itself (stop accepting, let running requests finish), then
+    re-raises it to the handler that was installed before it started.  With the default
+    handlers that kills the process after a clean drain (status 143, or a KeyboardInterrupt
+    traceback); a finished drain is a successful exit.
+    """
+
+    def exit_ok(*_: object) -> None:
+        raise SystemExit(0)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, exit_ok)
 
 
 if __name__ == "__main__":

@@ -216,12 +216,16 @@ def resolve_device(name: str) -> torch.device:
 
 @dataclass(frozen=True)
 class LoadConfig:
-    """How to materialise the weights: where, in which dtype, which shared-FFN quantization."""
+    """How to materialise the weights: where, in which dtype, which quantization.
+
+    The library default is no quantization (training and tests need plain linears); the
+    server's CLI asks for ``auto``, the machine-adapted fast path.
+    """
 
     model: str
     dtype: str = "auto"
     device: str = "auto"
-    quantization: str = "auto"
+    quantization: str = "none"
     dispatch: str = "auto"
 
     def __post_init__(self) -> None:

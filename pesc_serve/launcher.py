@@ -58,7 +58,7 @@ def describe(engine: LLMEngine) -> list[str]:
     for note in lm.source.notes:
         lines.append(f"note: {note}")
     lines.append(
-        f"dtype {str(lm.dtype).removeprefix('torch.')}, shared-FFN quantization {lm.quantization}, device {lm.device}, "
+        f"dtype {str(lm.dtype).removeprefix('torch.')}, quantization: {lm.quantization.describe()}, device {lm.device}, "
         f"weights {lm.weight_bytes / 2**20:.0f} MiB"
     )
     kv_mib = engine.runner.kv_caches.numel() * engine.runner.kv_caches.element_size() / 2**20

@@ -18,6 +18,7 @@ from pesc_serve.engine.kv_cache import KVCacheManager
 from pesc_serve.engine.model_runner import ModelRunner, kv_bytes_per_token
 from pesc_serve.engine.request import FinishReason, Request, RequestOutput, SamplingParams, TokenLogprob
 from pesc_serve.engine.scheduler import Scheduler, SchedulerOutput
+from pesc_serve.engine.structured_output import StructuredOutputFactory
 from pesc_serve.models.loader import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ class _Tracked:
 
     request: Request
     detok: IncrementalDetokenizer
+    error: str | None = None
 
 
 @dataclass
@@ -97,6 +99,7 @@ class LLMEngine:
             loaded.model, self.num_blocks, cfg.block_size, loaded.device, loaded.dtype, self.eos_token_ids
         )
         self._tracked: dict[str, _Tracked] = {}
+        self.structured_output = StructuredOutputFactory(tokenizer, self.eos_token_ids)
         torch.manual_seed(cfg.seed)
 
     @property
@@ -131,6 +134,8 @@ class LLMEngine:
         room = self.max_model_len - len(prompt_token_ids)
         max_tokens = min(params.max_tokens, room) if params.max_tokens is not None else room
         req = Request(request_id, list(prompt_token_ids), params, max_tokens)
+        if params.json_mode:
+            req.structured_output = self.structured_output.matcher(params.json_schema)
         detok = IncrementalDetokenizer(
             self.tokenizer, req.prompt_token_ids, params.stop, params.include_stop_str_in_output, params.skip_special_tokens
         )
@@ -193,6 +198,13 @@ class LLMEngine:
         req, params = tracked.request, tracked.request.params
         n_out = len(req.output_token_ids)
         stop_str = tracked.detok.add_token(token, check_stop=n_out >= params.min_tokens)
+        matcher = req.structured_output
+        if matcher is not None:
+            if not matcher.accept(token):
+                tracked.error = f"response_format: the output left the grammar ({matcher.error})"
+                return self._finish(req, FinishReason.ERROR)
+            if matcher.is_terminated:  # the JSON value is complete, whatever min_tokens says
+                return self._finish(req, FinishReason.STOP)
         if n_out >= params.min_tokens:
             if not params.ignore_eos and token in self.eos_token_ids:
                 return self._finish(req, FinishReason.STOP, token)
@@ -224,6 +236,7 @@ class LLMEngine:
             num_prompt_tokens=req.num_prompt_tokens,
             num_output_tokens=len(req.output_token_ids),
             num_cached_tokens=req.num_cached_tokens,
+            error=tracked.error if finished else None,
         )
 
     def _fail(self, out: SchedulerOutput, exc: Exception) -> list[RequestOutput]:

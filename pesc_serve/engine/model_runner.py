@@ -157,13 +157,16 @@ class ModelRunner:
                 for tid, bias in p.logit_bias.items():
                     b.logit_bias[row, tid] = bias
         banned = [row for row, r in enumerate(reqs) if len(r.output_token_ids) < r.params.min_tokens]
-        if banned:
+        constrained = [row for row, r in enumerate(reqs) if r.structured_output is not None]
+        if banned or constrained:
             b.banned_token_mask = torch.zeros(len(reqs), vocab, dtype=torch.bool, device=dev)
             for row in banned:
                 ids = set(reqs[row].params.stop_token_ids) | ({*self.eos_token_ids} if not reqs[row].params.ignore_eos else set())
                 for tid in ids:
                     if 0 <= tid < vocab:
                         b.banned_token_mask[row, tid] = True
+            for row in constrained:
+                b.banned_token_mask[row] |= ~reqs[row].structured_output.allowed_mask(vocab).to(dev)
         wanted = [p.logprobs for p in ps if p.logprobs is not None]
         b.num_logprobs = max(wanted) if wanted else None
         return b

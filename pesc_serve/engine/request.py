@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class FinishReason(str, enum.Enum):
@@ -39,7 +40,8 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
-    json_mode: bool = False
+    json_mode: bool = False  # constrain the output to a JSON object (or to ``json_schema``)
+    json_schema: dict | None = None
 
     MAX_LOGPROBS = 20
 
@@ -139,6 +141,7 @@ class Request:
     stop_reason: str | int | None = None
     first_token_time: float | None = None
     num_preemptions: int = 0
+    structured_output: Any = None  # an OutputMatcher for response_format requests
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -51,8 +51,8 @@ class AttentionMetadata:
 
 def write_kv(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """Store this step's K/V ([T, Hkv, D]) into their slots of ``kv_cache`` [2, S, Hkv, D]."""
-    kv_cache[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
-    kv_cache[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+    kv_cache[0].index_copy_(0, slot_mapping, k)
+    kv_cache[1].index_copy_(0, slot_mapping, v)
 
 
 def paged_attention(
@@ -69,9 +69,8 @@ def paged_attention(
     gqa = q.shape[1] != k.shape[1]
     nd = meta.num_decode_tokens
     if nd:
-        # [Bd, max_ctx, Hkv, D] -> [Bd, Hkv, max_ctx, D]
-        kc = kv_cache[0][meta.decode_slots].transpose(1, 2).to(q.dtype)
-        vc = kv_cache[1][meta.decode_slots].transpose(1, 2).to(q.dtype)
+        kv = kv_cache[:, meta.decode_slots]  # [2, Bd, max_ctx, Hkv, D]
+        kc, vc = kv[0].transpose(1, 2), kv[1].transpose(1, 2)  # [Bd, Hkv, max_ctx, D]
         qd = q[:nd].unsqueeze(2)  # [Bd, Hq, 1, D]
         o = F.scaled_dot_product_attention(qd, kc, vc, attn_mask=meta.decode_mask, scale=scale, enable_gqa=gqa)
         out[:nd] = o.squeeze(2)
@@ -81,8 +80,8 @@ def paged_attention(
             ks = k[chunk.q_start : chunk.q_end].transpose(0, 1)
             vs = v[chunk.q_start : chunk.q_end].transpose(0, 1)
         else:
-            ks = kv_cache[0][chunk.context_slots].transpose(0, 1).to(q.dtype)
-            vs = kv_cache[1][chunk.context_slots].transpose(0, 1).to(q.dtype)
+            kv = kv_cache[:, chunk.context_slots]  # [2, ctx, Hkv, D]
+            ks, vs = kv[0].transpose(0, 1), kv[1].transpose(0, 1)
         causal = chunk.mask is None
         o = F.scaled_dot_product_attention(
             qs, ks, vs, attn_mask=chunk.mask, is_causal=causal, scale=scale, enable_gqa=gqa

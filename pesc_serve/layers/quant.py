@@ -96,6 +96,24 @@ def nf4_linear(linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
     return q.to(device)
 
 
+class HybridLinear(nn.Module):
+    """Quantized weights for small batches, the original weights for large ones.
+
+    Decode batches are bandwidth-bound (fewer weight bytes win); large prefill batches are
+    compute-bound, where the dense bf16 GEMM beats the weight-only kernels.
+    """
+
+    def __init__(self, linear: nn.Linear, quantized: nn.Module, max_rows: int) -> None:
+        super().__init__()
+        self.small = quantized
+        self.large = linear
+        self.max_rows = max_rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        return self.small(x) if rows <= self.max_rows else self.large(x)
+
+
 def quantize_linear(linear: nn.Linear, method: str, compute_dtype: torch.dtype) -> nn.Module:
     """Return the quantized replacement for one ``nn.Linear``."""
     if method == "none":
@@ -111,8 +129,17 @@ def quantize_linear(linear: nn.Linear, method: str, compute_dtype: torch.dtype) 
     raise ValueError(f"unknown quantization method {method!r}")
 
 
-def quantize_modules(root: nn.Module, names: tuple[str, ...], method: str, compute_dtype: torch.dtype) -> int:
-    """Swap every ``nn.Linear`` child called one of ``names`` below ``root``; returns the count."""
+def quantize_modules(
+    root: nn.Module,
+    names: tuple[str, ...],
+    method: str,
+    compute_dtype: torch.dtype,
+    hybrid_max_rows: int | None = None,
+) -> int:
+    """Swap every ``nn.Linear`` child called one of ``names`` below ``root``; returns the count.
+
+    With ``hybrid_max_rows`` the original layer is kept for batches above that many rows.
+    """
     if method == "none":
         return 0
     swapped = 0
@@ -120,6 +147,7 @@ def quantize_modules(root: nn.Module, names: tuple[str, ...], method: str, compu
         for name in names:
             child = getattr(module, name, None)
             if isinstance(child, nn.Linear):
-                setattr(module, name, quantize_linear(child, method, compute_dtype))
+                q = quantize_linear(child, method, compute_dtype)
+                setattr(module, name, q if hybrid_max_rows is None else HybridLinear(child, q, hybrid_max_rows))
                 swapped += 1
     return swapped

@@ -31,31 +31,39 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -
 
 
 class RotaryEmbedding(nn.Module):
-    """Precomputed cos/sin tables indexed by absolute position."""
+    """Precomputed cos/sin tables indexed by absolute position.
+
+    The model looks the tables up once per forward (:meth:`lookup`) and every layer reuses
+    them, so RoPE costs a few elementwise ops per layer and no indexing.
+    """
 
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None) -> None:
         super().__init__()
         self.head_dim, self.max_positions, self.theta, self.scaling = head_dim, max_positions, theta, scaling
-        self.register_buffer("cos", torch.empty(max_positions, head_dim), persistent=False)
-        self.register_buffer("sin", torch.empty(max_positions, head_dim), persistent=False)
-        if self.cos.device.type != "meta":
-            self.build_tables(self.cos.device)
+        self.register_buffer("cos_sin", torch.empty(max_positions, 2, head_dim), persistent=False)
+        self._cast: dict[torch.dtype, torch.Tensor] = {}
+        if self.cos_sin.device.type != "meta":
+            self.build_tables(self.cos_sin.device)
 
     def build_tables(self, device: torch.device) -> None:
         """(Re)compute the float32 tables on ``device`` (models are built on the meta device)."""
         inv_freq = rope_inv_freq(self.head_dim, self.theta, self.scaling)
         t = torch.arange(self.max_positions, dtype=torch.float32)
         emb = torch.outer(t, inv_freq).repeat(1, 2)  # [P, D]: both halves share frequencies
-        self.cos = emb.cos().to(device)
-        self.sin = emb.sin().to(device)
+        self.cos_sin = torch.stack([emb.cos(), emb.sin()], dim=1).to(device)  # [P, 2, D]
+        self._cast = {}
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, Hq, D], k: [T, Hkv, D] -> rotated copies in the input dtype."""
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D]
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin), each [T, 1, D] in ``dtype`` (HF casts the tables to the activations' dtype)."""
+        table = self._cast.get(dtype)
+        if table is None:
+            table = self._cast[dtype] = self.cos_sin.to(dtype)
+        cs = table[positions]  # [T, 2, D]
+        return cs[:, 0:1], cs[:, 1:2]
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [T, H, D] (q and k heads together) by per-token cos/sin [T, 1, D]."""
     half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin

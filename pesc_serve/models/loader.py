@@ -54,7 +54,7 @@ class LoadedModel:
     source: ModelSource
     dtype: torch.dtype
     device: torch.device
-    quantization: str
+    quantization: QuantPlan
     num_params: int
     weight_bytes: int
 
@@ -175,9 +175,51 @@ def _source_tensors(source: ModelSource) -> Iterator[tuple[str, torch.Tensor, Pa
             yield name, tensor, path
 
 
-def resolve_quantization(name: str, device: torch.device) -> str:
-    """``auto`` leaves the shared FFN in the model dtype."""
-    return "none" if name == "auto" else name
+@dataclass(frozen=True)
+class QuantPlan:
+    """Which weights get which weight-only format; decided once, at load time."""
+
+    ffn: str = "none"  # the shared dense FFN (what --quantization names)
+    attention: str = "none"  # qkv and output projections
+    lm_head: str = "none"
+    hybrid_max_rows: int | None = None  # keep the dense weights for batches above this
+
+    def describe(self) -> str:
+        if self.ffn == self.attention == self.lm_head == "none":
+            return "none"
+        parts = [f"shared FFN {self.ffn}", f"attention {self.attention}", f"lm_head {self.lm_head}"]
+        if self.hybrid_max_rows is not None:
+            parts.append(f"dense weights kept for batches > {self.hybrid_max_rows} rows")
+        return ", ".join(parts)
+
+
+# Decode batches up to this many rows use the low-bit kernels on CPU (measured crossover).
+CPU_LOW_BIT_MAX_ROWS = 4
+
+
+def resolve_quantization(name: str, device: torch.device, dtype: torch.dtype) -> QuantPlan:
+    """``auto``: low-bit weights where decode is bandwidth-bound (CPU), none on GPUs.
+
+    On CPU every large linear gets group-wise int4 (the bundled base is a Q4_1 GGUF, whose
+    32-element blocks int4 reproduces) and the LM head int8, with the dense weights kept
+    for large batches.  An explicit method applies to the shared FFN only.
+    """
+    if name != "auto":
+        return QuantPlan(ffn=name)
+    if device.type != "cpu" or dtype == torch.float32:
+        return QuantPlan()
+    return QuantPlan(ffn="int4", attention="int4", lm_head="int8", hybrid_max_rows=CPU_LOW_BIT_MAX_ROWS)
+
+
+def apply_quantization(model: PescForCausalLM, plan: QuantPlan, dtype: torch.dtype) -> None:
+    rows = plan.hybrid_max_rows
+    quantize_modules(model, ("gate_up_proj", "down_proj"), plan.ffn, dtype, rows)
+    quantize_modules(model, ("qkv_proj", "o_proj"), plan.attention, dtype, rows)
+    if plan.lm_head != "none":
+        if model.lm_head is None:  # tied: a head module sharing the embedding matrix
+            model.lm_head = nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=False, device="meta")
+            model.lm_head.weight = model.embed_tokens.weight
+        quantize_modules(model, ("lm_head",), plan.lm_head, dtype, rows)
 
 
 def load_model(source: ModelSource, load: LoadConfig, max_positions: int | None = None) -> LoadedModel:
@@ -202,8 +244,8 @@ def load_model(source: ModelSource, load: LoadConfig, max_positions: int | None 
         for name, tensor, origin in _source_tensors(source):
             assigner.assign(name, tensor, origin)
     assigner.check_complete(str(source.path))
-    quant = resolve_quantization(load.quantization, device)
-    quantize_modules(model, ("gate_up_proj", "down_proj"), quant, dtype)
+    quant = resolve_quantization(load.quantization, device, dtype)
+    apply_quantization(model, quant, dtype)
     model.eval()
     weight_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     return LoadedModel(model, cfg, source, dtype, device, quant, cfg.num_parameters, weight_bytes)

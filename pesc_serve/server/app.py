@@ -6,22 +6,26 @@ import secrets
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pesc_serve.config import ServerConfig
 from pesc_serve.engine.async_engine import AsyncEngine
 from pesc_serve.server.chat import ChatFormatter
-from pesc_serve.server.errors import error_body, error_response, install_error_handlers
+from pesc_serve.server.errors import error_response, install_error_handlers
 from pesc_serve.server.metrics import ServerMetrics
 from pesc_serve.server.openai_routes import OpenAIServing, build_router
 
-OPEN_PATHS = ("/health", "/metrics", "/ping", "/docs", "/openapi.json")
 
 
 class BodySizeLimit:
-    """Answer 413 for bodies over the limit, whether announced by Content-Length or streamed."""
+    """Answer 413 for bodies over the limit, whether announced by Content-Length or chunked.
+
+    A chunked body is read here first (up to the limit) and replayed to the app: FastAPI
+    turns any error raised while it reads the body into a 400, so the check cannot happen
+    inside its read.
+    """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -31,31 +35,56 @@ class BodySizeLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers", [])).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await self._reject(scope, receive, send)
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
+        if length is not None:  # the HTTP server already checked that it is a number
+            if length.isdigit() and int(length) > self.max_bytes:
+                return await self._reject(scope, receive, send)
+            return await self.app(scope, receive, send)
+        body = bytearray()
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge()
-            return message
+            if message["type"] != "http.request":
+                return  # the client left before sending its body
+            body += message.get("body", b"")
+            if len(body) > self.max_bytes:
+                return await self._reject(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        replayed = False
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._reject(scope, receive, send)
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
         resp = error_response(413, f"request body exceeds the limit of {self.max_bytes} bytes", code="payload_too_large")
         await resp(scope, receive, send)
 
 
-class _TooLarge(Exception):
-    pass
+class RequireAPIKey:
+    """401 unless ``Authorization: Bearer KEY`` on /v1/*; /health and /metrics stay open.
+
+    A plain ASGI middleware: Starlette's ``BaseHTTPMiddleware`` wraps ``receive`` in a way
+    that hides client disconnects from the handlers, which must abort on them.
+    """
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = dict(scope.get("headers", [])).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                resp = error_response(
+                    401, "invalid or missing API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
+                )
+                return await resp(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 def create_app(
@@ -73,27 +102,12 @@ def create_app(
         try:
             yield
         finally:
-            await engine.shutdown()
+            await engine.shutdown(cfg.shutdown_timeout_s)
 
     app = FastAPI(title="pesc-serve", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
     serving = OpenAIServing(engine, formatter, model_name, cfg, metrics)
     app.state.serving = serving
-
-    if cfg.api_key:
-        expected = f"Bearer {cfg.api_key}".encode()
-
-        @app.middleware("http")
-        async def require_api_key(request: Request, call_next):
-            if request.url.path.startswith("/v1"):
-                given = request.headers.get("authorization", "").encode()
-                if not secrets.compare_digest(given, expected):
-                    return JSONResponse(
-                        error_body(401, "invalid or missing API key", code="invalid_api_key"),
-                        status_code=401,
-                        headers={"WWW-Authenticate": "Bearer"},
-                    )
-            return await call_next(request)
 
     app.include_router(build_router(serving))
 
@@ -109,5 +123,7 @@ def create_app(
             return error_response(404, "metrics are disabled")
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    if cfg.api_key:
+        app.add_middleware(RequireAPIKey, api_key=cfg.api_key)
     app.add_middleware(BodySizeLimit, max_bytes=cfg.max_body_bytes)
     return app

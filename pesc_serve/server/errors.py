@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
@@ -25,6 +26,7 @@ _TYPES = {
     405: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
+    499: "client_closed_request",
     500: "internal_server_error",
     503: "service_unavailable_error",
     504: "timeout_error",
@@ -50,11 +52,18 @@ class APIError(Exception):
         self.headers = headers
 
 
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase.lower().replace(" ", "_")
+    except ValueError:
+        return "error"
+
+
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
     return {
         "error": {
             "message": message,
-            "type": _TYPES.get(status, HTTPStatus(status).phrase.lower().replace(" ", "_")),
+            "type": _TYPES.get(status) or _phrase(status),
             "param": param,
             "code": code if code is not None else str(status),
         }
@@ -67,25 +76,50 @@ def error_response(
     return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
+# Pydantic puts union members and validator kinds into error locations ("str", "list[int]",
+# "function-after[...]"); they are not fields the client sent.
+_LOC_TAGS = re.compile(
+    r"^(str|int|float|bool|none|list|dict|tuple|set|union|literal|json-or-python|lax-or-strict|tagged-union|"
+    r"constrained-\w+|function-(after|before|wrap|plain))(\[.*\])?$"
+)
+
+
+def _field_path(loc: tuple) -> str | None:
+    parts = [str(p) for p in loc if not (isinstance(p, str) and _LOC_TAGS.match(p))]
+    if parts and parts[0] == "body":
+        parts = parts[1:]
+    return ".".join(parts) or None
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "invalid request", None
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    # Pydantic puts union member names (e.g. "str", "list[int]") into the location; drop them.
-    loc = [p for p in loc if not (p.startswith(("list[", "str", "int", "float", "function-", "union[")) or "[" in p)]
-    param = ".".join(loc) or None
-    if first.get("type") == "json_invalid":
+    param = _field_path(tuple(first.get("loc", ())))
+    kind = first.get("type")
+    if kind == "json_invalid":
         return "the request body is not valid JSON", None
-    if first.get("type") == "missing" and param:
+    if kind == "missing":
+        if param is None:
+            return "the request body is empty; expected a JSON object", None
         return f"missing required field '{param}'", param
-    msg = first.get("msg", "invalid value")
-    if param:
+    if kind == "model_attributes_type" and param is None:
+        return "the request body must be a JSON object", None
+    msg = first.get("msg", "invalid value").removeprefix("Value error, ")
+    if param is None and kind == "value_error":
+        param = param_of(msg)  # a model-level check names its field first
+    elif param:
         msg = f"{param}: {msg}"
     if len(errors) > 1:
         msg += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
     return msg, param
+
+
+def param_of(message: str) -> str | None:
+    """The field a plain-text error names in first position ("top_p must be ..."), if any."""
+    first = message.split(" ", 1)[0]
+    return first if first.isidentifier() else None
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -116,7 +116,9 @@ class ServerMetrics:
             self._timings.pop(request_id, None)
 
     def on_close(self, request_id: str) -> None:
-        self._timings.pop(request_id, None)
+        """The client stopped listening; a request that had not finished counts as aborted."""
+        if self._timings.pop(request_id, None) is not None:
+            self.request_success.labels(finished_reason="abort").inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

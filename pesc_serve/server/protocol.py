@@ -6,13 +6,16 @@ validated here so a bad value becomes an HTTP 400 naming the field.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pesc_serve.engine.request import SamplingParams
+from pesc_serve.engine.structured_output import schema_error
 
 MAX_N = 16
+_TOKEN_ID = re.compile(r"-?[0-9]+")
 
 
 class OpenAIModel(BaseModel):
@@ -23,8 +26,27 @@ class StreamOptions(OpenAIModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(OpenAIModel):
+    name: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(OpenAIModel):
-    type: Literal["text", "json_object"]
+    """``text``, ``json_object`` (any JSON object) or ``json_schema`` (output matches the schema)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "ResponseFormat":
+        if self.type == "json_schema":
+            if self.json_schema is None:
+                raise ValueError("json_schema is required when type is 'json_schema'")
+            problem = schema_error(self.json_schema.schema_)
+            if problem is not None:
+                raise ValueError(f"json_schema.schema cannot be used: {problem}")
+        return self
 
 
 class TextPart(OpenAIModel):
@@ -69,13 +91,14 @@ class SamplingFields(OpenAIModel):
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    response_format: ResponseFormat | None = None
     user: str | None = None
 
     @field_validator("logit_bias")
     @classmethod
     def _token_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for key in value or {}:
-            if not key.lstrip("-").isdigit():
+            if not _TOKEN_ID.fullmatch(key):
                 raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
         return value
 
@@ -96,7 +119,10 @@ class SamplingFields(OpenAIModel):
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
-    def to_sampling_params(self, max_tokens: int | None, num_logprobs: int | None, json_mode: bool) -> SamplingParams:
+    def to_sampling_params(self, max_tokens: int | None, num_logprobs: int | None) -> SamplingParams:
+        fmt = self.response_format
+        json_mode = fmt is not None and fmt.type != "text"
+        json_schema = fmt.json_schema.schema_ if fmt is not None and fmt.type == "json_schema" else None
         params = SamplingParams(
             max_tokens=max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -116,6 +142,7 @@ class SamplingFields(OpenAIModel):
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
             json_mode=json_mode,
+            json_schema=json_schema,
         )
         params.validate()
         return params
@@ -126,7 +153,6 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=SamplingParams.MAX_LOGPROBS)] | None = None
-    response_format: ResponseFormat | None = None
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
 
@@ -139,11 +165,17 @@ class ChatCompletionRequest(SamplingFields):
     def sampling_params(self) -> SamplingParams:
         limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         num_logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        json_mode = self.response_format is not None and self.response_format.type == "json_object"
-        return self.to_sampling_params(limit, num_logprobs, json_mode)
+        return self.to_sampling_params(limit, num_logprobs)
 
 
-PromptType = Union[str, Annotated[list[int], Field(min_length=1)], list[str], list[Annotated[list[int], Field(min_length=1)]]]
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+PromptType = Union[
+    NonEmptyStr,
+    TokenIds,
+    Annotated[list[NonEmptyStr], Field(min_length=1)],
+    Annotated[list[TokenIds], Field(min_length=1)],
+]
 
 
 class CompletionRequest(SamplingFields):
@@ -165,7 +197,7 @@ class CompletionRequest(SamplingFields):
         return self
 
     def sampling_params(self) -> SamplingParams:
-        return self.to_sampling_params(self.max_tokens, self.logprobs, json_mode=False)
+        return self.to_sampling_params(self.max_tokens, self.logprobs)
 
     def prompt_list(self) -> list[str | list[int]]:
         """The prompt as a batch: strings and/or token-id lists."""

@@ -1,0 +1,101 @@
+"""Weight-only quantization: kernels match the float layer, hybrid dispatch, the load-time plan."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pesc_serve.config import LoadConfig
+from pesc_serve.layers.quant import HybridLinear, Int4WeightOnlyLinear, Int8WeightOnlyLinear, nf4_linear, quantize_modules
+from pesc_serve.models.loader import QuantPlan, load_model, resolve_quantization
+from pesc_serve.registry import resolve_model
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.fixture
+def linear():
+    torch.manual_seed(0)
+    return torch.nn.Linear(128, 96, bias=True).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("make,tol", [(Int8WeightOnlyLinear, 0.02), (Int4WeightOnlyLinear, 0.12),
+                                      (lambda l: nf4_linear(l, torch.bfloat16), 0.15)])
+def test_quantized_linear_close_to_float(linear, make, tol):
+    x = torch.randn(5, 128, dtype=torch.bfloat16)
+    q = make(linear)
+    with torch.no_grad():
+        assert _rel_err(q(x), linear(x)) < tol
+
+
+def test_int4_reproduces_weights_already_on_a_4bit_grid():
+    """A Q4_1-style block (scale * q + min, q spanning 0..15) survives int4 exactly."""
+    torch.manual_seed(1)
+    q = torch.randint(0, 16, (64, 64)).float()
+    q[:, ::32] = 0
+    q[:, 1::32] = 15
+    w = q * 0.01 - 0.07
+    lin = torch.nn.Linear(64, 64, bias=False)
+    lin.weight.data = w
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        assert torch.allclose(Int4WeightOnlyLinear(lin)(x), lin(x), atol=1e-4)
+
+
+def test_hybrid_uses_quantized_weights_only_for_small_batches(linear):
+    calls = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, x):
+            calls.append(x.shape[0])
+            return torch.zeros(x.shape[0], 96, dtype=x.dtype)
+
+    h = HybridLinear(linear, Spy(), max_rows=4)
+    h(torch.randn(4, 128, dtype=torch.bfloat16))
+    x = torch.randn(9, 128, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(h(x), linear(x))
+    assert calls == [4]
+
+
+def test_quantize_modules_swaps_by_name(linear):
+    root = torch.nn.Module()
+    root.keep = torch.nn.Linear(8, 8)
+    root.qkv_proj = linear
+    assert quantize_modules(root, ("qkv_proj",), "int8", torch.bfloat16, hybrid_max_rows=2) == 1
+    assert isinstance(root.qkv_proj, HybridLinear) and isinstance(root.keep, torch.nn.Linear)
+
+
+def test_auto_plan_is_low_bit_on_cpu_and_none_elsewhere():
+    cpu = resolve_quantization("auto", torch.device("cpu"), torch.bfloat16)
+    assert cpu.ffn == cpu.attention == "int4" and cpu.lm_head == "int8" and cpu.hybrid_max_rows
+    assert resolve_quantization("auto", torch.device("cpu"), torch.float32) == QuantPlan()
+    assert resolve_quantization("auto", torch.device("cuda"), torch.bfloat16) == QuantPlan()
+    assert resolve_quantization("nf4", torch.device("cpu"), torch.bfloat16) == QuantPlan(ffn="nf4")
+
+
+@pytest.mark.parametrize("method", ["int8", "nf4", "auto"])
+def test_quantized_model_logits_stay_close(tiny_checkpoint_factory, method):
+    path = str(tiny_checkpoint_factory("camelidae"))
+    ref = load_model(resolve_model(path), LoadConfig(model=path, dtype="bfloat16", device="cpu"))
+    q = load_model(resolve_model(path), LoadConfig(model=path, dtype="bfloat16", device="cpu", quantization=method))
+    from pesc_serve.layers.attention import AttentionMetadata, PrefillChunk
+
+    ids = torch.tensor([5, 9, 33, 70, 11, 8])
+    cfg = ref.config
+
+    def logits(lm, rows):
+        kv = torch.zeros(cfg.num_layers, 2, 32, cfg.num_kv_heads, cfg.head_dim, dtype=torch.bfloat16)
+        t = ids[:rows]
+        meta = AttentionMetadata(slot_mapping=torch.arange(rows), prefills=[PrefillChunk(0, rows)])
+        with torch.inference_mode():
+            return lm.model.compute_logits(lm.model(t, torch.arange(rows), kv, meta))
+
+    if method == "auto":  # int4 everywhere on random weights below the threshold, dense above it
+        assert _rel_err(logits(q, 2), logits(ref, 2)) < 0.35
+        assert torch.equal(logits(q, 6), logits(ref, 6))
+    else:
+        for rows in (2, 6):
+            assert _rel_err(logits(q, rows), logits(ref, rows)) < 0.15

@@ -12,7 +12,6 @@ from fastapi import FastAPI
 from pesc_serve.config import EngineConfig, LoadConfig, ServerConfig
 from pesc_serve.engine.async_engine import AsyncEngine
 from pesc_serve.engine.engine import LLMEngine
-from pesc_serve.models.decoder import enable_expert_counting
 from pesc_serve.models.loader import LoadedModel, load_model
 from pesc_serve.models.tokenizer import load_tokenizer
 from pesc_serve.registry import resolve_model
@@ -82,7 +81,7 @@ def build_server(
     engine = build_engine(load, engine_cfg)
     for line in describe(engine):
         logger.info(line)
-    counts = enable_expert_counting(engine.loaded.model)
+    counts = engine.expert_load.counts if engine.expert_load is not None else None
     async_engine = AsyncEngine(engine, max_queue_len=engine_cfg.max_queue_len)
     template = chat_template.read_text() if chat_template is not None else None
     formatter = ChatFormatter(engine.tokenizer, template)

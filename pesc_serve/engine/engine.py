@@ -19,6 +19,7 @@ from pesc_serve.engine.model_runner import ModelRunner, kv_bytes_per_token
 from pesc_serve.engine.request import FinishReason, Request, RequestOutput, SamplingParams, TokenLogprob
 from pesc_serve.engine.scheduler import Scheduler, SchedulerOutput
 from pesc_serve.engine.structured_output import StructuredOutputFactory
+from pesc_serve.models.decoder import expert_load
 from pesc_serve.models.loader import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ class LLMEngine:
         )
         self._tracked: dict[str, _Tracked] = {}
         self.structured_output = StructuredOutputFactory(tokenizer, self.eos_token_ids)
+        self.expert_load = expert_load(loaded.model)
         torch.manual_seed(cfg.seed)
 
     @property
@@ -171,6 +173,8 @@ class LLMEngine:
         except Exception as exc:  # a failed step fails its own requests, not the engine
             logger.exception("engine step failed; failing %d request(s)", len(out.chunks))
             return self._fail(out, exc)
+        if self.expert_load is not None:
+            self.expert_load.record()
         self.scheduler.advance(out)
         sampled = result.sampled
         token_ids = sampled.token_ids.tolist()

@@ -71,11 +71,10 @@ def adapters_gather(f: torch.Tensor, down: torch.Tensor, up: torch.Tensor, p: to
     Reads only the selected experts' weights and has no host sync: the decode-batch path.
     """
     t, k = idx.shape
-    flat = idx.reshape(-1)
-    fk = f.repeat_interleave(k, dim=0).unsqueeze(-1)  # [T*k, H, 1]
-    h = F.gelu(torch.bmm(down[flat], fk))  # [T*k, r, 1]
-    o = torch.bmm(up[flat], h).squeeze(-1).view(t, k, -1)  # [T, k, H]
-    return (o * p.unsqueeze(-1)).sum(1)
+    z = torch.matmul(down[idx], f[:, None, :, None])  # [T, k, r, H] @ [T, 1, H, 1] -> [T, k, r, 1]
+    z = F.gelu(z) * p[:, :, None, None]
+    o = torch.matmul(up[idx], z)  # [T, k, H, r] @ [T, k, r, 1] -> [T, k, H, 1]
+    return o.sum(dim=1).view(t, -1)
 
 
 def adapters_grouped(f: torch.Tensor, down: torch.Tensor, up: torch.Tensor, p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -164,14 +163,13 @@ class PescMLP(nn.Module):
         self.router = nn.Linear(hidden_size, num_experts, bias=False)
         self.adapter_down = nn.Parameter(torch.empty(num_experts, adapter_dim, hidden_size))  # [E, r, H]
         self.adapter_up = nn.Parameter(torch.empty(num_experts, hidden_size, adapter_dim))  # [E, H, r], scaled
-        # Cumulative (token, expert) assignments, for the router-load metrics; None = off.
-        self.expert_token_counts: torch.Tensor | None = None
+        # The last forward's expert choices [T, k], read by the engine for router-load metrics.
+        self.last_topk: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.ffn(x)
         p, idx = route(x, self.router.weight, self.topk)
-        if self.expert_token_counts is not None:
-            self.expert_token_counts.index_add_(0, idx.flatten(), torch.ones_like(idx.flatten()))
+        self.last_topk = idx
         run = choose_dispatch(self.dispatch, x.shape[0], self.num_experts, self.topk)
         return f + run(f, self.adapter_down, self.adapter_up, p, idx)
 

@@ -101,13 +101,29 @@ class PescForCausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
 
-def enable_expert_counting(model: PescForCausalLM) -> torch.Tensor | None:
-    """Turn on per-layer routing counters; returns the [L, E] tensor they accumulate into."""
-    cfg = model.config
-    if not cfg.is_pesc:
-        return None
-    device = model.embed_tokens.weight.device
-    counts = torch.zeros(cfg.num_layers, cfg.num_experts, dtype=torch.long, device=device)
-    for i, layer in enumerate(model.layers):
-        layer.mlp.expert_token_counts = counts[i]
-    return counts
+class ExpertLoad:
+    """Cumulative tokens routed to each (layer, expert): the router-load metric.
+
+    Layers only remember their last choices; one scatter per engine step adds them up, so
+    the decode path pays nothing per layer.
+    """
+
+    def __init__(self, model: PescForCausalLM) -> None:
+        cfg = model.config
+        self.layers = [layer.mlp for layer in model.layers]
+        device = model.embed_tokens.weight.device
+        self.counts = torch.zeros(cfg.num_layers, cfg.num_experts, dtype=torch.long, device=device)
+        self._offsets = (torch.arange(cfg.num_layers, device=device) * cfg.num_experts).view(-1, 1, 1)
+
+    def record(self) -> None:
+        choices = [mlp.last_topk for mlp in self.layers]
+        if any(c is None for c in choices):
+            return
+        flat = (torch.stack(choices) + self._offsets).view(-1)  # [L, T, k] -> global expert ids
+        self.counts.view(-1).index_add_(0, flat, torch.ones_like(flat))
+        for mlp in self.layers:
+            mlp.last_topk = None
+
+
+def expert_load(model: PescForCausalLM) -> ExpertLoad | None:
+    return ExpertLoad(model) if model.config.is_pesc else None

@@ -1,10 +1,13 @@
-# CPU image by default. For CUDA, build on a CUDA runtime base that has Python 3.10+, e.g.:
-#   docker build --build-arg BASE_IMAGE=nvidia/cuda:12.4.1-runtime-ubuntu22.04 -t pesc-serve:cuda .
-# (the Makefile's pinned torch wheel is then replaced by the matching CUDA build via TORCH_SPEC).
+# CPU image by default: torch comes from PyTorch's CPU wheel index (no CUDA libraries).
+# For CUDA, build on a CUDA runtime base and take torch from the matching CUDA index, e.g.:
+#   docker build --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04 \
+#                --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 -t pesc-serve:cuda .
+# (TORCH_INDEX= with an empty value uses PyPI's default wheel; TORCH_SPEC pins the version.)
 ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}
 
 ARG TORCH_SPEC=torch==2.13.0
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ENV PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PESC_SERVE_CACHE=/opt/pesc-cache
 
 RUN if ! command -v python3 >/dev/null; then \
@@ -19,8 +22,11 @@ COPY pesc_serve ./pesc_serve
 COPY training ./training
 
 # Same install path as `make serve` (creates /app/.venv).
-RUN make install PYTHON=python3 TORCH_SPEC="${TORCH_SPEC}"
+RUN make install PYTHON=python3 TORCH_SPEC="${TORCH_SPEC}" TORCH_INDEX="${TORCH_INDEX}"
 
 EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=5s --start-period=120s \
+    CMD ["/app/.venv/bin/python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
+# SIGTERM drains running requests (--shutdown-timeout, 30 s) and exits 0: stop with `docker stop -t 40`.
 ENTRYPOINT ["/app/.venv/bin/python", "-m", "pesc_serve"]
 CMD ["--model", "camelidae", "--host", "0.0.0.0", "--port", "8000"]

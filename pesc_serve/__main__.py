@@ -57,6 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    _exit_cleanly_on_signals()
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("pesc_serve")
     try:
@@ -91,7 +92,6 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     log.info("serving %r on http://%s:%d (OpenAI API under /v1)", server.model_name, args.host, args.port)
-    _exit_cleanly_after_drain()
     uvicorn.run(
         server.app,
         host=args.host,
@@ -102,13 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _exit_cleanly_after_drain() -> None:
-    """Make a drained SIGTERM/SIGINT exit with status 0.
+def _exit_cleanly_on_signals() -> None:
+    """SIGTERM/SIGINT exit with status 0: while loading at once, while serving after the drain.
 
     uvicorn handles the signal itself (stop accepting, let running requests finish), then
     re-raises it to the handler that was installed before it started.  With the default
     handlers that kills the process after a clean drain (status 143, or a KeyboardInterrupt
-    traceback); a finished drain is a successful exit.
+    traceback); a finished drain is a successful exit.  Installing a handler also matters
+    in a container, where PID 1 ignores a SIGTERM that has none.
     """
 
     def exit_ok(*_: object) -> None:

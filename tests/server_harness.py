@@ -58,3 +58,51 @@ def running_server(
     finally:
         uv.should_exit = True
         thread.join(timeout=30)
+
+
+def sse_events(resp_or_lines) -> list:
+    """The ``data:`` payloads of an SSE response (JSON objects, and the final "[DONE]").
+
+    Pass the response, or the line iterator already being read: a second ``iter_lines()``
+    is refused, and dropping a half-read iterator closes the connection.
+    """
+    import json
+
+    lines = resp_or_lines.iter_lines() if hasattr(resp_or_lines, "iter_lines") else resp_or_lines
+    events = []
+    for line in lines:
+        if line.startswith("data: "):
+            payload = line[len("data: ") :]
+            events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """``/metrics`` as {(sample name, sorted labels): value}."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
+
+
+def wait_until(predicate, timeout_s: float = 5.0, interval_s: float = 0.02) -> bool:
+    """Poll ``predicate`` until it is true or the time is up; returns its last value."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval_s)
+
+
+def engine_idle(server: RunningServer) -> bool:
+    """No request in flight, running or waiting, and no KV block in use."""
+    engine = server.server.engine
+    stats = engine.stats()
+    return engine.num_in_flight == 0 and stats.num_running == 0 and stats.num_waiting == 0 and stats.kv_cache_usage == 0

@@ -1,4 +1,4 @@
-"""RMSNorm as in Llama (statistics in float32), through PyTorch's fused kernel."""
+"""RMSNorm as in Llama: statistics in float32, the weight applied in the activations' dtype."""
 
 import torch
 import torch.nn.functional as F
@@ -13,4 +13,9 @@ class RMSNorm(nn.Module):
         self.shape = (hidden_size,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, self.shape, self.weight, self.eps)
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.shape, self.weight, self.eps)  # one fused kernel
+        # Hugging Face's order (normalise in fp32, round, then scale): low-precision models are
+        # sensitive to it, and the fused kernel rounds differently.
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)

@@ -182,44 +182,49 @@ class QuantPlan:
     ffn: str = "none"  # the shared dense FFN (what --quantization names)
     attention: str = "none"  # qkv and output projections
     lm_head: str = "none"
-    hybrid_max_rows: int | None = None  # keep the dense weights for batches above this
+    hybrid_max_rows: int | None = None  # dense weights serve batches above this many rows
+    kernel_dtype: torch.dtype | None = None  # dtype the weight kernels run in (None: the model's)
 
     def describe(self) -> str:
         if self.ffn == self.attention == self.lm_head == "none":
             return "none"
         parts = [f"shared FFN {self.ffn}", f"attention {self.attention}", f"lm_head {self.lm_head}"]
         if self.hybrid_max_rows is not None:
-            parts.append(f"dense weights kept for batches > {self.hybrid_max_rows} rows")
+            parts.append(f"dense bf16 weights for batches > {self.hybrid_max_rows} rows")
         return ", ".join(parts)
 
 
 # Decode batches up to this many rows use the low-bit kernels on CPU (measured crossover).
-CPU_LOW_BIT_MAX_ROWS = 4
+CPU_LOW_BIT_MAX_ROWS = 2
 
 
 def resolve_quantization(name: str, device: torch.device, dtype: torch.dtype) -> QuantPlan:
     """``auto``: low-bit weights where decode is bandwidth-bound (CPU), none on GPUs.
 
-    On CPU every large linear gets group-wise int4 (the bundled base is a Q4_1 GGUF, whose
-    32-element blocks int4 reproduces) and the LM head int8, with the dense weights kept
-    for large batches.  An explicit method applies to the shared FFN only.
+    On CPU the attention and FFN linears get per-channel int8 and the LM head (the largest
+    matrix, read once per step) group-wise int4, with dense bf16 copies for large batches.
+    The CPU kernels run in bf16 whatever the activations' dtype.  An explicit method
+    applies to the shared FFN only.
     """
+    cpu_kernels = torch.bfloat16 if device.type == "cpu" else None
     if name != "auto":
-        return QuantPlan(ffn=name)
-    if device.type != "cpu" or dtype == torch.float32:
+        return QuantPlan(ffn=name, kernel_dtype=cpu_kernels if name in ("int8", "int4") else None)
+    if device.type != "cpu":
         return QuantPlan()
-    return QuantPlan(ffn="int4", attention="int4", lm_head="int8", hybrid_max_rows=CPU_LOW_BIT_MAX_ROWS)
+    return QuantPlan(ffn="int4", attention="int4", lm_head="int8", hybrid_max_rows=CPU_LOW_BIT_MAX_ROWS,
+                     kernel_dtype=torch.bfloat16)
 
 
 def apply_quantization(model: PescForCausalLM, plan: QuantPlan, dtype: torch.dtype) -> None:
     rows = plan.hybrid_max_rows
-    quantize_modules(model, ("gate_up_proj", "down_proj"), plan.ffn, dtype, rows)
-    quantize_modules(model, ("qkv_proj", "o_proj"), plan.attention, dtype, rows)
+    kernel_dtype = plan.kernel_dtype or dtype
+    quantize_modules(model, ("gate_up_proj", "down_proj"), plan.ffn, kernel_dtype, rows)
+    quantize_modules(model, ("qkv_proj", "o_proj"), plan.attention, kernel_dtype, rows)
     if plan.lm_head != "none":
         if model.lm_head is None:  # tied: a head module sharing the embedding matrix
             model.lm_head = nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=False, device="meta")
             model.lm_head.weight = model.embed_tokens.weight
-        quantize_modules(model, ("lm_head",), plan.lm_head, dtype, rows)
+        quantize_modules(model, ("lm_head",), plan.lm_head, kernel_dtype, rows)
 
 
 def load_model(source: ModelSource, load: LoadConfig, max_positions: int | None = None) -> LoadedModel:

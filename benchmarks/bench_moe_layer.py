@@ -57,7 +57,9 @@ def build(d: Dims, dtype: torch.dtype, seed: int = 0) -> PescMLP:
     with torch.no_grad():
         for p in mlp.parameters():
             p.normal_(0, p.shape[-1] ** -0.5)
-    return mlp.to(dtype).eval()
+    mlp = mlp.to(dtype).eval()
+    mlp.finalize()
+    return mlp
 
 
 def authors_loop(mlp: PescMLP, x: torch.Tensor) -> torch.Tensor:
@@ -81,7 +83,7 @@ def strategy(mlp: PescMLP, name: str):
     def fwd(x: torch.Tensor) -> torch.Tensor:
         f = mlp.ffn(x)
         p, idx = route(x, mlp.router.weight, mlp.topk)
-        return f + run(f, mlp.adapter_down, mlp.adapter_up, p, idx)
+        return f + run(f, mlp.adapter_down, mlp.adapter_up_t, p, idx)
 
     return fwd
 

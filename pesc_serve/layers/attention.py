@@ -69,7 +69,8 @@ def paged_attention(
     gqa = q.shape[1] != k.shape[1]
     nd = meta.num_decode_tokens
     if nd:
-        kv = kv_cache[:, meta.decode_slots]  # [2, Bd, max_ctx, Hkv, D]
+        slots = meta.decode_slots
+        kv = kv_cache.index_select(1, slots.reshape(-1)).view(2, *slots.shape, *kv_cache.shape[2:])  # [2, Bd, ctx, Hkv, D]
         kc, vc = kv[0].transpose(1, 2), kv[1].transpose(1, 2)  # [Bd, Hkv, max_ctx, D]
         qd = q[:nd].unsqueeze(2)  # [Bd, Hq, 1, D]
         o = F.scaled_dot_product_attention(qd, kc, vc, attn_mask=meta.decode_mask, scale=scale, enable_gqa=gqa)
@@ -80,7 +81,7 @@ def paged_attention(
             ks = k[chunk.q_start : chunk.q_end].transpose(0, 1)
             vs = v[chunk.q_start : chunk.q_end].transpose(0, 1)
         else:
-            kv = kv_cache[:, chunk.context_slots]  # [2, ctx, Hkv, D]
+            kv = kv_cache.index_select(1, chunk.context_slots)  # [2, ctx, Hkv, D]
             ks, vs = kv[0].transpose(0, 1), kv[1].transpose(0, 1)
         causal = chunk.mask is None
         o = F.scaled_dot_product_attention(

@@ -4,7 +4,8 @@
     p, idx = softmax(topk(W_router x, k))           router sees the FFN input x
     y = F + sum_j p_j * U_idx_j GELU(D_idx_j F)     moe_scaling folded into U at load time
 
-Experts are stacked: ``adapter_down`` is ``[E, r, H]`` and ``adapter_up`` ``[E, H, r]``.
+Experts are stacked: ``adapter_down`` is ``[E, r, H]`` and ``adapter_up`` ``[E, H, r]`` (the
+dispatches read a contiguous ``[E, r, H]`` transpose of the latter, derived at load).
 Because the top-k weights sum to one, the FFN output is added once instead of being
 replicated k times as the authors' code does.  The adapter part has several dispatch
 strategies with the same maths; :func:`choose_dispatch` picks one per batch size.
@@ -42,63 +43,69 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, k: int) -> tuple[torch.T
     return torch.softmax(top_logits.float(), dim=-1).to(x.dtype), top_idx
 
 
-def adapters_loop(f: torch.Tensor, down: torch.Tensor, up: torch.Tensor, p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+# Every dispatch takes f [T, H], down [E, r, H], up_t [E, r, H] (U_e transposed, so both
+# stack the same way), p [T, k] and idx [T, k], and returns sum_j p_j U_j GELU(D_j f).
+
+
+def adapters_loop(f: torch.Tensor, down: torch.Tensor, up_t: torch.Tensor, p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """The authors' dispatch: a Python loop over every expert with boolean gathers (reference)."""
     out = torch.zeros_like(f)
     for e in range(down.shape[0]):
         token_pos, slot = torch.nonzero(idx == e, as_tuple=True)
         if token_pos.numel() == 0:
             continue
-        h = F.gelu(f[token_pos] @ down[e].t()) @ up[e].t()
+        h = F.gelu(f[token_pos] @ down[e].t()) @ up_t[e]
         out.index_add_(0, token_pos, h * p[token_pos, slot, None])
     return out
 
 
-def adapters_dense(f: torch.Tensor, down: torch.Tensor, up: torch.Tensor, p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def adapters_dense(f: torch.Tensor, down: torch.Tensor, up_t: torch.Tensor, p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """All experts in two GEMMs; unselected experts get weight 0. Static shapes, no host sync."""
     num_experts, r, hidden = down.shape
     t = f.shape[0]
-    z = F.gelu(f @ down.reshape(num_experts * r, hidden).t()).view(t, num_experts, r)  # [T, E, r]
+    z = F.gelu(F.linear(f, down.view(num_experts * r, hidden))).view(t, num_experts, r)  # [T, E, r]
     dense_p = torch.zeros(t, num_experts, dtype=f.dtype, device=f.device).scatter_(1, idx, p)
     z = (z * dense_p.unsqueeze(-1)).view(t, num_experts * r)
-    up_cat = up.permute(1, 0, 2).reshape(hidden, num_experts * r)  # [H, E*r]
-    return z @ up_cat.t()
+    return z @ up_t.reshape(num_experts * r, hidden)
 
 
-def adapters_gather(f: torch.Tensor, down: torch.Tensor, up: torch.Tensor, p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Per (token, expert) pair, gather that expert's matrices and batch-multiply.
+def adapters_gather(f: torch.Tensor, down: torch.Tensor, up_t: torch.Tensor, p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Per token, gather its k experts' matrices and run two small batched GEMMs.
 
     Reads only the selected experts' weights and has no host sync: the decode-batch path.
     """
     t, k = idx.shape
-    z = torch.matmul(down[idx], f[:, None, :, None])  # [T, k, r, H] @ [T, 1, H, 1] -> [T, k, r, 1]
-    z = F.gelu(z) * p[:, :, None, None]
-    o = torch.matmul(up[idx], z)  # [T, k, H, r] @ [T, k, r, 1] -> [T, k, H, 1]
-    return o.sum(dim=1).view(t, -1)
+    _, r, hidden = down.shape
+    flat = idx.view(-1)
+    d = down.index_select(0, flat).view(t, k * r, hidden)
+    z = torch.bmm(d, f.unsqueeze(-1)).view(t, k, r)
+    z = (F.gelu(z) * p.unsqueeze(-1)).view(t, 1, k * r)
+    u = up_t.index_select(0, flat).view(t, k * r, hidden)
+    return torch.bmm(z, u).view(t, hidden)
 
 
-def adapters_grouped(f: torch.Tensor, down: torch.Tensor, up: torch.Tensor, p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def adapters_grouped(f: torch.Tensor, down: torch.Tensor, up_t: torch.Tensor, p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Sort (token, expert) pairs by expert; one GEMM pair per active expert segment."""
     t, k = idx.shape
     flat = idx.reshape(-1)
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=down.shape[0]).tolist()
     tokens = order // k
-    rows = f[tokens]  # [T*k, H], grouped by expert
+    rows = f.index_select(0, tokens)  # [T*k, H], grouped by expert
     weights = p.reshape(-1)[order].unsqueeze(-1)
     out_rows = torch.empty_like(rows)
     start = 0
     for e, n in enumerate(counts):
         if n:
             seg = rows[start : start + n]
-            out_rows[start : start + n] = F.gelu(seg @ down[e].t()) @ up[e].t()
+            out_rows[start : start + n] = F.gelu(seg @ down[e].t()) @ up_t[e]
             start += n
     out = torch.zeros_like(f)
     out.index_add_(0, tokens, out_rows * weights)
     return out
 
 
-def adapters_padded(f: torch.Tensor, down: torch.Tensor, up: torch.Tensor, p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def adapters_padded(f: torch.Tensor, down: torch.Tensor, up_t: torch.Tensor, p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Pairs sorted by expert into a padded ``[E, C, H]`` buffer, then two batched GEMMs.
 
     C is the largest expert's share of this batch, so only the selected experts' work is
@@ -113,9 +120,9 @@ def adapters_padded(f: torch.Tensor, down: torch.Tensor, up: torch.Tensor, p: to
     slot = torch.arange(t * k, device=f.device) - (torch.cumsum(counts, 0) - counts)[expert]
     tokens = order // k
     buf = f.new_zeros(num_experts, int(counts.max()), f.shape[1])
-    buf[expert, slot] = f[tokens]
+    buf[expert, slot] = f.index_select(0, tokens)
     h = F.gelu(torch.bmm(buf, down.transpose(1, 2)))  # [E, C, r]
-    o = torch.bmm(h, up.transpose(1, 2))  # [E, C, H]
+    o = torch.bmm(h, up_t)  # [E, C, H]
     out = torch.zeros_like(f)
     out.index_add_(0, tokens, o[expert, slot] * p.reshape(-1)[order].unsqueeze(-1))
     return out
@@ -163,15 +170,22 @@ class PescMLP(nn.Module):
         self.router = nn.Linear(hidden_size, num_experts, bias=False)
         self.adapter_down = nn.Parameter(torch.empty(num_experts, adapter_dim, hidden_size))  # [E, r, H]
         self.adapter_up = nn.Parameter(torch.empty(num_experts, hidden_size, adapter_dim))  # [E, H, r], scaled
+        self.adapter_up_t: torch.Tensor | None = None  # [E, r, H] contiguous, built by finalize()
         # The last forward's expert choices [T, k], read by the engine for router-load metrics.
         self.last_topk: torch.Tensor | None = None
 
+    def finalize(self) -> None:
+        """Derive the transposed up-projections once the weights are loaded."""
+        self.adapter_up_t = self.adapter_up.detach().transpose(1, 2).contiguous()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.adapter_up_t is None:
+            self.finalize()
         f = self.ffn(x)
         p, idx = route(x, self.router.weight, self.topk)
         self.last_topk = idx
         run = choose_dispatch(self.dispatch, x.shape[0], self.num_experts, self.topk)
-        return f + run(f, self.adapter_down, self.adapter_up, p, idx)
+        return f + run(f, self.adapter_down, self.adapter_up_t, p, idx)
 
     def route_only(self, x: torch.Tensor) -> torch.Tensor:
         """Selected expert ids [T, k]: for routing statistics and metrics."""

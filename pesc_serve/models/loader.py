@@ -251,6 +251,9 @@ def load_model(source: ModelSource, load: LoadConfig, max_positions: int | None 
     assigner.check_complete(str(source.path))
     quant = resolve_quantization(load.quantization, device, dtype)
     apply_quantization(model, quant, dtype)
+    if cfg.is_pesc:
+        for layer in model.layers:
+            layer.mlp.finalize()
     model.eval()
     weight_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     return LoadedModel(model, cfg, source, dtype, device, quant, cfg.num_parameters, weight_bytes)

@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-queue-len", type=int, default=256, help="requests waiting beyond those (then 429)")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget per engine step")
+    p.add_argument("--cpu-kernels", default="auto", choices=("auto", "on", "off"),
+                   help="run CPU decode steps through the compiled C++ step (built on first use, then cached)")
     p.add_argument("--kv-cache-memory", type=float, default=None, help="KV-cache budget in GiB")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--no-prefix-caching", action="store_true")
@@ -55,31 +57,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def configs_from_args(args: argparse.Namespace) -> tuple[LoadConfig, EngineConfig, ServerConfig]:
+    """The validated configs the CLI flags describe (raises ValueError with the flag's name)."""
+    load = LoadConfig(args.model, args.dtype, args.device, args.quantization, args.dispatch)
+    engine_cfg = EngineConfig(
+        max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size,
+        kv_cache_memory_gb=args.kv_cache_memory,
+        enable_prefix_caching=not args.no_prefix_caching,
+        max_queue_len=args.max_queue_len,
+        seed=args.seed,
+        cpu_kernels=args.cpu_kernels,
+    )
+    server_cfg = ServerConfig(
+        host=args.host,
+        port=args.port,
+        served_model_name=args.served_model_name,
+        api_key=args.api_key,
+        request_timeout_s=args.request_timeout,
+        shutdown_timeout_s=args.shutdown_timeout,
+    )
+    return load, engine_cfg, server_cfg
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _exit_cleanly_on_signals()
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("pesc_serve")
     try:
-        load = LoadConfig(args.model, args.dtype, args.device, args.quantization, args.dispatch)
-        engine_cfg = EngineConfig(
-            max_num_seqs=args.max_num_seqs,
-            max_model_len=args.max_model_len,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            block_size=args.block_size,
-            kv_cache_memory_gb=args.kv_cache_memory,
-            enable_prefix_caching=not args.no_prefix_caching,
-            max_queue_len=args.max_queue_len,
-            seed=args.seed,
-        )
-        server_cfg = ServerConfig(
-            host=args.host,
-            port=args.port,
-            served_model_name=args.served_model_name,
-            api_key=args.api_key,
-            request_timeout_s=args.request_timeout,
-            shutdown_timeout_s=args.shutdown_timeout,
-        )
+        load, engine_cfg, server_cfg = configs_from_args(args)
         if args.chat_template is not None and not args.chat_template.is_file():
             raise ValueError(f"--chat-template {args.chat_template}: no such file")
         from pesc_serve.launcher import build_server

@@ -245,8 +245,11 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_queue_len: int = 256
     seed: int = 0
+    cpu_kernels: str = "off"  # auto|on|off: the C++ decode step on CPU (the CLI asks for auto)
 
     def __post_init__(self) -> None:
+        if self.cpu_kernels not in ("auto", "on", "off"):
+            raise ValueError(f"--cpu-kernels must be auto, on or off, got {self.cpu_kernels!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_queue_len"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

@@ -68,7 +68,8 @@ def describe(engine: LLMEngine) -> list[str]:
         f"{'on' if engine.config.enable_prefix_caching else 'off'}"
     )
     if lm.device.type == "cpu":
-        lines.append(f"CPU threads: {torch.get_num_threads()}")
+        step = "C++ decode kernels" if engine.runner.decode_model is not None else "PyTorch"
+        lines.append(f"CPU threads: {torch.get_num_threads()}, decode step: {step}")
     return lines
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import openai
 import pytest
 
-from pesc_serve.config import EngineConfig, LoadConfig
+import dataclasses
+
+from pesc_serve.__main__ import configs_from_args, parse_args
 from tests.server_harness import running_server
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -13,8 +15,9 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def client():
-    load = LoadConfig(model="camelidae", quantization="auto")  # the CLI's defaults
-    with running_server("camelidae", load=load, engine=EngineConfig(max_num_seqs=8, max_model_len=1024)) as s:
+    load, engine, _ = configs_from_args(parse_args(["--model", "camelidae"]))  # exactly the CLI's defaults
+    engine = dataclasses.replace(engine, max_model_len=1024, kv_cache_memory_gb=0.5)  # less memory in CI
+    with running_server("camelidae", load=load, engine=engine) as s:
         yield openai.OpenAI(base_url=s.v1, api_key="unused", max_retries=0, timeout=120)
 
 

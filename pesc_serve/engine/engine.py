@@ -19,6 +19,7 @@ from pesc_serve.engine.model_runner import ModelRunner, kv_bytes_per_token
 from pesc_serve.engine.request import FinishReason, Request, RequestOutput, SamplingParams, TokenLogprob
 from pesc_serve.engine.scheduler import Scheduler, SchedulerOutput
 from pesc_serve.engine.structured_output import StructuredOutputFactory
+from pesc_serve.models.cpu_decode import try_build
 from pesc_serve.models.decoder import expert_load
 from pesc_serve.models.loader import LoadedModel
 
@@ -97,7 +98,8 @@ class LLMEngine:
         self.kv = KVCacheManager(self.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.runner = ModelRunner(
-            loaded.model, self.num_blocks, cfg.block_size, loaded.device, loaded.dtype, self.eos_token_ids
+            loaded.model, self.num_blocks, cfg.block_size, loaded.device, loaded.dtype, self.eos_token_ids,
+            decode_model=try_build(loaded.model, cfg.cpu_kernels) if loaded.device.type == "cpu" else None,
         )
         self._tracked: dict[str, _Tracked] = {}
         self.structured_output = StructuredOutputFactory(tokenizer, self.eos_token_ids)
@@ -174,7 +176,7 @@ class LLMEngine:
             logger.exception("engine step failed; failing %d request(s)", len(out.chunks))
             return self._fail(out, exc)
         if self.expert_load is not None:
-            self.expert_load.record()
+            self.expert_load.record(result.expert_choices)
         self.scheduler.advance(out)
         sampled = result.sampled
         token_ids = sampled.token_ids.tolist()

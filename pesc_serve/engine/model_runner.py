@@ -29,6 +29,7 @@ class StepResult:
 
     requests: list[Request]
     sampled: SamplerOutput
+    expert_choices: torch.Tensor | None = None  # [L, T, k] when the step reports them itself
 
 
 class ModelRunner:
@@ -40,8 +41,10 @@ class ModelRunner:
         device: torch.device,
         dtype: torch.dtype,
         eos_token_ids: tuple[int, ...],
+        decode_model: object | None = None,
     ) -> None:
         cfg = model.config
+        self.decode_model = decode_model  # the C++ decode step (models/cpu_decode.py), if built
         self.model = model
         self.config = cfg
         self.block_size = block_size
@@ -173,8 +176,22 @@ class ModelRunner:
 
     # ---- one step ------------------------------------------------------------------------
 
+    def _execute_decode(self, chunks: list[ScheduledChunk]) -> StepResult:
+        """A decode-only batch in one call to the C++ step."""
+        bs = self.block_size
+        reqs = [c.request for c in chunks]
+        ids = torch.tensor([r.all_token_ids[c.start] for r, c in zip(reqs, chunks)])
+        positions = torch.tensor([c.start for c in chunks])
+        slots = torch.tensor([r.block_ids[c.start // bs] * bs + c.start % bs for r, c in zip(reqs, chunks)])
+        width = max(len(r.block_ids) for r in reqs)
+        tables = torch.tensor([r.block_ids + [0] * (width - len(r.block_ids)) for r in reqs])
+        logits, choices = self.decode_model.forward(ids, positions, self.kv_caches, slots, tables, bs)
+        return StepResult(reqs, sample(logits, self.sampling_batch(reqs)), choices)
+
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
+        if self.decode_model is not None and all(c.num_new_tokens == 1 and c.start > 0 for c in out.chunks):
+            return self._execute_decode(out.chunks)
         input_ids, positions, meta, sample_rows = self.prepare(out.chunks)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
         reqs = [c.request for c in out.chunks if c.samples]

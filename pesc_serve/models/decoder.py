@@ -115,11 +115,14 @@ class ExpertLoad:
         self.counts = torch.zeros(cfg.num_layers, cfg.num_experts, dtype=torch.long, device=device)
         self._offsets = (torch.arange(cfg.num_layers, device=device) * cfg.num_experts).view(-1, 1, 1)
 
-    def record(self) -> None:
-        choices = [mlp.last_topk for mlp in self.layers]
-        if any(c is None for c in choices):
-            return
-        flat = (torch.stack(choices) + self._offsets).view(-1)  # [L, T, k] -> global expert ids
+    def record(self, choices: torch.Tensor | None = None) -> None:
+        """Add one step's choices: given as [L, T, k], or read from the layers."""
+        if choices is None:
+            per_layer = [mlp.last_topk for mlp in self.layers]
+            if any(c is None for c in per_layer):
+                return
+            choices = torch.stack(per_layer)
+        flat = (choices + self._offsets).view(-1)  # [L, T, k] -> global expert ids
         self.counts.view(-1).index_add_(0, flat, torch.ones_like(flat))
         for mlp in self.layers:
             mlp.last_topk = None

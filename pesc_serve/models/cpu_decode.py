@@ -1,0 +1,125 @@
+"""The C++ decode step for CPUs (csrc/cpu_decode.cpp), built on first use and cached.
+
+At decode batch sizes a PyTorch forward is mostly per-op dispatch cost, not arithmetic; the
+extension runs a whole decode step in one call (see the C++ file for why and how).  It
+takes the weights of an already-loaded :class:`PescForCausalLM`, so loading, quantization
+and the Python path stay the single source of truth, and it is only used where it applies:
+CPU, float32 activations and KV cache, linears that are dense, int8 or int4 (optionally with
+dense copies for large batches).  Anything else returns ``None`` and the runner keeps the
+PyTorch path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from pesc_serve.layers.pesc_mlp import PescMLP
+from pesc_serve.layers.quant import DenseLinear, HybridLinear, Int4WeightOnlyLinear, Int8WeightOnlyLinear
+from pesc_serve.models.decoder import PescForCausalLM
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "cpu_decode.cpp"
+DENSE, INT8, INT4 = 0, 1, 2
+_EMPTY = torch.empty(0)
+
+
+class UnsupportedModel(ValueError):
+    """The loaded model uses something the C++ step does not implement."""
+
+
+def load_extension() -> ModuleType:
+    """Compile (first time, ~1 min on 2 cores) or load the cached extension."""
+    from torch.utils.cpp_extension import load
+
+    start = time.monotonic()
+    # Reassociation lets GCC vectorise the dot-product loops; no finite-math assumptions.
+    flags = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
+    ext = load(name="pesc_cpu_decode", sources=[str(SOURCE)], extra_cflags=flags, verbose=False)
+    elapsed = time.monotonic() - start
+    if elapsed > 5:
+        logger.info("compiled the CPU decode kernels in %.0f s (cached for later starts)", elapsed)
+    return ext
+
+
+def _linear(ext: ModuleType, module: nn.Module) -> object:
+    """Describe one (possibly quantized) linear layer to the extension."""
+    max_rows, dense = -1, _EMPTY
+    if isinstance(module, HybridLinear):
+        if not isinstance(module.large, DenseLinear):
+            raise UnsupportedModel(f"hybrid layer with a {type(module.large).__name__} dense part")
+        max_rows, dense = module.max_rows, module.large.weight
+        module = module.small
+    bias = module.bias.detach().float().contiguous() if getattr(module, "bias", None) is not None else _EMPTY
+    if isinstance(module, Int8WeightOnlyLinear):
+        return ext.Linear(INT8, module.weight, module.scale, 0, max_rows, dense, bias, module.out_features)
+    if isinstance(module, Int4WeightOnlyLinear):
+        return ext.Linear(INT4, module.packed, module.scales_zeros, module.group_size, max_rows, dense, bias,
+                          module.out_features)
+    if isinstance(module, DenseLinear):
+        return ext.Linear(DENSE, module.weight, _EMPTY, 0, max_rows, dense, bias, module.out_features)
+    if type(module) is nn.Linear:
+        return ext.Linear(DENSE, module.weight.detach(), _EMPTY, 0, -1, _EMPTY, bias, module.out_features)
+    raise UnsupportedModel(f"{type(module).__name__} linears are not supported by the CPU decode kernels")
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    if t.dtype != torch.float32:
+        raise UnsupportedModel("the CPU decode kernels need float32 activations (--dtype float32 or auto)")
+    return t.detach().contiguous()
+
+
+def build_decode_model(model: PescForCausalLM, ext: ModuleType) -> object:
+    """An ``ext.DecodeModel`` sharing ``model``'s weights; raises UnsupportedModel."""
+    cfg = model.config
+    if model.embed_tokens.weight.device.type != "cpu":
+        raise UnsupportedModel("not a CPU model")
+    head = model.lm_head
+    dm = ext.DecodeModel(
+        cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
+        cfg.num_experts, cfg.topk, cfg.adapter_dim, float(cfg.rms_norm_eps), cfg.sliding_window or -1,
+        _f32(model.embed_tokens.weight), _f32(model.norm.weight),
+        _linear(ext, head) if head is not None else ext.Linear(DENSE, _EMPTY, _EMPTY, 0, -1, _EMPTY, _EMPTY, 0),
+        head is None, _f32(model.rotary.cos_sin),
+    )
+    for layer in model.layers:
+        mlp = layer.mlp
+        ffn = mlp.ffn if isinstance(mlp, PescMLP) else mlp
+        if isinstance(mlp, PescMLP):
+            if mlp.adapter_up_t is None:
+                mlp.finalize()
+            expert = (_f32(mlp.router.weight), _f32(mlp.adapter_down), _f32(mlp.adapter_up_t))
+        else:
+            expert = (_EMPTY, _EMPTY, _EMPTY)
+        dm.add_layer(ext.Layer(
+            _f32(layer.input_layernorm.weight), _f32(layer.post_attention_layernorm.weight),
+            _linear(ext, layer.self_attn.qkv_proj), _linear(ext, layer.self_attn.o_proj),
+            _linear(ext, ffn.gate_up_proj), _linear(ext, ffn.down_proj), *expert,
+        ))
+    return dm
+
+
+def try_build(model: PescForCausalLM, policy: str) -> object | None:
+    """The decode model for ``--cpu-kernels auto|on``; None when off or not applicable."""
+    if policy == "off" or os.environ.get("PESC_SERVE_CPU_KERNELS") == "off":
+        return None
+    try:
+        dm = build_decode_model(model, load_extension())
+    except UnsupportedModel as exc:
+        if policy == "on":
+            raise ValueError(f"--cpu-kernels on: {exc}") from None
+        logger.info("CPU decode kernels not used: %s", exc)
+        return None
+    except Exception as exc:  # no compiler, build failure: keep serving on the PyTorch path
+        if policy == "on":
+            raise ValueError(f"--cpu-kernels on: could not build the extension ({exc})") from None
+        logger.warning("CPU decode kernels unavailable (%s); using the PyTorch path", exc)
+        return None
+    return dm

@@ -83,7 +83,7 @@ def strategy(mlp: PescMLP, name: str):
     def fwd(x: torch.Tensor) -> torch.Tensor:
         f = mlp.ffn(x)
         p, idx = route(x, mlp.router.weight, mlp.topk)
-        return f + run(f, mlp.adapter_down, mlp.adapter_up_t, p, idx)
+        return run(f, mlp.adapter_down, mlp.adapter_up_t, p, idx)
 
     return fwd
 

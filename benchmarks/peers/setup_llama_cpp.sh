@@ -14,7 +14,10 @@ fi
 mkdir -p "$out/src"
 cd "$out/src"
 spec="llama-cpp-python${version:+==$version}"
-"$py" -m pip download --no-deps --no-binary :all: --no-build-isolation -d . "$spec" >/dev/null
+# pip prepares an sdist's metadata even for `download`, which needs its build backend.
+"$py" -m venv "$out/venv"
+"$out/venv/bin/pip" install -q scikit-build-core >/dev/null
+"$out/venv/bin/pip" download -q --no-deps --no-binary :all: --no-build-isolation -d . "$spec" >/dev/null
 sdist="$(ls -t llama_cpp_python-*.tar.gz | head -n1)"
 tar xzf "$sdist"
 src="$(ls -d llama_cpp_python-*/vendor/llama.cpp | head -n1)"

@@ -44,12 +44,13 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, k: int) -> tuple[torch.T
 
 
 # Every dispatch takes f [T, H], down [E, r, H], up_t [E, r, H] (U_e transposed, so both
-# stack the same way), p [T, k] and idx [T, k], and returns sum_j p_j U_j GELU(D_j f).
+# stack the same way), p [T, k] and idx [T, k], and returns y = f + sum_j p_j U_j GELU(D_j f):
+# adding f inside lets each strategy fold the residual into its last GEMM or scatter.
 
 
 def adapters_loop(f: torch.Tensor, down: torch.Tensor, up_t: torch.Tensor, p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """The authors' dispatch: a Python loop over every expert with boolean gathers (reference)."""
-    out = torch.zeros_like(f)
+    out = f.clone()
     for e in range(down.shape[0]):
         token_pos, slot = torch.nonzero(idx == e, as_tuple=True)
         if token_pos.numel() == 0:
@@ -66,7 +67,7 @@ def adapters_dense(f: torch.Tensor, down: torch.Tensor, up_t: torch.Tensor, p: t
     z = F.gelu(F.linear(f, down.view(num_experts * r, hidden))).view(t, num_experts, r)  # [T, E, r]
     dense_p = torch.zeros(t, num_experts, dtype=f.dtype, device=f.device).scatter_(1, idx, p)
     z = (z * dense_p.unsqueeze(-1)).view(t, num_experts * r)
-    return z @ up_t.reshape(num_experts * r, hidden)
+    return torch.addmm(f, z, up_t.reshape(num_experts * r, hidden))
 
 
 def adapters_gather(f: torch.Tensor, down: torch.Tensor, up_t: torch.Tensor, p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -81,7 +82,7 @@ def adapters_gather(f: torch.Tensor, down: torch.Tensor, up_t: torch.Tensor, p: 
     z = torch.bmm(d, f.unsqueeze(-1)).view(t, k, r)
     z = (F.gelu(z) * p.unsqueeze(-1)).view(t, 1, k * r)
     u = up_t.index_select(0, flat).view(t, k * r, hidden)
-    return torch.bmm(z, u).view(t, hidden)
+    return torch.baddbmm(f.unsqueeze(1), z, u).view(t, hidden)
 
 
 def adapters_grouped(f: torch.Tensor, down: torch.Tensor, up_t: torch.Tensor, p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -100,32 +101,32 @@ def adapters_grouped(f: torch.Tensor, down: torch.Tensor, up_t: torch.Tensor, p:
             seg = rows[start : start + n]
             out_rows[start : start + n] = F.gelu(seg @ down[e].t()) @ up_t[e]
             start += n
-    out = torch.zeros_like(f)
-    out.index_add_(0, tokens, out_rows * weights)
-    return out
+    return f.index_add(0, tokens, out_rows * weights)
 
 
 def adapters_padded(f: torch.Tensor, down: torch.Tensor, up_t: torch.Tensor, p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Pairs sorted by expert into a padded ``[E, C, H]`` buffer, then two batched GEMMs.
+    """Pairs sorted by expert into a padded ``[E, C, H]`` layout, then two batched GEMMs.
 
-    C is the largest expert's share of this batch, so only the selected experts' work is
-    done (plus padding), in a fixed number of ops whatever the batch size.
+    C is the largest expert's share of this batch: only the selected experts' work is done
+    (plus padding), in a fixed number of ops whatever the batch size.  Padding slots read
+    and write an extra zero row that is dropped at the end.
     """
     t, k = idx.shape
-    num_experts = down.shape[0]
-    flat = idx.reshape(-1)
+    num_experts, r, hidden = down.shape
+    flat = idx.view(-1)
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=num_experts)
-    expert = flat[order]
-    slot = torch.arange(t * k, device=f.device) - (torch.cumsum(counts, 0) - counts)[expert]
-    tokens = order // k
-    buf = f.new_zeros(num_experts, int(counts.max()), f.shape[1])
-    buf[expert, slot] = f.index_select(0, tokens)
-    h = F.gelu(torch.bmm(buf, down.transpose(1, 2)))  # [E, C, r]
-    o = torch.bmm(h, up_t)  # [E, C, H]
-    out = torch.zeros_like(f)
-    out.index_add_(0, tokens, o[expert, slot] * p.reshape(-1)[order].unsqueeze(-1))
-    return out
+    cap = int(counts.max())
+    expert = flat.index_select(0, order)
+    slot = torch.arange(t * k, device=f.device) - (torch.cumsum(counts, 0) - counts).index_select(0, expert)
+    dest = expert * cap + slot  # where each sorted pair sits in the [E * C] layout
+    src = torch.full((num_experts * cap,), t, dtype=torch.long, device=f.device).index_copy_(0, dest, order // k)
+    w = f.new_zeros(num_experts * cap).index_copy_(0, dest, p.reshape(-1).index_select(0, order))
+    f_pad = torch.cat([f, f.new_zeros(1, hidden)])
+    xs = f_pad.index_select(0, src).view(num_experts, cap, hidden)
+    h = F.gelu(torch.bmm(xs, down.transpose(1, 2))) * w.view(num_experts, cap, 1)  # [E, C, r]
+    o = torch.bmm(h, up_t).view(num_experts * cap, hidden)  # [E * C, H]
+    return f_pad.index_add_(0, src, o)[:t]
 
 
 DISPATCHES: dict[str, Dispatch] = {
@@ -137,16 +138,23 @@ DISPATCHES: dict[str, Dispatch] = {
 }
 
 
-def choose_dispatch(policy: str, num_tokens: int, num_experts: int, topk: int) -> Dispatch:
+# From benchmarks/bench_moe_layer.py on a 2-core CPU: below this many tokens the padded
+# layout's fixed op cost outweighs skipping the unselected experts' GEMM work.
+PADDED_MIN_TOKENS = 32
+
+
+def choose_dispatch(policy: str, num_tokens: int, num_experts: int, topk: int, on_cpu: bool = True) -> Dispatch:
     """The one place that maps a policy and a batch size to a dispatch function.
 
     ``auto``: gather for tiny decode batches (reads only k experts per token), dense-stacked
-    once the batch is large enough that every expert is likely active anyway.
+    for middling ones, the padded grouped layout once skipping unselected experts pays.
     """
     if policy != "auto":
         return DISPATCHES[policy]
     if num_tokens * topk <= num_experts:
         return adapters_gather
+    if num_tokens >= PADDED_MIN_TOKENS and on_cpu:  # the padded layout needs one host sync
+        return adapters_padded
     return adapters_dense
 
 
@@ -184,8 +192,8 @@ class PescMLP(nn.Module):
         f = self.ffn(x)
         p, idx = route(x, self.router.weight, self.topk)
         self.last_topk = idx
-        run = choose_dispatch(self.dispatch, x.shape[0], self.num_experts, self.topk)
-        return f + run(f, self.adapter_down, self.adapter_up_t, p, idx)
+        run = choose_dispatch(self.dispatch, x.shape[0], self.num_experts, self.topk, x.is_cpu)
+        return run(f, self.adapter_down, self.adapter_up_t, p, idx)
 
     def route_only(self, x: torch.Tensor) -> torch.Tensor:
         """Selected expert ids [T, k]: for routing statistics and metrics."""

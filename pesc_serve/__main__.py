@@ -36,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--quantization", default="auto", choices=("auto",) + QUANTIZATION_CHOICES,
                    help="weight-only quantization of the shared FFN (routers and adapters stay unquantized)")
+    p.add_argument("--load-format", default="auto", choices=("auto", "dummy"),
+                   help="dummy: random weights shaped by the model's config.json (benchmarking only)")
     p.add_argument("--dispatch", default="auto", choices=DISPATCH_CHOICES, help="expert-adapter dispatch strategy")
     p.add_argument("--max-num-seqs", type=int, default=64, help="requests running at once")
     p.add_argument("--max-queue-len", type=int, default=256, help="requests waiting beyond those (then 429)")
@@ -59,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def configs_from_args(args: argparse.Namespace) -> tuple[LoadConfig, EngineConfig, ServerConfig]:
     """The validated configs the CLI flags describe (raises ValueError with the flag's name)."""
-    load = LoadConfig(args.model, args.dtype, args.device, args.quantization, args.dispatch)
+    load = LoadConfig(args.model, args.dtype, args.device, args.quantization, args.dispatch, args.load_format)
     engine_cfg = EngineConfig(
         max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len,

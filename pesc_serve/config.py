@@ -222,8 +222,11 @@ class LoadConfig:
     device: str = "auto"
     quantization: str = "none"
     dispatch: str = "auto"
+    load_format: str = "auto"  # "dummy": random weights from config.json alone (benchmarks)
 
     def __post_init__(self) -> None:
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"--load-format must be auto or dummy, got {self.load_format!r}")
         if self.dtype not in DTYPE_CHOICES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
         if self.quantization not in QUANTIZATION_CHOICES + ("auto",):

@@ -102,3 +102,4 @@ def test_quantized_model_logits_stay_close(tiny_checkpoint_factory, method, dtyp
     else:
         for rows in (2, 6):
             assert _rel_err(logits(q, rows), logits(ref, rows)) < 0.15
+

@@ -237,7 +237,9 @@ def load_model(source: ModelSource, load: LoadConfig, max_positions: int | None 
     _materialize(model, dtype, device)
     model.rotary.build_tables(device)
     assigner = _Assigner(build_targets(model, cfg), tied=cfg.tie_word_embeddings)
-    if source.kind == "delta":
+    if load.load_format == "dummy":
+        _fill_random(assigner)
+    elif source.kind == "delta":
         assert source.base is not None
         for name, tensor, origin in _source_tensors(source.base):
             assigner.assign(name, tensor, origin)
@@ -257,6 +259,22 @@ def load_model(source: ModelSource, load: LoadConfig, max_positions: int | None 
     model.eval()
     weight_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     return LoadedModel(model, cfg, source, dtype, device, quant, cfg.num_parameters, weight_bytes)
+
+
+def _fill_random(assigner: _Assigner) -> None:
+    """``--load-format dummy``: deterministic random weights of realistic scale, no files read.
+
+    For benchmarking a checkpoint's shapes (e.g. Camelidae-8x7B) without its 14 GB of weights.
+    """
+    generators: dict[torch.device, torch.Generator] = {}
+    for name, target in assigner.targets.items():
+        device = target.param.device
+        gen = generators.setdefault(device, torch.Generator(device=device).manual_seed(0))
+        if name.endswith("norm.weight"):
+            value = torch.ones(target.shape, device=device)
+        else:
+            value = torch.randn(target.shape, generator=gen, device=device) * (target.shape[-1] ** -0.5)
+        assigner.assign(name, value, Path("<dummy>"))
 
 
 def _lora_scaling(delta: dict) -> float:

@@ -51,9 +51,10 @@ DIMS = {
 }
 
 
-def build(d: Dims, dtype: torch.dtype, seed: int = 0) -> PescMLP:
+def build(d: Dims, dtype: torch.dtype, device: torch.device, seed: int = 0) -> PescMLP:
     torch.manual_seed(seed)
-    mlp = PescMLP(d.hidden, d.ffn, d.experts, d.topk, d.adapter)
+    with torch.device(device):
+        mlp = PescMLP(d.hidden, d.ffn, d.experts, d.topk, d.adapter)
     with torch.no_grad():
         for p in mlp.parameters():
             p.normal_(0, p.shape[-1] ** -0.5)
@@ -89,6 +90,7 @@ def strategy(mlp: PescMLP, name: str):
 
 
 def time_all(fns: dict, x: torch.Tensor, reps: int, warmup: int = 2) -> dict[str, float]:
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     samples: dict[str, list[float]] = {k: [] for k in fns}
     with torch.inference_mode():
         for fn in fns.values():
@@ -96,8 +98,10 @@ def time_all(fns: dict, x: torch.Tensor, reps: int, warmup: int = 2) -> dict[str
                 fn(x)
         for _ in range(reps):
             for name, fn in fns.items():
+                sync()
                 t = time.perf_counter()
                 fn(x)
+                sync()
                 samples[name].append(time.perf_counter() - t)
     return {k: statistics.median(v) * 1e3 for k, v in samples.items()}
 
@@ -113,14 +117,16 @@ def main() -> None:
     ap.add_argument("--tokens", default="1,8,64,512")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
+    device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     results: dict[str, dict[int, dict[str, float]]] = {}
     for key in args.dims.split(","):
         d = DIMS[key]
-        mlp = build(d, dtype)
+        mlp = build(d, dtype, device)
         fns = {
             "authors-loop": lambda x, m=mlp: authors_loop(m, x),
             "dense-stacked": strategy(mlp, "dense"),
@@ -131,11 +137,12 @@ def main() -> None:
             "dense FFN": mlp.ffn,
         }
         results[key] = {}
+        where = f"{torch.get_num_threads()} CPU threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
         print(f"\n{d.name}: H {d.hidden}, FFN {d.ffn}, E {d.experts}, k {d.topk}, r {d.adapter}, {args.dtype}, "
-              f"{torch.get_num_threads()} threads; median ms per call")
+              f"{where}; median ms per call")
         print(f"{'T':>5} " + " ".join(f"{n:>14}" for n in fns) + f" {'ours/FFN':>9} {'loop/ours':>9}")
         for t in [int(v) for v in args.tokens.split(",")]:
-            x = torch.randn(t, d.hidden, dtype=dtype)
+            x = torch.randn(t, d.hidden, dtype=dtype, device=device)
             ms = time_all(fns, x, reps_for(d, t))
             results[key][t] = ms
             print(f"{t:>5} " + " ".join(f"{ms[n]:>14.3f}" for n in fns)

@@ -23,13 +23,20 @@ def _cache_dir() -> Path:
 def load_tokenizer(source: ModelSource):
     """A Hugging Face tokenizer for ``source`` (never with remote code)."""
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     src = source.tokenizer_source
     if src.kind != "gguf":
+        # transformers warns that it does not know model types such as "camelidae": we only
+        # want the tokenizer, so that warning is noise.
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
         try:
             return AutoTokenizer.from_pretrained(str(src.path), trust_remote_code=False)
         except Exception as exc:
             raise ValueError(f"{src.path}: could not load a tokenizer ({type(exc).__name__}: {exc})") from None
+        finally:
+            hf_logging.set_verbosity(level)
     stat = src.path.stat()
     key = hashlib.sha256(f"{src.path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     cached = _cache_dir() / key

@@ -39,6 +39,17 @@ class _ExpertCollector:
         yield fam
 
 
+# (metric, EngineStats field, help): read from the engine's last step at scrape time.
+_ENGINE_GAUGES = (
+    ("pesc:num_requests_running", "num_running", "Requests in the running batch"),
+    ("pesc:num_requests_waiting", "num_waiting", "Requests waiting to be scheduled"),
+    ("pesc:kv_cache_usage_perc", "kv_cache_usage", "Fraction of KV-cache blocks in use (0-1)"),
+    ("pesc:num_preemptions", "num_preemptions", "Preemptions so far (recomputed requests)"),
+    ("pesc:prefix_cache_queries", "prefix_cache_queries", "Prefix-cache lookups so far"),
+    ("pesc:prefix_cache_hits", "prefix_cache_hits", "Prefix-cache lookups that found cached blocks"),
+)
+
+
 @dataclass
 class _Timing:
     start: float
@@ -57,24 +68,9 @@ class ServerMetrics:
 
     def __post_init__(self) -> None:
         r = self.registry
-        Gauge("pesc:num_requests_running", "Requests in the running batch", registry=r).set_function(
-            lambda: self.stats().num_running
-        )
-        Gauge("pesc:num_requests_waiting", "Requests waiting to be scheduled", registry=r).set_function(
-            lambda: self.stats().num_waiting
-        )
-        Gauge("pesc:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1)", registry=r).set_function(
-            lambda: self.stats().kv_cache_usage
-        )
-        Gauge("pesc:num_preemptions", "Preemptions so far (recomputed requests)", registry=r).set_function(
-            lambda: self.stats().num_preemptions
-        )
-        Gauge("pesc:prefix_cache_queries", "Prefix-cache lookups so far", registry=r).set_function(
-            lambda: self.stats().prefix_cache_queries
-        )
-        Gauge("pesc:prefix_cache_hits", "Prefix-cache lookups that found cached blocks", registry=r).set_function(
-            lambda: self.stats().prefix_cache_hits
-        )
+        for name, field_name, doc in _ENGINE_GAUGES:
+            gauge = Gauge(name, doc, registry=r)
+            gauge.set_function(lambda f=field_name: getattr(self.stats(), f))
         self.prompt_tokens = Counter("pesc:prompt_tokens", "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter("pesc:generation_tokens", "Tokens generated", registry=r)
         self.request_success = Counter(

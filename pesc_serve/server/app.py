@@ -15,7 +15,8 @@ from pesc_serve.engine.async_engine import AsyncEngine
 from pesc_serve.server.chat import ChatFormatter
 from pesc_serve.server.errors import error_response, install_error_handlers
 from pesc_serve.server.metrics import ServerMetrics
-from pesc_serve.server.openai_routes import OpenAIServing, build_router
+from pesc_serve.server.openai_routes import build_router
+from pesc_serve.server.serving import OpenAIServing
 
 
 

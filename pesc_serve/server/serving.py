@@ -1,0 +1,228 @@
+"""The shared plumbing of the OpenAI endpoints: engine streams per choice, merging, limits.
+
+A handler turns a validated request into one engine request per (prompt, choice), merges
+their output streams, and returns either one JSON body or an SSE stream ending in
+``data: [DONE]``.  Errors known before the first byte get a proper HTTP status; errors
+after that arrive as an ``{"error": ...}`` event.  Leaving early (disconnect, timeout)
+closes the engine streams, which aborts the requests and frees their KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+from fastapi import Request
+from sse_starlette.sse import EventSourceResponse
+
+from pesc_serve.config import ServerConfig
+from pesc_serve.engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError, RequestStream
+from pesc_serve.engine.request import RequestOutput, SamplingParams
+from pesc_serve.server.chat import ChatFormatter
+from pesc_serve.server.errors import APIError, error_body, param_of
+from pesc_serve.server.metrics import ServerMetrics
+from pesc_serve.server.protocol import ChatCompletionRequest, CompletionRequest
+from pesc_serve.server.responses import ChoiceState, TokenText, now, usage
+
+logger = logging.getLogger(__name__)
+
+RETRY_AFTER_S = "1"
+SSE_PING_S = 15
+
+
+@dataclasses.dataclass
+class Choice:
+    index: int
+    prompt_ids: list[int]
+    stream: RequestStream
+    started: float
+
+
+class OpenAIServing:
+    """What every endpoint shares, bound to one engine and one served model name."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        formatter: ChatFormatter,
+        model_name: str,
+        cfg: ServerConfig,
+        metrics: ServerMetrics | None = None,
+    ) -> None:
+        self.engine = engine
+        self.formatter = formatter
+        self.model_name = model_name
+        self.cfg = cfg
+        self.metrics = metrics
+        self.text_of = TokenText(engine.tokenizer)
+        self.created = now()
+
+    # ---- shared plumbing ----------------------------------------------------------------
+
+    def check_model(self, model: str | None) -> None:
+        if model and model != self.model_name:  # absent or empty: the one served model
+            raise APIError(404, f"The model `{model}` does not exist.", "model", "model_not_found")
+
+    def start(self, prompts: list[list[int]], params: SamplingParams, n: int, base_id: str) -> list[Choice]:
+        """Open one engine stream per (prompt, choice); all-or-nothing."""
+        choices: list[Choice] = []
+        try:
+            for p, ids in enumerate(prompts):
+                for j in range(n):
+                    index = p * n + j
+                    ps = params if params.seed is None else dataclasses.replace(params, seed=params.seed + j)
+                    stream = self.engine.add_request(f"{base_id}-{index}", ids, ps)
+                    choices.append(Choice(index, ids, stream, time.monotonic()))
+        except EngineOverloadedError as exc:
+            self._close(choices)
+            raise APIError(429, str(exc), code="server_overloaded", headers={"Retry-After": RETRY_AFTER_S}) from None
+        except EngineDeadError as exc:
+            self._close(choices)
+            raise APIError(503, str(exc), code="engine_dead") from None
+        except ValueError as exc:
+            self._close(choices)
+            raise APIError(400, str(exc), param_of(str(exc)), "invalid_value") from None
+        if self.metrics is not None:
+            for c in choices:
+                self.metrics.on_start(c.stream.request_id)
+        return choices
+
+    @staticmethod
+    def _close(choices: list[Choice]) -> None:
+        for c in choices:
+            c.stream.close()
+
+    async def merged(self, choices: list[Choice]) -> AsyncIterator[tuple[Choice, RequestOutput]]:
+        """Outputs of all choices as they come; closes every stream on exit."""
+        q: asyncio.Queue = asyncio.Queue()
+
+        async def pump(c: Choice) -> None:
+            try:
+                async for out in c.stream:
+                    q.put_nowait((c, out))
+            except BaseException as exc:  # engine death etc.: surface it to the consumer
+                q.put_nowait((c, exc))
+
+        tasks = [asyncio.create_task(pump(c)) for c in choices]
+        remaining = len(choices)
+        deadline = None if self.cfg.request_timeout_s is None else time.monotonic() + self.cfg.request_timeout_s
+        try:
+            while remaining:
+                timeout = None if deadline is None else max(deadline - time.monotonic(), 0)
+                try:
+                    c, item = await asyncio.wait_for(q.get(), timeout)
+                except asyncio.TimeoutError:
+                    raise APIError(
+                        504, f"request timed out after {self.cfg.request_timeout_s} s", code="timeout"
+                    ) from None
+                if isinstance(item, BaseException):
+                    raise APIError(503, f"the engine stopped: {item}", code="engine_dead")
+                if self.metrics is not None:
+                    self.metrics.on_output(c.stream.request_id, item)
+                if item.finished:
+                    remaining -= 1
+                yield c, item
+        finally:
+            for t in tasks:
+                t.cancel()
+            self._close(choices)
+            if self.metrics is not None:
+                for c in choices:
+                    self.metrics.on_close(c.stream.request_id)
+
+    async def until_disconnect(self, raw: Request, coro) -> Any:
+        """Run ``coro``; cancel it (aborting its requests) as soon as the client goes away.
+
+        The body has been read by now, so the next ASGI message can only be the disconnect.
+        """
+        task = asyncio.ensure_future(coro)
+        listener = asyncio.ensure_future(_wait_for_disconnect(raw))
+        try:
+            await asyncio.wait({task, listener}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            listener.cancel()
+            if not task.done():
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+        if not task.cancelled():
+            return task.result()
+        raise APIError(499, "client disconnected", code="client_closed_request")
+
+    def sse(self, events: AsyncGenerator[dict, None]) -> EventSourceResponse:
+        """Stream ``events``; errors after the headers become an ``{"error": ...}`` event.
+
+        ``events`` is closed explicitly however the stream ends (a disconnect cancels us at
+        any ``await`` or ``yield``), so its engine requests are aborted at once rather than
+        when the garbage collector finds the generator.  On shutdown a running stream gets
+        ``shutdown_timeout_s`` to finish before sse-starlette cuts it.
+        """
+
+        async def gen() -> AsyncIterator[str]:
+            try:
+                async for event in events:
+                    yield json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+            except APIError as exc:
+                yield json.dumps(error_body(exc.status, exc.message, exc.param, exc.code))
+            except Exception as exc:
+                logger.exception("stream failed")
+                yield json.dumps(error_body(500, f"internal error: {type(exc).__name__}", code="internal_error"))
+            finally:
+                await events.aclose()
+            yield "[DONE]"
+
+        return EventSourceResponse(gen(), sep="\n", ping=SSE_PING_S, shutdown_grace_period=self.cfg.shutdown_timeout_s)
+
+    async def collect(self, choices: list[Choice]) -> list[ChoiceState]:
+        states = {c.index: ChoiceState(c.index) for c in choices}
+        async with aclosing(self.merged(choices)) as outputs:
+            async for c, out in outputs:
+                states[c.index].add(out)
+                if out.error:
+                    raise APIError(500, out.error, code="engine_error")
+        return [states[i] for i in sorted(states)]
+
+    # ---- models -------------------------------------------------------------------------
+
+    def models(self) -> dict:
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": self.model_name,
+                    "object": "model",
+                    "created": self.created,
+                    "owned_by": "pesc-serve",
+                    "root": self.model_name,
+                    "parent": None,
+                    "max_model_len": self.engine.max_model_len,
+                }
+            ],
+        }
+
+
+def request_params(req: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
+    try:
+        return req.sampling_params()
+    except ValueError as exc:
+        raise APIError(400, str(exc), param_of(str(exc)), "invalid_value") from None
+
+
+def usage_of(states: list[ChoiceState], n: int) -> dict:
+    """Prompt tokens count once per prompt (not per choice), as OpenAI bills them."""
+    prompt = sum(s.num_prompt_tokens for s in states if s.index % n == 0)
+    cached = sum(s.num_cached_tokens for s in states if s.index % n == 0)
+    return usage(prompt, sum(len(s.token_ids) for s in states), cached)
+
+
+async def _wait_for_disconnect(raw: Request) -> None:
+    while (await raw.receive())["type"] != "http.disconnect":
+        pass

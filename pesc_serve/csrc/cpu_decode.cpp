@@ -22,6 +22,32 @@ enum LinearKind : int64_t { DENSE = 0, INT8 = 1, INT4 = 2 };
 // Python passes empty tensors for "none".
 inline bool present(const torch::Tensor& t) { return t.defined() && t.numel() > 0; }
 
+// y = scale * (x @ W^T) for int8 W [N, K], float32 x [B, K] with few rows: each weight row is
+// read once for all rows of x.  ATen's int8 kernel converts activations to bf16 and is about
+// half as fast at one row (it is built for larger batches).
+torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale) {
+  const int64_t B = x.size(0), K = x.size(1), N = w.size(0);
+  torch::Tensor y = torch::empty({B, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const int8_t* wp = w.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const int8_t* row = wp + n * K;
+      for (int64_t b = 0; b < B; ++b) {
+        const float* xr = xp + b * K;
+        float s = 0.f;
+        for (int64_t k = 0; k < K; ++k) s += xr[k] * static_cast<float>(row[k]);
+        yp[b * N + n] = s * sp[n];
+      }
+    }
+  });
+  return y;
+}
+
+constexpr int64_t kGemvMaxRows = 4;
+
 // A linear layer as the Python loader built it: a weight-only kernel for small batches and,
 // optionally, dense weights for batches above max_rows.  Kernels run in kernel_dtype.
 struct Linear {
@@ -34,9 +60,13 @@ struct Linear {
   torch::Tensor bias;   // [N] float32 or undefined
   int64_t out_features;
 
+  torch::Tensor scale_f32;  // INT8: the scales as float32, for int8_gemv
+
   torch::Tensor run_small(const torch::Tensor& x) const {
     switch (kind) {
-      case INT8: return at::_weight_int8pack_mm(x.to(b.scalar_type()), a, b);
+      case INT8:
+        if (x.size(0) <= kGemvMaxRows) return int8_gemv(x.contiguous(), a, scale_f32);
+        return at::_weight_int8pack_mm(x.to(b.scalar_type()), a, b);
       case INT4: return at::_weight_int4pack_mm_for_cpu(x.to(b.scalar_type()), a, group, b);
       default: return at::linear(x.to(a.scalar_type()), a);
     }
@@ -262,7 +292,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<Linear>(m, "Linear")
       .def(py::init([](int64_t kind, torch::Tensor a, torch::Tensor b, int64_t group, int64_t max_rows,
                        torch::Tensor dense, torch::Tensor bias, int64_t out_features) {
-        return Linear{kind, a, b, group, max_rows, dense, bias, out_features};
+        Linear lin{kind, a, b, group, max_rows, dense, bias, out_features};
+        if (kind == INT8) lin.scale_f32 = b.to(at::kFloat).contiguous();
+        return lin;
       }));
   py::class_<Layer>(m, "Layer")
       .def(py::init([](torch::Tensor in_norm, torch::Tensor post_norm, Linear qkv, Linear o, Linear gate_up,

@@ -72,7 +72,8 @@ def test_decode_step_matches_pytorch(ext, tiny_checkpoint_factory, kind, quantiz
             else:  # the PyTorch int8 kernel rounds activations to bf16, the C++ GEMV keeps float32
                 rel = float((got - ref).norm() / ref.norm())
                 assert rel < 2e-2, f"{kind}/{quantization} step {step}: relative error {rel}"
-            assert torch.allclose(kv_c, kv, atol=1e-5)
+            kv_rel = float((kv_c - kv).norm() / kv.norm())
+            assert kv_rel < (1e-5 if quantization == "none" else 2e-2), f"KV cache differs: {kv_rel}"
             if cfg.is_pesc:
                 assert choices.shape == (cfg.num_layers, 3, cfg.topk)
                 assert int(choices.max()) < cfg.num_experts

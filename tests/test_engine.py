@@ -147,3 +147,13 @@ def test_seeded_sampling_is_reproducible_in_any_batch(parts):
     together = run(engine, [PROMPTS[2]], params, ["a"])["a"]  # b0 runs in the same batches
     assert alone == together
     torch.manual_seed(0)
+
+
+def test_kv_cache_respects_its_memory_budget(parts):
+    budget_gb = 0.004
+    engine = make_engine(parts, kv_cache_memory_gb=budget_gb, max_model_len=64)
+    kv = engine.runner.kv_caches
+    assert kv.numel() * kv.element_size() <= budget_gb * 1024**3
+    assert engine.num_blocks * engine.config.block_size >= engine.max_model_len
+    with pytest.raises(ValueError, match="kv-cache-memory"):
+        make_engine(parts, kv_cache_memory_gb=0.0001, max_model_len=128)

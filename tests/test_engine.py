@@ -156,4 +156,4 @@ def test_kv_cache_respects_its_memory_budget(parts):
     assert kv.numel() * kv.element_size() <= budget_gb * 1024**3
     assert engine.num_blocks * engine.config.block_size >= engine.max_model_len
     with pytest.raises(ValueError, match="kv-cache-memory"):
-        make_engine(parts, kv_cache_memory_gb=0.0001, max_model_len=128)
+        make_engine(parts, kv_cache_memory_gb=0.00001, max_model_len=128)  # ~20 tokens of KV

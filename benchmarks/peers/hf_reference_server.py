@@ -1,6 +1,6 @@
 """Benchmark peer: the authors' way of serving a PESC model.
 
-Hugging Face transformers eager Llama (the dense SmolLM2 base, dequantized from its GGUF),
+Hugging Face transformers' eager Llama (the dense SmolLM2 base, dequantized from its GGUF),
 each MLP replaced by the authors' PESC MLP (FFN once, ``repeat_interleave(k)``, a Python loop
 over every expert with boolean masks), decoding with ``generate`` one request at a time behind
 a minimal OpenAI-style HTTP wrapper (``/v1/completions`` and ``/v1/chat/completions``,
@@ -27,8 +27,9 @@ from fastapi.responses import JSONResponse
 from safetensors.torch import load_file
 from sse_starlette.sse import EventSourceResponse
 from torch import nn
-from transformers import AutoModelForCausalLM, GgufConfig, TextIteratorStreamer
+from transformers import LlamaConfig, LlamaForCausalLM, TextIteratorStreamer
 
+from pesc_serve.models.gguf_reader import GGUFCheckpoint
 from pesc_serve.models.tokenizer import load_tokenizer
 from pesc_serve.registry import resolve_model
 
@@ -74,9 +75,18 @@ def load_reference(model: str, dtype: torch.dtype):
     base = source.base if source.kind == "delta" else source
     if base is None or base.kind != "gguf":
         raise SystemExit("this peer serves the bundled models (a GGUF base, optionally with a PESC delta)")
-    hf = AutoModelForCausalLM.from_pretrained(
-        str(base.path.parent), gguf_file=base.path.name, dtype=dtype, quantization_config=GgufConfig(dequantize=True)
-    )
+    # transformers' own Llama, filled with the GGUF's dequantized weights (the same tensors
+    # pesc-serve loads; transformers' GGUF path would need accelerate).
+    config = LlamaConfig(**{k: v for k, v in base.config.items() if k not in ("model_type", "architectures")})
+    hf = LlamaForCausalLM(config)
+    state = dict(GGUFCheckpoint(base.path).tensors())
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (config.tie_word_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise SystemExit(f"weights do not fit transformers' Llama: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if config.tie_word_embeddings:
+        hf.tie_weights()
+    hf = hf.to(dtype)
     if source.kind == "delta":
         delta = load_file(str(source.path / "adapter_model.safetensors"))
         if any(".lora_" in k for k in delta):

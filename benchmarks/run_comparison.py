@@ -75,7 +75,10 @@ def bench(label: str, port: int, concurrency: str, max_tokens: int, num_prompts:
 def serve_and_bench(label: str, cmd: list[str], port: int, concurrency: str, max_tokens: int, num_prompts: int = 0,
                     health: str = "/health", extra=None) -> dict:
     log = open(RESULTS / f"{label}.log", "w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    # Both PyTorch servers get sleeping OpenMP waiters (pesc-serve's CLI sets it itself), so
+    # the load generator on the same cores cannot starve either of them.
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         wait_healthy(f"http://127.0.0.1:{port}{health}", proc)
         result = bench(label, port, concurrency, max_tokens, num_prompts)

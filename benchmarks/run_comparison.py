@@ -96,7 +96,7 @@ def long_context_check(port: int) -> dict:
     """64 concurrent sequences of ~1k tokens; report success and the peak KV usage seen."""
     import asyncio
 
-    filler = " ".join(f"word{i % 97}" for i in range(600))
+    filler = " ".join(f"word{i % 97}" for i in range(300))  # ~900-token prompts, ~1k with the reply
     body = {"messages": [{"role": "user", "content": "Summarise: " + filler}], "max_tokens": 64,
             "temperature": 0, "ignore_eos": True}
     peak = {"kv": 0.0, "running": 0}

@@ -122,10 +122,10 @@ class ExpertLoad:
             if any(c is None for c in per_layer):
                 return
             choices = torch.stack(per_layer)
+            for mlp in self.layers:
+                object.__setattr__(mlp, "last_topk", None)  # plain attribute: skip nn.Module's hook
         flat = (choices + self._offsets).view(-1)  # [L, T, k] -> global expert ids
         self.counts.view(-1).index_add_(0, flat, torch.ones_like(flat))
-        for mlp in self.layers:
-            mlp.last_topk = None
 
 
 def expert_load(model: PescForCausalLM) -> ExpertLoad | None:

@@ -157,3 +157,11 @@ def test_kv_cache_respects_its_memory_budget(parts):
     assert engine.num_blocks * engine.config.block_size >= engine.max_model_len
     with pytest.raises(ValueError, match="kv-cache-memory"):
         make_engine(parts, kv_cache_memory_gb=0.00001, max_model_len=128)  # ~20 tokens of KV
+
+
+def test_startup_summary_names_what_was_loaded(parts):
+    from pesc_serve.launcher import describe
+
+    text = "\n".join(describe(make_engine(parts)))
+    for needle in ("parameters", "4 adapter experts", "top-2", "adapter dim 8", "dtype float32", "MiB", "KV cache"):
+        assert needle in text, needle

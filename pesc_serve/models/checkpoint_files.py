@@ -75,7 +75,3 @@ def _bin_error(exc: Exception) -> str:
         return "not a plain PyTorch weights file (it contains objects other than tensors; refusing to unpickle them)"
     return "not a PyTorch weights file (corrupt, truncated or another format)"
 
-
-def iter_directory_tensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    for path in weight_files(directory):
-        yield from iter_tensors(path)

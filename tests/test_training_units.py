@@ -1,0 +1,295 @@
+"""Training building blocks without a model: aux loss, LoRA, answer masking, data files, tasks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pesc_serve.layers.pesc_mlp import route
+from training.data import Example, collate, encode, load_data_file, step_batches
+from training.lora import LoraConfig, LoRALinear, Slice
+from training.losses import IGNORE_INDEX, answer_loss, load_balancing_loss
+from training.trainable import route_with_logits
+
+E, K = 8, 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls: one thread avoids OpenMP overhead and contention on a shared 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+# --- load-balancing loss -----------------------------------------------------------------------
+
+
+def _routing(logits: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    return [logits], [torch.topk(logits, K, dim=-1).indices]
+
+
+def test_aux_loss_uniform_routing_is_the_minimum_coef():
+    # Every token has equal logits except for a rotating pair: perfectly balanced top-2 and P uniform.
+    n = 64
+    logits = torch.zeros(1, n, E)
+    for t in range(n):
+        logits[0, t, (2 * t) % E] = 1e-4
+        logits[0, t, (2 * t + 1) % E] = 1e-4
+    mask = torch.ones(1, n, dtype=torch.bool)
+    stats = load_balancing_loss(*_routing(logits), mask, coef=0.01)
+    assert stats.loss.item() == pytest.approx(0.01, rel=1e-3)
+    assert torch.allclose(stats.load, torch.full((1, E), 1 / E))
+
+
+def test_aux_loss_collapsed_routing_is_larger_and_not_constant():
+    n = 32
+    mask = torch.ones(1, n, dtype=torch.bool)
+    collapsed = torch.zeros(1, n, E)
+    collapsed[..., :2] = 10.0  # every token picks experts 0 and 1 with nearly all probability
+    value = load_balancing_loss(*_routing(collapsed), mask, coef=1.0).loss.item()
+    assert value == pytest.approx(E / K, rel=1e-3)  # E * sum f_i P_i = 8 * 2 * (1/2 * 1/2)
+    random_value = load_balancing_loss(*_routing(torch.randn(1, n, E)), mask, coef=1.0).loss.item()
+    assert 1.0 <= random_value < value
+    # The known bug of the public code: the loss equals E whatever the routing.  Ours moves.
+    assert value != pytest.approx(E) and random_value != pytest.approx(E)
+    other = load_balancing_loss(*_routing(torch.randn(1, n, E) * 3), mask, coef=1.0).loss.item()
+    assert len({round(value, 4), round(random_value, 4), round(other, 4)}) == 3
+
+
+def test_aux_loss_gradient_reaches_router_weights():
+    torch.manual_seed(0)
+    x = torch.randn(2, 10, 16)
+    router = torch.randn(E, 16, requires_grad=True)
+    logits = x @ router.t()
+    loss = load_balancing_loss(*_routing(logits), torch.ones(2, 10, dtype=torch.bool), coef=0.01).loss
+    loss.backward()
+    assert router.grad is not None and router.grad.abs().sum() > 0
+
+
+def test_aux_loss_ignores_padding():
+    torch.manual_seed(1)
+    logits = torch.randn(2, 6, E)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    a = load_balancing_loss(*_routing(logits), mask).loss
+    changed = logits.clone()
+    changed[0, 4:] = torch.randn(2, E) * 50
+    b = load_balancing_loss(*_routing(changed), mask).loss
+    assert a.item() == pytest.approx(b.item(), abs=1e-7)
+
+
+# --- answer loss / routing ---------------------------------------------------------------------
+
+
+def test_answer_loss_counts_only_labelled_next_tokens():
+    torch.manual_seed(0)
+    hidden = torch.randn(1, 5, 4)
+    head = torch.randn(7, 4)
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 3, 5, IGNORE_INDEX]])
+    total, n = answer_loss(lambda h: h @ head.t(), hidden, labels)
+    assert n == 2
+    logits = hidden[0] @ head.t()
+    expected = torch.nn.functional.cross_entropy(logits[1:3], torch.tensor([3, 5]), reduction="sum")
+    assert total.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_route_with_logits_matches_serving_route():
+    torch.manual_seed(0)
+    x, w = torch.randn(12, 16), torch.randn(E, 16)
+    logits, p, idx = route_with_logits(x, w, K)
+    p_ref, idx_ref = route(x, w, K)
+    assert torch.equal(idx, idx_ref) and torch.allclose(p, p_ref)
+    assert torch.allclose(logits, x @ w.t(), atol=1e-5)
+
+
+# --- LoRA --------------------------------------------------------------------------------------
+
+
+def test_lora_on_fused_slices_updates_only_its_rows():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(6, 10, bias=False)
+    cfg = LoraConfig(rank=2, alpha=4.0, dropout=0.0)
+    lora = LoRALinear(base, 6, 10, [Slice("q_proj", 0, 4), Slice("v_proj", 7, 10)], cfg)
+    x = torch.randn(3, 6)
+    assert torch.allclose(lora(x), base(x))  # B starts at zero
+    with torch.no_grad():
+        for b in lora.lora_B.values():
+            b.normal_()
+    y, y0 = lora(x), base(x)
+    assert torch.allclose(y[:, 4:7], y0[:, 4:7])  # the k slice has no LoRA
+    expected_q = y0[:, :4] + x @ lora.delta_weight("q_proj").t()
+    assert torch.allclose(y[:, :4], expected_q, atol=1e-5)
+    assert not base.weight.requires_grad
+    assert lora.scaling == 2.0
+
+
+@pytest.mark.parametrize("kwargs", [{"rank": 0}, {"alpha": 0}, {"dropout": 1.0}, {"targets": ("qq_proj",)}])
+def test_lora_config_rejects_bad_values(kwargs):
+    with pytest.raises(ValueError):
+        LoraConfig(**kwargs)
+
+
+# --- data: masking, formats, batching -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from tests.fixtures.tiny_checkpoints import write_tokenizer
+
+    d = tmp_path_factory.mktemp("tok")
+    write_tokenizer(d)
+    return AutoTokenizer.from_pretrained(str(d))
+
+
+def _labelled_text(tok, enc) -> str:
+    return tok.decode([t for t in enc.labels if t != IGNORE_INDEX])
+
+
+def test_only_answer_tokens_and_eos_are_labelled(tokenizer):
+    ex = Example(({"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is two plus two?"},
+                  {"role": "assistant", "content": "It is four."}))
+    enc = encode(tokenizer, ex, 256)
+    assert _labelled_text(tokenizer, enc) == "It is four.<|im_end|>"
+    # The trailing newline after <|im_end|> and every prompt token stay unlabelled.
+    assert enc.labels[-1] == IGNORE_INDEX
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert enc.labels[-2] == eos
+
+
+def test_multi_turn_labels_every_assistant_turn(tokenizer):
+    ex = Example(({"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"},
+                  {"role": "user", "content": "count"}, {"role": "assistant", "content": "one two"}))
+    enc = encode(tokenizer, ex, 256)
+    assert _labelled_text(tokenizer, enc) == "hi there<|im_end|>one two<|im_end|>"
+
+
+def test_truncation_keeps_prefix_and_drops_answerless(tokenizer):
+    ex = Example(({"role": "user", "content": "hello " * 30}, {"role": "assistant", "content": "fine"}))
+    assert encode(tokenizer, ex, 8) is None
+    enc = encode(tokenizer, ex, 1000)
+    assert len(enc.input_ids) == len(enc.labels) and enc.num_answer_tokens >= 2
+
+
+def test_loads_authors_format_and_chat_jsonl(tmp_path):
+    authors = [{"instruction": "You are helpful.", "conversation": [{"input": "2+2?", "output": "4"},
+                                                                     {"input": "and 3+3?", "output": "6"}]}]
+    (tmp_path / "a.json").write_text(json.dumps(authors))
+    ex = load_data_file(tmp_path / "a.json")[0]
+    assert [m["role"] for m in ex.messages] == ["system", "user", "assistant", "user", "assistant"]
+    lines = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], "domain": "chat"}]
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
+    ex = load_data_file(tmp_path / "b.jsonl")[0]
+    assert ex.domain == "chat" and ex.messages[-1]["content"] == "hello"
+
+
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("x.jsonl", '{"messages": [{"role": "user", "content": "hi"}]}\n{oops\n', "x.jsonl:2: invalid JSON"),
+        ("x.jsonl", '{"messages": [{"role": "user", "content": "hi"}]}\n', "no non-empty assistant answer"),
+        ("x.jsonl", '{"prompt": "hi", "completion": "yo"}\n', "unknown record format"),
+        ("x.jsonl", '{"messages": [{"role": "bot", "content": "hi"}]}\n', "messages[0] must be"),
+        ("x.json", '{"conversation": [{"input": 1, "output": "x"}]}', "conversation[0] must be"),
+        ("x.txt", "hello", "must end in .json"),
+        ("x.json", "", "invalid JSON"),
+    ],
+)
+def test_bad_data_files_raise_clear_errors(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_data_file(path)
+
+
+def test_missing_data_file(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_data_file(tmp_path / "nope.jsonl")
+
+
+def test_collate_right_pads_and_steps_are_deterministic(tokenizer):
+    exs = [Example(({"role": "user", "content": "q" * (i + 1)}, {"role": "assistant", "content": "a"})) for i in range(12)]
+    encs = [encode(tokenizer, e, 64) for e in exs]
+    b = collate(encs[:3], pad_id=0)
+    assert b.input_ids.shape[0] == 3 and b.attention_mask[0].sum() == len(encs[0].input_ids)
+    assert (b.labels[~b.attention_mask] == IGNORE_INDEX).all()
+    s1 = step_batches(encs, 4, 2, seed=3, epoch=0)
+    s2 = step_batches(encs, 4, 2, seed=3, epoch=0)
+    assert [[[e.input_ids for e in mb] for mb in st] for st in s1] == [[[e.input_ids for e in mb] for mb in st] for st in s2]
+    assert len(s1) == 3 and all(len(st) == 2 for st in s1)
+
+
+# --- tasks, held-out split, scoring -------------------------------------------------------------
+
+
+def test_arithmetic_answers_are_right_and_heldout_pairs_never_trained():
+    import re
+
+    from training.tasks import arithmetic
+    from training.tasks.items import last_integer
+
+    for ex in arithmetic.train_examples(60, 12, seed=0):
+        q, a = ex.messages[0]["content"], ex.messages[1]["content"]
+        x, op, y = re.search(r"(\d+) ([-+*]) (\d+)", a).groups()
+        assert x in q and y in q
+        assert not arithmetic.is_heldout(op, int(x), int(y))
+        assert last_integer(a) == arithmetic.compute(op, int(x), int(y)), (q, a)
+    share = sum(arithmetic.is_heldout("+", a, b) for a in range(10, 100) for b in range(10, 100)) / 8100
+    assert 0.15 < share < 0.25
+
+
+def test_heldout_templates_never_appear_in_training():
+    from training.tasks import arithmetic
+
+    train_words = " ".join(t for ts in arithmetic.TRAIN_TEMPLATES.values() for t in ts)
+    for templates in arithmetic.HELDOUT_TEMPLATES.values():
+        for t in templates:
+            assert t.split(" {")[0] not in train_words, t
+
+
+def test_mixture_without_chat_is_disjoint_from_heldout():
+    from training.evaluate import EvalConfig
+    from training.mixture import MixtureConfig, build_mixture, check_disjoint
+
+    cfg = MixtureConfig(arithmetic=300, word_problems=60, code_functions=60, code_outputs=60, module_facts=20,
+                        country_codes=40, chat=0)
+    examples, counts = build_mixture(cfg, base=None, log=lambda s: None)
+    assert len(examples) == sum(counts.values()) == 540
+    assert {ex.domain for ex in examples} == {"maths", "code", "general"}
+    assert check_disjoint(examples, EvalConfig()) == 0
+
+
+def test_scoring_checks():
+    from training.tasks.items import EvalItem, score
+
+    num = EvalItem("arithmetic", "maths", "q", "595", "number")
+    assert score(num, "35 * 17: 30 * 10 = 300 ... So 35 * 17 = 595.") and not score(num, "35 * 17 = 565")
+    assert score(EvalItem("knowledge", "general", "q", "Paris", "contains"), "The capital is Paris.")
+    assert not score(EvalItem("knowledge", "general", "q", "Rome", "contains"), "Romeo")
+    out = EvalItem("code_output", "code", "q", "[0, 6]", "output")
+    assert score(out, "It prints `[0, 6]`.") and not score(out, "It prints `[0, 6, 12]`.")
+    py = EvalItem("code_functions", "code", "q", "assert f(2) == 4", "python")
+    assert score(py, "```python\ndef f(x):\n    return x * 2\n```") and not score(py, "def f(x):\n    return x")
+
+
+def test_sandbox_stops_runaway_code():
+    from training.tasks.sandbox import run_python
+
+    assert not run_python("while True:\n    pass", timeout_s=1.0).ok
+    assert run_python("print(sum(range(4)))").stdout.strip() == "6"
+
+
+def test_math_helpers():
+    from training.tasks.arithmetic import multiplication_steps, sum_steps
+    from training.tasks.items import last_integer
+
+    assert sum_steps("-", 74, 37) == "74 - 37 = 74 - 30 - 7 = 44 - 7 = 37."
+    assert sum_steps("+", 18, 89) == "18 + 89 = 18 + 80 + 9 = 98 + 9 = 107."
+    assert sum_steps("+", 18, 80) == "18 + 80 = 98."
+
+    text = multiplication_steps(35, 27)
+    assert last_integer(text) == 945 and "30 * 20 = 600" in text
+    assert last_integer(multiplication_steps(50, 90)) == 4500

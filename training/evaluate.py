@@ -1,0 +1,161 @@
+"""Held-out evaluation per domain for several models side by side, plus routing statistics.
+
+Every model is loaded exactly as the server loads it (``resolve_model`` + ``load_model``,
+so a delta is merged at load time) and answers greedily.  Writes ``eval.json`` (scores and
+every reply), ``eval_table.md`` (models as rows, suites and domains as columns) and, for
+each PESC model, ``routing_<label>.json`` and a ``routing_<label>.png`` heat map.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pesc_serve.config import LoadConfig
+from pesc_serve.models.loader import load_model
+from pesc_serve.models.tokenizer import load_tokenizer
+from pesc_serve.registry import resolve_model
+from training.data import encode_prompt
+from training.generate import greedy_generate, stop_ids_for
+from training.routing import RoutingRecorder, plot_heatmap, summary
+from training.tasks import arithmetic, code, general
+from training.tasks.items import EvalItem, score
+
+SUITE_ORDER = ("arithmetic", "word_problems", "code_functions", "code_output", "knowledge")
+DOMAINS = ("maths", "code", "general")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    seed: int = 0
+    dtype: str = "float32"  # bf16 answers of a 135M model flip with batch composition
+    quantization: str = "none"  # the weights as trained; "auto" = the server's CPU default
+    batch_size: int = 16
+    arithmetic_per_op: int = 30
+    word_per_op: int = 8
+    code_functions: int = 36
+    code_outputs: int = 40
+    limit: int | None = None  # at most this many items per suite (quick checks)
+    suites: tuple[str, ...] = SUITE_ORDER
+
+
+def heldout_items(cfg: EvalConfig) -> list[EvalItem]:
+    """The whole held-out set; deterministic in ``cfg.seed``, disjoint from the training mixture."""
+    items = (arithmetic.heldout_items(cfg.arithmetic_per_op, cfg.word_per_op, cfg.seed)
+             + code.heldout_items(cfg.code_functions, cfg.code_outputs, cfg.seed)
+             + general.heldout_items())
+    unknown = sorted(set(cfg.suites) - set(SUITE_ORDER))
+    if unknown:
+        raise ValueError(f"unknown suite(s) {', '.join(unknown)}; choose from {', '.join(SUITE_ORDER)}")
+    items = [it for it in items if it.suite in cfg.suites]
+    if cfg.limit is not None:
+        kept, seen = [], {}
+        for it in items:
+            seen[it.suite] = seen.get(it.suite, 0) + 1
+            if seen[it.suite] <= cfg.limit:
+                kept.append(it)
+        items = kept
+    return items
+
+
+@dataclass
+class ModelResult:
+    label: str
+    model: str
+    suites: dict[str, dict] = field(default_factory=dict)
+    domains: dict[str, dict] = field(default_factory=dict)
+    replies: list[dict] = field(default_factory=list)
+    routing: dict | None = None
+    seconds: float = 0.0
+
+
+def evaluate_model(label: str, name: str, items: list[EvalItem], cfg: EvalConfig) -> ModelResult:
+    start = time.time()
+    source = resolve_model(name)
+    load = LoadConfig(model=name, dtype=cfg.dtype, device="cpu", quantization=cfg.quantization)
+    lm = load_model(source, load, max_positions=1024)
+    tok = load_tokenizer(source)
+    stop = stop_ids_for(tok, lm.config.eos_token_ids)
+    recorder = RoutingRecorder(lm.model) if lm.config.is_pesc else None
+    result = ModelResult(label, name)
+    for suite in SUITE_ORDER:
+        group = [it for it in items if it.suite == suite]
+        if not group:
+            continue
+        prompts = [encode_prompt(tok, [{"role": "user", "content": it.prompt}]) for it in group]
+        if recorder is not None:
+            with recorder.domain(group[0].domain):
+                outs = greedy_generate(lm.model, prompts, group[0].max_new_tokens, stop, cfg.batch_size)
+        else:
+            outs = greedy_generate(lm.model, prompts, group[0].max_new_tokens, stop, cfg.batch_size)
+        replies = [tok.decode(o, skip_special_tokens=True) for o in outs]
+        correct = [score(it, r) for it, r in zip(group, replies)]
+        result.suites[suite] = {"domain": group[0].domain, "correct": sum(correct), "total": len(group),
+                                "accuracy": round(100.0 * sum(correct) / len(group), 1)}
+        result.replies += [{"suite": suite, "prompt": it.prompt, "expected": it.answer, "reply": r, "correct": c}
+                           for it, r, c in zip(group, replies, correct)]
+    for domain in DOMAINS:
+        s = [v for v in result.suites.values() if v["domain"] == domain]
+        if s:
+            c, t = sum(v["correct"] for v in s), sum(v["total"] for v in s)
+            result.domains[domain] = {"correct": c, "total": t, "accuracy": round(100.0 * c / t, 1)}
+    if recorder is not None:
+        result.routing = summary(recorder)
+        recorder.close()
+    result.seconds = round(time.time() - start, 1)
+    return result
+
+
+def markdown_table(results: list[ModelResult]) -> str:
+    suites = [s for s in SUITE_ORDER if any(s in r.suites for r in results)]
+    domains = [d for d in DOMAINS if any(d in r.domains for r in results)]
+    head = ["model"] + [f"{results[0].suites[s]['domain']}: {s.replace('_', ' ')}" for s in suites] + [f"**{d}**" for d in domains]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        cells = [f"{r.label} (`{r.model}`)" if r.label != r.model else f"`{r.model}`"]
+        cells += [f"{r.suites[s]['accuracy']:.1f} ({r.suites[s]['correct']}/{r.suites[s]['total']})" for s in suites]
+        cells += [f"**{r.domains[d]['accuracy']:.1f}**" for d in domains]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _safe(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_") or "model"
+
+
+def run_eval(models: list[tuple[str, str]], out_dir: Path, cfg: EvalConfig, log=print) -> list[ModelResult]:
+    """Evaluate ``(label, model)`` pairs in order and write the reports to ``out_dir``."""
+    torch.manual_seed(cfg.seed)
+    items = heldout_items(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for label, name in models:
+        log(f"evaluating {label} ({name}) on {len(items)} held-out items ...")
+        r = evaluate_model(label, name, items, cfg)
+        log(f"  {label}: " + ", ".join(f"{d} {v['accuracy']:.1f}" for d, v in r.domains.items()) + f" ({r.seconds:.0f} s)")
+        if r.routing is not None:
+            (out_dir / f"routing_{_safe(label)}.json").write_text(json.dumps(r.routing, indent=1) + "\n")
+            plot_heatmap(r.routing, f"{label}: share of tokens per expert (top-{_topk(name)})",
+                         out_dir / f"routing_{_safe(label)}.png")
+            log(f"  routing: min expert share in middle layers {100 * r.routing['min_share_middle_layers']:.1f}%")
+        results.append(r)
+    report = {
+        "config": {**cfg.__dict__, "suites": list(cfg.suites)},
+        "items": {s: sum(1 for it in items if it.suite == s) for s in SUITE_ORDER},
+        "models": [{"label": r.label, "model": r.model, "suites": r.suites, "domains": r.domains,
+                    "seconds": r.seconds, "routing_min_share_middle_layers":
+                        None if r.routing is None else r.routing["min_share_middle_layers"]} for r in results],
+        "replies": {r.label: r.replies for r in results},
+    }
+    (out_dir / "eval.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    (out_dir / "eval_table.md").write_text(markdown_table(results))
+    return results
+
+
+def _topk(name: str) -> int:
+    return int(resolve_model(name).config.get("topk") or 0)

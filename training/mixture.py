@@ -27,13 +27,13 @@ class MixtureConfig:
     """How many training examples of each kind (the seed also fixes every choice)."""
 
     seed: int = 0
-    arithmetic: int = 2400
-    word_problems: int = 600
-    code_functions: int = 900
-    code_outputs: int = 600
-    module_facts: int = 250
+    arithmetic: int = 1500
+    word_problems: int = 300
+    code_functions: int = 450
+    code_outputs: int = 450
+    module_facts: int = 150
     country_codes: int = 150
-    chat: int = 900
+    chat: int = 1200
     chat_max_new_tokens: int = 96
 
     def __post_init__(self) -> None:

@@ -70,6 +70,20 @@ class AuthorsPescMLP(nn.Module):
         return out.view(shape)
 
 
+def merge_lora(hf: nn.Module, delta: dict[str, torch.Tensor], info: dict) -> None:
+    """Fold a delta's LoRA pairs into transformers' weights: W += (alpha / rank) * B @ A (as PEFT's merge)."""
+    stems = sorted(k[: -len(".lora_A.weight")] for k in delta if k.endswith(".lora_A.weight"))
+    if not stems:
+        return
+    scaling = float(info["lora_alpha"]) / float(info["lora_rank"])
+    params = dict(hf.named_parameters())
+    with torch.no_grad():
+        for stem in stems:
+            weight = params[stem + ".weight"]
+            a, b = delta[stem + ".lora_A.weight"].float(), delta[stem + ".lora_B.weight"].float()
+            weight.copy_((weight.float() + scaling * (b @ a)).to(weight.dtype))
+
+
 def load_reference(model: str, dtype: torch.dtype):
     source = resolve_model(model)
     base = source.base if source.kind == "delta" else source
@@ -89,8 +103,7 @@ def load_reference(model: str, dtype: torch.dtype):
     hf = hf.to(dtype)
     if source.kind == "delta":
         delta = load_file(str(source.path / "adapter_model.safetensors"))
-        if any(".lora_" in k for k in delta):
-            raise SystemExit("LoRA deltas: merge with `python -m training ... --merge` before using this peer")
+        merge_lora(hf, delta, source.delta)
         cfg = source.config
         for i, layer in enumerate(hf.model.layers):
             p = f"model.layers.{i}.mlp.moe_adapter."

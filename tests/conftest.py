@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -35,3 +36,12 @@ def tiny_checkpoint_factory(tmp_path_factory: pytest.TempPathFactory) -> Callabl
 def crafted_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(dense_dir, pesc_dir): a PESC model crafted from a dense one (adapter up-projections zero)."""
     return make_crafted_pair(tmp_path_factory.mktemp("crafted"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matmuls: one thread avoids OpenMP overhead and contention on a shared 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

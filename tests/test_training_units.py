@@ -16,13 +16,7 @@ from training.trainable import route_with_logits
 E, K = 8, 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread avoids OpenMP overhead and contention on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # --- load-balancing loss -----------------------------------------------------------------------
 

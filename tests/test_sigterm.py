@@ -13,17 +13,21 @@ import time
 import httpx
 import pytest
 
+from tests.fixtures.tiny_checkpoints import make_checkpoint
 from tests.server_harness import free_port, scrape, sse_events, wait_until
 
-MAX_TOKENS = 200
+# Long enough that the first request is still running when the second one arrives, even on a
+# busy machine where the tiny model decodes a token in well under a millisecond.
+MAX_TOKENS = 3000
 
 
 @pytest.fixture
-def server_process(tiny_checkpoint_factory, tmp_path):
+def server_process(tmp_path):
     port = free_port()
+    model = make_checkpoint("camelidae", tmp_path / "ckpt", max_position_embeddings=4096)
     cmd = [
-        sys.executable, "-m", "pesc_serve", "--model", str(tiny_checkpoint_factory("camelidae")), "--port", str(port),
-        "--dtype", "float32", "--device", "cpu", "--max-model-len", "256", "--kv-cache-memory", "0.05",
+        sys.executable, "-m", "pesc_serve", "--model", str(model), "--port", str(port),
+        "--dtype", "float32", "--device", "cpu", "--max-model-len", "4096", "--kv-cache-memory", "0.05",
         "--log-level", "warning", "--shutdown-timeout", "20",
     ]  # fmt: skip
     log = (tmp_path / "server.log").open("w+")

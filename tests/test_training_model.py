@@ -104,11 +104,17 @@ def test_craft_cli_rejects_pesc_base(tmp_path, crafted_dir, capsys):
 # --- trainable wrapper -----------------------------------------------------------------------
 
 
-def test_trainable_forward_matches_serving_model(crafted_dir):
-    """Our full-sequence forward == the serving model's paged forward (eval mode, random deltas)."""
+def _randomised_eval_model(crafted_dir: Path) -> TrainableModel:
+    """The crafted model made trainable, with random deltas (so experts matter), dropout off."""
     tm = TrainableModel(_load(crafted_dir).model, TrainableConfig(seed=0))
     _randomise(tm)
     tm.eval()
+    return tm
+
+
+def test_trainable_forward_matches_serving_model(crafted_dir):
+    """Our full-sequence forward == the serving model's paged forward (eval mode, random deltas)."""
+    tm = _randomised_eval_model(crafted_dir)
     ids = _tokens(12, seed=2)
     with torch.no_grad():
         ours = tm.compute_logits(tm(torch.tensor([ids])).hidden[0])
@@ -119,9 +125,7 @@ def test_trainable_forward_matches_serving_model(crafted_dir):
 
 
 def test_right_padding_does_not_change_real_tokens(crafted_dir):
-    tm = TrainableModel(_load(crafted_dir).model, TrainableConfig(seed=0))
-    _randomise(tm)
-    tm.eval()
+    tm = _randomised_eval_model(crafted_dir)
     ids = _tokens(7, seed=4)
     with torch.no_grad():
         alone = tm(torch.tensor([ids]))

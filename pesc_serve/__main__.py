@@ -14,6 +14,7 @@ from pathlib import Path
 # with one other busy process).  Sleeping waiters cost microseconds.  Must precede torch.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from pesc_serve.allocator import keep_freed_buffers  # noqa: E402
 from pesc_serve.config import (  # noqa: E402
     DISPATCH_CHOICES,
     DTYPE_CHOICES,
@@ -92,6 +93,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[LoadConfig, EngineConfi
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _exit_cleanly_on_signals()
+    keep_freed_buffers()
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("pesc_serve")
     try:

@@ -13,7 +13,7 @@ from pesc_serve.models.cpu_decode import UnsupportedModel, build_decode_model, l
 from pesc_serve.models.loader import load_model
 from pesc_serve.models.tokenizer import load_tokenizer
 from pesc_serve.registry import resolve_model
-from tests.fixtures.tiny_checkpoints import KINDS
+from tests.fixtures.tiny_checkpoints import KINDS, make_checkpoint
 
 BLOCK = 4
 
@@ -46,39 +46,65 @@ def _python_decode(lm, kv, tokens, positions, tables):
     return lm.model.compute_logits(lm.model(torch.tensor(tokens), torch.tensor(positions), kv, meta))
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("quantization", ["none", "int8", "auto"])
-def test_decode_step_matches_pytorch(ext, tiny_checkpoint_factory, kind, quantization):
-    lm = _load(str(tiny_checkpoint_factory(kind)), quantization)
+def _compare_decode_steps(ext, path: str, quantization: str, lengths: list[int]) -> None:
+    """Prefill with the PyTorch path, then three decode steps through both paths."""
+    lm = _load(path, quantization)
     cfg = lm.config
     dm = build_decode_model(lm.model, ext)
     torch.manual_seed(0)
-    lengths = [13, 5, 9]  # prompts of three sequences, longer than the tiny windows
-    tables = [list(torch.randperm(40)[:8].tolist()) for _ in lengths]
-    kv = torch.zeros(cfg.num_layers, 2, 40 * BLOCK, cfg.num_kv_heads, cfg.head_dim)
+    num_blocks = 8 * len(lengths) + 8
+    tables = [list(torch.randperm(num_blocks)[:8].tolist()) for _ in lengths]
+    kv = torch.zeros(cfg.num_layers, 2, num_blocks * BLOCK, cfg.num_kv_heads, cfg.head_dim)
     with torch.inference_mode():
         for n, table in zip(lengths, tables):  # prefill each sequence with the PyTorch path
             slots = torch.tensor([table[p // BLOCK] * BLOCK + p % BLOCK for p in range(n)])
             lm.model(torch.randint(3, 300, (n,)), torch.arange(n), kv,
                      AttentionMetadata(slot_mapping=slots, prefills=[PrefillChunk(0, n, slots, _causal(n, cfg.sliding_window))]))
         kv_c = kv.clone()
-        tokens, positions = [7, 101, 55], list(lengths)
+        tokens, positions = [(7 + 13 * i) % 300 for i in range(len(lengths))], list(lengths)
         for step in range(3):  # three decode steps, both paths writing their own caches
             ref = _python_decode(lm, kv, tokens, positions, tables)
             slots = torch.tensor([t[p // BLOCK] * BLOCK + p % BLOCK for t, p in zip(tables, positions)])
             got, choices = dm.forward(torch.tensor(tokens), torch.tensor(positions), kv_c, slots, torch.tensor(tables), BLOCK)
             if quantization == "none":
-                assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4), f"{kind} step {step}: {(got - ref).abs().max()}"
+                assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4), f"step {step}: {(got - ref).abs().max()}"
             else:  # the PyTorch int8 kernel rounds activations to bf16, the C++ GEMV keeps float32
                 rel = float((got - ref).norm() / ref.norm())
-                assert rel < 2e-2, f"{kind}/{quantization} step {step}: relative error {rel}"
+                assert rel < 2e-2, f"{quantization} step {step}: relative error {rel}"
             kv_rel = float((kv_c - kv).norm() / kv.norm())
             assert kv_rel < (1e-5 if quantization == "none" else 2e-2), f"KV cache differs: {kv_rel}"
             if cfg.is_pesc:
-                assert choices.shape == (cfg.num_layers, 3, cfg.topk)
+                assert choices.shape == (cfg.num_layers, len(lengths), cfg.topk)
                 assert int(choices.max()) < cfg.num_experts
             tokens = ref.argmax(-1).tolist()
             positions = [p + 1 for p in positions]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("quantization", ["none", "int8", "auto"])
+def test_decode_step_matches_pytorch(ext, tiny_checkpoint_factory, kind, quantization):
+    _compare_decode_steps(ext, str(tiny_checkpoint_factory(kind)), quantization, [13, 5, 9])
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("quantization", ["none", "auto"])
+def test_decode_step_with_vectorised_head_sizes_and_big_batches(ext, tmp_path, head_dim, quantization):
+    """Head sizes 64 and 128 take the AVX-512 attention; 11 rows cover the GEMM's row tails
+    and the one-task-per-KV-head split; vocab and FFN widths are not multiples of its tiles."""
+    path = make_checkpoint("sparsetral", tmp_path, hidden_size=2 * head_dim, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=head_dim, intermediate_size=100)
+    _compare_decode_steps(ext, str(path), quantization, [13, 5, 9, 2, 7, 21, 3, 4, 17, 6, 8])
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 11, 17])
+@pytest.mark.parametrize(("n", "k"), [(48, 64), (100, 33), (1000, 130)])
+def test_bf16_gemm_matches_aten(ext, rows, n, k):
+    torch.manual_seed(rows)
+    x, w = torch.randn(rows, k), torch.randn(n, k).bfloat16()
+    got = ext.bf16_linear(x, ext.PackedBf16(w))
+    ref = x.bfloat16().float() @ w.float().t()
+    assert got.shape == (rows, n) and got.dtype == torch.float32
+    assert torch.allclose(got, ref, atol=1e-3, rtol=1e-3)
 
 
 def _causal(n: int, window: int | None) -> torch.Tensor:

@@ -44,6 +44,18 @@ def test_int4_reproduces_weights_already_on_a_4bit_grid():
         assert torch.allclose(Int4WeightOnlyLinear(lin)(x), lin(x), atol=1e-4)
 
 
+def test_int4_falls_back_to_int8_for_shapes_its_kernel_cannot_pack():
+    torch.manual_seed(0)
+    root = torch.nn.Module()
+    root.fits, root.odd_out, root.odd_in = (torch.nn.Linear(64, 48), torch.nn.Linear(64, 100), torch.nn.Linear(33, 48))
+    assert quantize_modules(root, ("fits", "odd_out", "odd_in"), "int4", torch.bfloat16) == 3
+    assert isinstance(root.fits, Int4WeightOnlyLinear)
+    assert isinstance(root.odd_out, Int8WeightOnlyLinear) and isinstance(root.odd_in, Int8WeightOnlyLinear)
+    x = torch.randn(2, 33)
+    with torch.no_grad():
+        assert root.odd_in(x).shape == (2, 48)
+
+
 def test_hybrid_uses_quantized_weights_only_for_small_batches(linear):
     calls = []
 

@@ -80,3 +80,22 @@ def test_logprobs_are_of_the_raw_distribution():
     ref = torch.log_softmax(logits, -1)
     assert torch.allclose(out.logprobs, ref.gather(1, out.token_ids[:, None]).squeeze(1))
     assert torch.allclose(out.top_logprobs, ref.topk(3).values)
+
+
+def test_sampled_frequencies_match_the_distribution():
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.15, 0.05, 0.0, 0.0, 0.0, 0.0])
+    logits = probs.log().repeat(20000, 1)  # zero-probability tokens are -inf, first and last included
+    torch.manual_seed(0)
+    ids = sample(logits, _batch(20000)).token_ids
+    freq = torch.bincount(ids, minlength=V).float() / ids.numel()
+    assert set(ids.unique().tolist()) == {1, 3, 4, 5}
+    assert torch.allclose(freq, probs, atol=0.015)
+
+
+def test_temperature_sharpens_and_top_p_cuts_the_tail():
+    logits = torch.tensor([[2.0, 1.0, 0.0] + [-30.0] * (V - 3)]).repeat(5000, 1)
+    torch.manual_seed(1)
+    cold = torch.bincount(sample(logits, _batch(5000, temperature=torch.full((5000,), 0.25))).token_ids, minlength=V)
+    assert cold[0] / 5000 > 0.95  # e^4 : e^0 odds at T = 0.25
+    nucleus = sample(logits, _batch(5000, top_p=torch.full((5000,), 0.7))).token_ids
+    assert set(nucleus.unique().tolist()) == {0, 1}  # p = 0.67, 0.24, 0.09: the third is outside 0.7

@@ -2,7 +2,9 @@
 
 * ``int8``: per-output-channel symmetric int8; ``torch._weight_int8pack_mm`` on CPU, a
   dequantize-then-GEMM fallback elsewhere.
-* ``int4``: group-wise (32) asymmetric int4 via ``_weight_int4pack_mm_for_cpu`` (CPU only).
+* ``int4``: group-wise (32) asymmetric int4 via ``_weight_int4pack_mm_for_cpu`` (CPU only);
+  a layer whose shape that kernel cannot take (in_features not a multiple of 32, out_features
+  not a multiple of 16) gets int8 instead.
 * ``nf4``: bitsandbytes ``Linear4bit`` with double quantization, as in the PESC/QLoRA recipe.
 
 Routers and adapters are never quantized: they are tiny and carry the expert behaviour.
@@ -15,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 INT4_GROUP_SIZE = 32
+INT8_PACK_K = 16  # _weight_int8pack_mm is wrong or crashes unless in_features is a multiple of 16
+INT4_PACK_ROWS = 16  # _convert_weight_to_int4pack_for_cpu packs output rows in blocks of 16
 
 
 class _CastingLinear(nn.Module):
@@ -55,7 +59,7 @@ class Int8WeightOnlyLinear(_CastingLinear):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
     def _run(self, x2: torch.Tensor) -> torch.Tensor:
-        if x2.device.type == "cpu":
+        if x2.device.type == "cpu" and self.in_features % INT8_PACK_K == 0:
             return torch._weight_int8pack_mm(x2, self.weight, self.scale)
         return F.linear(x2, self.weight.to(x2.dtype)) * self.scale
 
@@ -143,6 +147,11 @@ class HybridLinear(nn.Module):
         return self.small(x) if rows <= self.max_rows else self.large(x)
 
 
+def int4_fits(linear: nn.Linear) -> bool:
+    """Whether the CPU int4 kernel accepts this layer's shape."""
+    return linear.in_features % INT4_GROUP_SIZE == 0 and linear.out_features % INT4_PACK_ROWS == 0
+
+
 def quantize_linear(linear: nn.Linear, method: str, kernel_dtype: torch.dtype) -> nn.Module:
     """Return the quantized replacement for one ``nn.Linear`` (kernels run in ``kernel_dtype``)."""
     if method == "none":
@@ -152,6 +161,8 @@ def quantize_linear(linear: nn.Linear, method: str, kernel_dtype: torch.dtype) -
     if method == "int4":
         if linear.weight.device.type != "cpu":
             raise ValueError("--quantization int4 is implemented for CPU only; use int8 or nf4 on GPU")
+        if not int4_fits(linear):
+            return Int8WeightOnlyLinear(linear, kernel_dtype)
         return Int4WeightOnlyLinear(linear, kernel_dtype)
     if method == "nf4":
         return nf4_linear(linear, kernel_dtype)

@@ -1,9 +1,10 @@
 """Batched sampling: penalties, logit bias, temperature, top-k/top-p/min-p, seeds, logprobs.
 
 Everything is a tensor op over the batch; work that no request in the batch asked for is
-skipped.  Sampling uses the exponential-race trick (argmax of p / Exp(1) noise), which
-lets a seeded request draw its noise from its own generator, so the same seed gives the
-same tokens whatever else is in the batch.
+skipped.  Sampling inverts each row's CDF at one uniform draw: one random number per row
+(noise for the whole vocabulary cost more than the model's LM head on CPU), drawn from
+the request's own generator when it has a seed, so the same seed gives the same tokens
+whatever else is in the batch.
 """
 
 from __future__ import annotations
@@ -92,13 +93,25 @@ def _filter(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     return logits
 
 
-def _exponential_noise(shape: tuple[int, int], b: SamplingBatch, device: torch.device) -> torch.Tensor:
-    noise = torch.empty(shape, device=device).exponential_()
+def _uniforms(rows: int, b: SamplingBatch, device: torch.device) -> torch.Tensor:
+    """One U[0, 1) draw per row, float64; seeded rows draw from their own generator."""
+    u = torch.rand(rows, dtype=torch.float64, device=device)
     if b.generators is not None:
         for row, gen in enumerate(b.generators):
             if gen is not None:
-                noise[row].exponential_(generator=gen)
-    return noise
+                u[row] = torch.rand((), dtype=torch.float64, device=device, generator=gen)
+    return u
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The first token whose cumulative probability exceeds u (times the row's total).
+
+    The cumulative sum is float64 so tail tokens keep their share; a zero-probability token
+    adds nothing to the sum and so can never be the first to exceed it.
+    """
+    cdf = probs.double().cumsum(-1)
+    target = (u * cdf[:, -1]).unsqueeze(1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)
 
 
 def sample(logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
@@ -106,16 +119,17 @@ def sample(logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
     out_logprobs = top_ids = top_lp = None
     raw_logprobs = torch.log_softmax(logits, dim=-1) if b.num_logprobs is not None else None
     logits = apply_penalties(logits, b)
-    greedy_ids = logits.argmax(dim=-1)
     if b.all_greedy:
-        token_ids = greedy_ids
+        token_ids = logits.argmax(dim=-1)
     else:
         temp = b.temperature.clamp(min=1e-5).unsqueeze(1)
-        scaled = _filter(logits / temp, b)
-        probs = scaled.softmax(-1)
-        noise = _exponential_noise(tuple(probs.shape), b, probs.device)
-        sampled = (probs / noise).argmax(dim=-1)
-        token_ids = torch.where(b.temperature == 0, greedy_ids, sampled)
+        probs = _filter(logits / temp, b).softmax(-1)
+        sampled = _inverse_cdf(probs, _uniforms(probs.shape[0], b, probs.device))
+        # On CPU a host check is free and skips a vocabulary-wide argmax when no row is greedy.
+        if logits.is_cpu and not bool((b.temperature == 0).any()):
+            token_ids = sampled
+        else:
+            token_ids = torch.where(b.temperature == 0, logits.argmax(dim=-1), sampled)
     if raw_logprobs is not None:
         out_logprobs = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
         if b.num_logprobs:

@@ -9,7 +9,9 @@ Strategies timed (each includes the shared FFN and the router, as a layer runs t
   grouped        (token, expert) pairs sorted by expert, one GEMM pair per active expert
   gather         per pair, the selected expert's matrices gathered and batch-multiplied
   padded         pairs sorted by expert into an [E, C, H] buffer, two batched GEMMs
-  ours (auto)    pesc_serve's PescMLP with its default dispatch (what the server runs)
+  PyTorch auto   the dispatch PescMLP picks per batch size among the four above (PyTorch ops)
+  ours (auto)    pesc_serve's PescMLP as the server runs it: on CPU with the C++ kernels built,
+                 the expert-grouped bf16 adapter kernel; otherwise the PyTorch auto dispatch
   dense FFN      the shared FFN alone (what the dense base model runs)
 
 Timings are medians over interleaved repetitions (strategies take turns, so machine noise hits
@@ -27,12 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pesc_serve.layers.pesc_mlp import (
-    DISPATCHES,
-    PescMLP,
-    SharedFFN,
-    route,
-)
+from pesc_serve.allocator import keep_freed_buffers
+from pesc_serve.layers.pesc_mlp import DISPATCHES, PescMLP, choose_dispatch, route
 
 
 @dataclass(frozen=True)
@@ -79,14 +77,26 @@ def authors_loop(mlp: PescMLP, x: torch.Tensor) -> torch.Tensor:
 
 
 def strategy(mlp: PescMLP, name: str):
-    run = DISPATCHES[name]
-
     def fwd(x: torch.Tensor) -> torch.Tensor:
         f = mlp.ffn(x)
         p, idx = route(x, mlp.router.weight, mlp.topk)
+        run = DISPATCHES[name] if name != "auto" else choose_dispatch("auto", x.shape[0], mlp.num_experts, mlp.topk, x.is_cpu)
         return run(f, mlp.adapter_down, mlp.adapter_up_t, p, idx)
 
     return fwd
+
+
+def install_kernels(mlp: PescMLP) -> bool:
+    """What the server does on CPU: the C++ grouped adapters when the extension builds."""
+    if mlp.adapter_down.device.type != "cpu":
+        return False
+    from pesc_serve.models.cpu_decode import install_grouped_adapters, load_extension
+
+    try:
+        return install_grouped_adapters(mlp, load_extension()) > 0
+    except Exception as exc:  # no compiler: ours stays on the PyTorch dispatch, as the server would
+        print(f"C++ kernels unavailable ({exc}); 'ours' runs the PyTorch dispatch")
+        return False
 
 
 def time_all(fns: dict, x: torch.Tensor, reps: int, warmup: int = 2) -> dict[str, float]:
@@ -119,6 +129,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
+    keep_freed_buffers()  # the server's allocator setting (pesc_serve/allocator.py), for every strategy alike
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -127,19 +138,21 @@ def main() -> None:
     for key in args.dims.split(","):
         d = DIMS[key]
         mlp = build(d, dtype, device)
+        kernels = install_kernels(mlp)
         fns = {
             "authors-loop": lambda x, m=mlp: authors_loop(m, x),
             "dense-stacked": strategy(mlp, "dense"),
             "grouped": strategy(mlp, "grouped"),
             "gather": strategy(mlp, "gather"),
             "padded": strategy(mlp, "padded"),
+            "PyTorch auto": strategy(mlp, "auto"),
             "ours (auto)": mlp,
             "dense FFN": mlp.ffn,
         }
         results[key] = {}
         where = f"{torch.get_num_threads()} CPU threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
         print(f"\n{d.name}: H {d.hidden}, FFN {d.ffn}, E {d.experts}, k {d.topk}, r {d.adapter}, {args.dtype}, "
-              f"{where}; median ms per call")
+              f"{where}; ours = {'C++ grouped adapters' if kernels else 'PyTorch auto'}; median ms per call")
         print(f"{'T':>5} " + " ".join(f"{n:>14}" for n in fns) + f" {'ours/FFN':>9} {'loop/ours':>9}")
         for t in [int(v) for v in args.tokens.split(",")]:
             x = torch.randn(t, d.hidden, dtype=dtype, device=device)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -9,7 +11,15 @@ from pesc_serve.config import EngineConfig, LoadConfig
 from pesc_serve.engine.engine import LLMEngine
 from pesc_serve.engine.request import SamplingParams
 from pesc_serve.layers.attention import AttentionMetadata, PrefillChunk
-from pesc_serve.models.cpu_decode import UnsupportedModel, build_decode_model, load_extension, try_build
+from pesc_serve.layers.pesc_mlp import PescMLP
+from pesc_serve.models.cpu_decode import (
+    GroupedAdapters,
+    UnsupportedModel,
+    build_decode_model,
+    install_grouped_adapters,
+    load_extension,
+    try_build,
+)
 from pesc_serve.models.loader import load_model
 from pesc_serve.models.tokenizer import load_tokenizer
 from pesc_serve.registry import resolve_model
@@ -46,11 +56,19 @@ def _python_decode(lm, kv, tokens, positions, tables):
     return lm.model.compute_logits(lm.model(torch.tensor(tokens), torch.tensor(positions), kv, meta))
 
 
-def _compare_decode_steps(ext, path: str, quantization: str, lengths: list[int]) -> None:
-    """Prefill with the PyTorch path, then three decode steps through both paths."""
+def _compare_decode_steps(ext, path: str, quantization: str, lengths: list[int], grouped: bool = False) -> None:
+    """Prefill with the PyTorch path, then three decode steps through both paths.
+
+    ``grouped``: the C++ step runs the expert-grouped adapters; the PyTorch path keeps the
+    reference dispatch.
+    """
     lm = _load(path, quantization)
     cfg = lm.config
+    if grouped:
+        assert install_grouped_adapters(lm.model, ext) == cfg.num_layers
     dm = build_decode_model(lm.model, ext)
+    for layer in lm.model.layers:
+        layer.mlp.grouped_adapters = None
     torch.manual_seed(0)
     num_blocks = 8 * len(lengths) + 8
     tables = [list(torch.randperm(num_blocks)[:8].tolist()) for _ in lengths]
@@ -84,6 +102,39 @@ def _compare_decode_steps(ext, path: str, quantization: str, lengths: list[int])
 @pytest.mark.parametrize("quantization", ["none", "int8", "auto"])
 def test_decode_step_matches_pytorch(ext, tiny_checkpoint_factory, kind, quantization):
     _compare_decode_steps(ext, str(tiny_checkpoint_factory(kind)), quantization, [13, 5, 9])
+
+
+@pytest.mark.parametrize("kind", ["camelidae", "sparsetral"])
+def test_decode_step_with_grouped_adapters_matches_pytorch(ext, tiny_checkpoint_factory, kind):
+    if not ext.have_bf16_gemm():
+        pytest.skip("no AVX512-BF16 on this CPU")
+    _compare_decode_steps(ext, str(tiny_checkpoint_factory(kind)), "auto", [13, 5, 9, 3, 11], grouped=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 5, 64])
+def test_grouped_adapters_match_the_reference_dispatch(ext, dtype, tokens):
+    if not ext.have_bf16_gemm():
+        pytest.skip("no AVX512-BF16 on this CPU")
+    torch.manual_seed(tokens)
+    mlp = PescMLP(96, 160, num_experts=6, topk=2, adapter_dim=16).to(dtype)
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.normal_(0, 0.2)
+    mlp.finalize()
+    ref_mlp = copy.deepcopy(mlp).float()  # routing in float32, as the kernel does
+    ref_mlp.finalize()
+    x = torch.randn(tokens, 96, dtype=dtype)
+    with torch.no_grad():
+        ref = ref_mlp(x.float())
+        assert install_grouped_adapters(mlp, ext) == (1 if dtype == torch.bfloat16 else 0)
+        mlp.grouped_adapters = GroupedAdapters(ext, mlp)  # float32 models opt out; force it here
+        got = mlp(x)
+        f = mlp.ffn(x).float()
+        delta_ref, delta = ref - ref_mlp.ffn(x.float()), got.float() - f
+    assert got.dtype == dtype and got.shape == ref.shape
+    assert torch.equal(mlp.last_topk.sort(-1).values, ref_mlp.last_topk.sort(-1).values)
+    assert float((delta - delta_ref).norm() / delta_ref.norm()) < 3e-2
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])

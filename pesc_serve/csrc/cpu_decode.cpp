@@ -125,6 +125,39 @@ void bf16_rows(const uint32_t* xp, int64_t kp, const uint16_t* wt, float* y, int
 }
 #endif
 
+// Rows of float32 -> bf16 feature pairs, zero-padded to an even width (the GEMM's input).
+void to_bf16_rows(const float* x, int64_t rows, int64_t k, int64_t ldx, at::BFloat16* out, int64_t kp) {
+  for (int64_t m = 0; m < rows; ++m) {
+    const float* xr = x + m * ldx;
+    at::BFloat16* o = out + m * kp * 2;
+    int64_t i = 0;
+#ifdef PESC_BF16_GEMM
+    for (; i + 16 <= k; i += 16) {  // round-to-nearest-even, as at::BFloat16 does
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(xr + i)));
+    }
+#endif
+    for (; i < k; ++i) o[i] = at::BFloat16(xr[i]);
+    if (k % 2) o[k] = at::BFloat16(0.f);
+  }
+}
+
+#ifdef PESC_BF16_GEMM
+// y [M, N] (row stride ldy) = x @ W^T over the tiles t0 .. t1-1, on the calling thread.
+void bf16_gemm_tiles(const at::BFloat16* xb, int64_t M, const PackedBf16& p, float* y, int64_t ldy, int64_t t0,
+                     int64_t t1) {
+  const uint32_t* xp = reinterpret_cast<const uint32_t*>(xb);
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(p.data.data_ptr<at::BFloat16>());
+  const int64_t tile_elems = p.kp * kTileCols * 2;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t valid = std::min<int64_t>(kTileCols, p.n - t * kTileCols);
+    for (int64_t m0 = 0; m0 < M; m0 += kMaxTileRows) {
+      bf16_rows<kMaxTileRows>(xp + m0 * p.kp, p.kp, wp + t * tile_elems, y + m0 * ldy + t * kTileCols, ldy, valid,
+                              std::min<int64_t>(kMaxTileRows, M - m0));
+    }
+  }
+}
+#endif
+
 // y [M, N] float32 = x [M, K] float32 @ W^T, W packed by pack_bf16.
 torch::Tensor bf16_linear(const torch::Tensor& x, const PackedBf16& p) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == p.k, "bf16_linear: input has ", x.size(1), " features, weight ", p.k);
@@ -133,19 +166,9 @@ torch::Tensor bf16_linear(const torch::Tensor& x, const PackedBf16& p) {
   xb.narrow(1, 0, p.k).copy_(x);
 #ifdef PESC_BF16_GEMM
   torch::Tensor y = torch::empty({M, p.n}, x.options().dtype(at::kFloat));
-  const uint32_t* xp = reinterpret_cast<const uint32_t*>(xb.data_ptr<at::BFloat16>());
-  const uint16_t* wp = reinterpret_cast<const uint16_t*>(p.data.data_ptr<at::BFloat16>());
+  const at::BFloat16* xbp = xb.data_ptr<at::BFloat16>();
   float* yp = y.data_ptr<float>();
-  const int64_t tile_elems = p.kp * kTileCols * 2;
-  at::parallel_for(0, p.tiles, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t valid = std::min<int64_t>(kTileCols, p.n - t * kTileCols);
-      for (int64_t m0 = 0; m0 < M; m0 += kMaxTileRows) {
-        bf16_rows<kMaxTileRows>(xp + m0 * p.kp, p.kp, wp + t * tile_elems, yp + m0 * p.n + t * kTileCols, p.n, valid,
-                                std::min<int64_t>(kMaxTileRows, M - m0));
-      }
-    }
-  });
+  at::parallel_for(0, p.tiles, 1, [&](int64_t t0, int64_t t1) { bf16_gemm_tiles(xbp, M, p, yp, p.n, t0, t1); });
   return y;
 #else
   torch::Tensor w = p.data.permute({0, 2, 1, 3}).reshape({p.tiles * kTileCols, p.kp * 2}).narrow(0, 0, p.n);
@@ -159,6 +182,128 @@ bool have_bf16_gemm() {
 #else
   return false;
 #endif
+}
+
+inline float gelu_exact(float x) { return 0.5f * x * (1.0f + std::erf(x * 0.70710678118654752f)); }
+
+// ---- routed adapters, grouped by expert ------------------------------------------------------
+// Why: one token's adapters are ~150k multiply-adds spread over 2k tiny dot products; run
+// per token they reach ~17 GFLOP/s.  Sorting the (token, expert) pairs by expert turns them
+// into two small GEMMs per active expert on the bf16 kernel above (bf16 adapter weights are
+// what PESC checkpoints store; the activations are rounded to bf16 like any bf16 model's).
+
+struct PackedAdapters {
+  torch::Tensor router;             // [E, H] float32
+  std::vector<PackedBf16> down;     // per expert: D_e [r, H]
+  std::vector<PackedBf16> up;       // per expert: U_e [H, r], moe_scaling folded in
+  int64_t e = 0, r = 0, h = 0, k = 0;
+};
+
+PackedAdapters pack_adapters(const torch::Tensor& router, const torch::Tensor& down, const torch::Tensor& up,
+                             int64_t topk) {
+  PackedAdapters a;
+  a.router = router.to(at::kFloat).contiguous();
+  a.e = down.size(0);
+  a.r = down.size(1);
+  a.h = down.size(2);
+  a.k = topk;
+  TORCH_CHECK(a.e <= 64 && topk >= 1 && topk <= a.e, "grouped adapters support up to 64 experts and 1 <= k <= E");
+  TORCH_CHECK(up.size(0) == a.e && up.size(1) == a.h && up.size(2) == a.r, "adapter_up must be [E, H, r]");
+  for (int64_t e = 0; e < a.e; ++e) {
+    a.down.push_back(pack_bf16(down[e]));
+    a.up.push_back(pack_bf16(up[e]));
+  }
+  return a;
+}
+
+// Top-k experts of one token (ties to the lower id) and their softmax weights.
+inline void route_token(const float* xr, const float* router, int64_t E, int64_t H, int64_t k, int64_t* ids,
+                        float* weights) {
+  float logits[64];
+  int64_t order[64];
+  for (int64_t e = 0; e < E; ++e) {
+    float s = 0.f;
+    for (int64_t i = 0; i < H; ++i) s += router[e * H + i] * xr[i];
+    logits[e] = s;
+    order[e] = e;
+  }
+  std::partial_sort(order, order + k, order + E, [&](int64_t a, int64_t c) {
+    return logits[a] > logits[c] || (logits[a] == logits[c] && a < c);
+  });
+  const float mx = logits[order[0]];
+  float denom = 0.f;
+  for (int64_t j = 0; j < k; ++j) denom += std::exp(logits[order[j]] - mx);
+  for (int64_t j = 0; j < k; ++j) {
+    ids[j] = order[j];
+    weights[j] = std::exp(logits[order[j]] - mx) / denom;
+  }
+}
+
+// f [T, H] += sum_j p_j U_j GELU(D_j f) with the router on x [T, H]; ids [T, k] receives the
+// choices.  All float32 and contiguous.
+void grouped_adapters(const float* xp, float* fp, int64_t T, const PackedAdapters& a, int64_t* ids) {
+#ifdef PESC_BF16_GEMM
+  const int64_t E = a.e, H = a.h, R = a.r, K = a.k, pairs = T * K;
+  // Scratch reused across calls (grow-only): fresh multi-100-KiB buffers cost page faults.
+  // Lambdas below must use the pointers: inside them a thread_local names the worker's copy.
+  thread_local std::vector<float> weight_buf, out_buf;
+  thread_local std::vector<int64_t> start_buf, order_buf, fill;
+  weight_buf.resize(pairs);
+  start_buf.assign(E + 1, 0);
+  order_buf.resize(pairs);
+  out_buf.resize(pairs * H);  // adapter outputs, in expert-sorted pair order
+  float* weight = weight_buf.data();
+  float* out = out_buf.data();
+  int64_t* start = start_buf.data();
+  int64_t* order = order_buf.data();
+  const float* router = a.router.data_ptr<float>();
+  at::parallel_for(0, T, 8, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) route_token(xp + t * H, router, E, H, K, ids + t * K, weight + t * K);
+  });
+  for (int64_t i = 0; i < pairs; ++i) ++start[ids[i] + 1];
+  for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
+  fill.assign(start, start + E);
+  for (int64_t i = 0; i < pairs; ++i) order[fill[ids[i]]++] = i;  // stable: token order within an expert
+  const int64_t expert_grain = pairs >= 16 ? 1 : E;  // a few pairs: waking a thread costs more
+  at::parallel_for(0, E, expert_grain, [&](int64_t e0, int64_t e1) {
+    thread_local std::vector<at::BFloat16> xb, zb;
+    thread_local std::vector<float> z;
+    for (int64_t e = e0; e < e1; ++e) {
+      const int64_t n = start[e + 1] - start[e];
+      if (n == 0) continue;
+      const PackedBf16& d = a.down[e];
+      const PackedBf16& u = a.up[e];
+      xb.resize(n * d.kp * 2);
+      for (int64_t i = 0; i < n; ++i) to_bf16_rows(fp + (order[start[e] + i] / K) * H, 1, H, H, xb.data() + i * d.kp * 2, d.kp);
+      z.resize(n * R);
+      bf16_gemm_tiles(xb.data(), n, d, z.data(), R, 0, d.tiles);
+      for (int64_t i = 0; i < n; ++i) {
+        const float p = weight[order[start[e] + i]];
+        for (int64_t j = 0; j < R; ++j) z[i * R + j] = p * gelu_exact(z[i * R + j]);
+      }
+      zb.resize(n * u.kp * 2);
+      to_bf16_rows(z.data(), n, R, R, zb.data(), u.kp);
+      bf16_gemm_tiles(zb.data(), n, u, out + start[e] * H, H, 0, u.tiles);
+    }
+  });
+  for (int64_t s = 0; s < pairs; ++s) {  // one thread: two experts may update the same token
+    float* fr = fp + (order[s] / K) * H;
+    const float* o = out + s * H;
+    for (int64_t i = 0; i < H; ++i) fr[i] += o[i];
+  }
+#else
+  TORCH_CHECK(false, "grouped adapters need an AVX512-BF16 build");
+#endif
+}
+
+// The PyTorch path's entry: (f + adapters in f's dtype, top-k ids [T, k]).
+std::vector<torch::Tensor> routed_adapters(const torch::Tensor& x, const torch::Tensor& f, const PackedAdapters& a) {
+  TORCH_CHECK(x.dim() == 2 && f.sizes() == x.sizes() && x.size(1) == a.h, "routed_adapters: x and f must be [T, H]");
+  torch::Tensor x32 = x.to(at::kFloat).contiguous();
+  torch::Tensor y = f.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  torch::Tensor ids = torch::empty({x.size(0), a.k}, torch::TensorOptions().dtype(at::kLong));
+  grouped_adapters(x32.data_ptr<float>(), y.data_ptr<float>(), x.size(0), a, ids.data_ptr<int64_t>());
+  return {f.scalar_type() == at::kFloat ? y : y.to(f.scalar_type()), ids};
 }
 
 constexpr int64_t kGemvMaxRows = 4;
@@ -210,6 +355,8 @@ struct Layer {
   torch::Tensor router;              // [E, H] float32 (undefined for dense models)
   torch::Tensor adapter_down;        // [E, r, H] float32
   torch::Tensor adapter_up_t;        // [E, r, H] float32 (U_e transposed, moe_scaling folded)
+  bool use_grouped = false;          // run the adapters with grouped_adapters (bf16) ...
+  PackedAdapters grouped;            // ... on these packed experts
 };
 
 void rms_norm(const float* x, const float* w, float* out, int64_t rows, int64_t h, double eps) {
@@ -328,8 +475,6 @@ void attend(const AttentionTask& t, float* scores) {
   }
 }
 
-inline float gelu_exact(float x) { return 0.5f * x * (1.0f + std::erf(x * 0.70710678118654752f)); }
-
 class DecodeModel {
  public:
   DecodeModel(int64_t hidden, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
@@ -392,7 +537,11 @@ class DecodeModel {
       torch::Tensor gu = ly.gate_up(x);  // [B, 2I]
       torch::Tensor act = at::silu(gu.narrow(1, 0, inter_)).mul_(gu.narrow(1, inter_, inter_));  // ATen's vectorised exp
       torch::Tensor f = ly.down(act).contiguous();  // [B, H]
-      if (e_ > 0) adapters(x, f, ly, topk_ids[l]);
+      if (e_ > 0 && ly.use_grouped) {
+        grouped_adapters(x.data_ptr<float>(), f.data_ptr<float>(), B, ly.grouped, topk_ids[l].data_ptr<int64_t>());
+      } else if (e_ > 0) {
+        adapters(x, f, ly, topk_ids[l]);
+      }
       h.add_(f);
     }
     rms_norm(h.data_ptr<float>(), final_norm_.data_ptr<float>(), x.data_ptr<float>(), B, H, eps_);
@@ -514,7 +663,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init([](torch::Tensor in_norm, torch::Tensor post_norm, Linear qkv, Linear o, Linear gate_up,
                        Linear down, torch::Tensor router, torch::Tensor adapter_down, torch::Tensor adapter_up_t) {
         return Layer{in_norm, post_norm, qkv, o, gate_up, down, router, adapter_down, adapter_up_t};
-      }));
+      }))
+      .def("use_grouped_adapters", [](Layer& layer, PackedAdapters packed) {
+        layer.grouped = std::move(packed);
+        layer.use_grouped = true;
+      });
+  py::class_<PackedAdapters>(m, "PackedAdapters")
+      .def(py::init(&pack_adapters), "router [E, H], adapter_down [E, r, H], adapter_up [E, H, r], topk");
+  m.def("routed_adapters", &routed_adapters, "(f + routed adapters, top-k ids) for x, f [T, H]",
+        py::call_guard<py::gil_scoped_release>());
   py::class_<DecodeModel>(m, "DecodeModel")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double, int64_t,
                     torch::Tensor, torch::Tensor, Linear, bool, torch::Tensor>())

@@ -181,6 +181,9 @@ class PescMLP(nn.Module):
         self.adapter_up_t: torch.Tensor | None = None  # [E, r, H] contiguous, built by finalize()
         # The last forward's expert choices [T, k], read by the engine for router-load metrics.
         self.last_topk: torch.Tensor | None = None
+        # (x, f) -> (f + adapters, top-k ids): a fused CPU kernel (models/cpu_decode.py) that
+        # the ``auto`` dispatch prefers when one is installed.
+        self.grouped_adapters: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def finalize(self) -> None:
         """Derive the transposed up-projections once the weights are loaded."""
@@ -190,6 +193,9 @@ class PescMLP(nn.Module):
         if self.adapter_up_t is None:
             self.finalize()
         f = self.ffn(x)
+        if self.grouped_adapters is not None and self.dispatch == "auto" and x.is_cpu:
+            y, self.last_topk = self.grouped_adapters(x, f)
+            return y
         p, idx = route(x, self.router.weight, self.topk)
         self.last_topk = idx
         run = choose_dispatch(self.dispatch, x.shape[0], self.num_experts, self.topk, x.is_cpu)

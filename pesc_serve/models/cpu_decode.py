@@ -1,5 +1,8 @@
 """The C++ decode step for CPUs (csrc/cpu_decode.cpp), built on first use and cached.
 
+It also provides the expert-grouped adapter kernel that the PyTorch path's PESC MLP uses
+on CPU (:func:`install_grouped_adapters`).
+
 At decode batch sizes a PyTorch forward is mostly per-op dispatch cost, not arithmetic; the
 extension runs a whole decode step in one call (see the C++ file for why and how).  It
 takes the weights of an already-loaded :class:`PescForCausalLM`, so loading, quantization
@@ -73,6 +76,42 @@ def _linear(ext: ModuleType, module: nn.Module) -> object:
     raise UnsupportedModel(f"{type(module).__name__} linears are not supported by the CPU decode kernels")
 
 
+class GroupedAdapters:
+    """``(x, f) -> (f + routed adapters, top-k ids)`` on the C++ expert-grouped bf16 kernel.
+
+    Installed on a :class:`PescMLP` as ``grouped_adapters``; the decode step shares the same
+    packed experts.
+    """
+
+    def __init__(self, ext: ModuleType, mlp: PescMLP) -> None:
+        self._run = ext.routed_adapters
+        self.packed = ext.PackedAdapters(mlp.router.weight.detach(), mlp.adapter_down.detach(),
+                                         mlp.adapter_up.detach(), mlp.topk)
+
+    def __call__(self, x: torch.Tensor, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y, ids = self._run(x, f, self.packed)
+        return y, ids
+
+
+def grouped_adapters_fit(mlp: PescMLP) -> bool:
+    """bf16 adapter maths loses nothing that matters when the adapters are stored in bf16
+    or the shared FFN they sit on is quantized; a float32 model keeps the exact path."""
+    quantized_ffn = type(mlp.ffn.gate_up_proj) is not nn.Linear
+    return quantized_ffn or mlp.adapter_down.dtype == torch.bfloat16
+
+
+def install_grouped_adapters(model: nn.Module, ext: ModuleType) -> int:
+    """Give every CPU :class:`PescMLP` below ``model`` that fits the grouped kernel; returns the count."""
+    if not ext.have_bf16_gemm():
+        return 0
+    count = 0
+    for mlp in model.modules():
+        if isinstance(mlp, PescMLP) and mlp.adapter_down.device.type == "cpu" and grouped_adapters_fit(mlp):
+            mlp.grouped_adapters = GroupedAdapters(ext, mlp)
+            count += 1
+    return count
+
+
 def _f32(t: torch.Tensor) -> torch.Tensor:
     if t.dtype != torch.float32:
         raise UnsupportedModel("the CPU decode kernels need float32 activations (--dtype float32 or auto)")
@@ -101,11 +140,15 @@ def build_decode_model(model: PescForCausalLM, ext: ModuleType) -> object:
             expert = (_f32(mlp.router.weight), _f32(mlp.adapter_down), _f32(mlp.adapter_up_t))
         else:
             expert = (_EMPTY, _EMPTY, _EMPTY)
-        dm.add_layer(ext.Layer(
+        spec = ext.Layer(
             _f32(layer.input_layernorm.weight), _f32(layer.post_attention_layernorm.weight),
             _linear(ext, layer.self_attn.qkv_proj), _linear(ext, layer.self_attn.o_proj),
             _linear(ext, ffn.gate_up_proj), _linear(ext, ffn.down_proj), *expert,
-        ))
+        )
+        grouped = getattr(mlp, "grouped_adapters", None)
+        if isinstance(grouped, GroupedAdapters):
+            spec.use_grouped_adapters(grouped.packed)
+        dm.add_layer(spec)
     return dm
 
 
@@ -114,7 +157,9 @@ def try_build(model: PescForCausalLM, policy: str) -> object | None:
     if policy == "off" or os.environ.get("PESC_SERVE_CPU_KERNELS") == "off":
         return None
     try:
-        dm = build_decode_model(model, load_extension())
+        ext = load_extension()
+        install_grouped_adapters(model, ext)
+        dm = build_decode_model(model, ext)
     except UnsupportedModel as exc:
         if policy == "on":
             raise ValueError(f"--cpu-kernels on: {exc}") from None

@@ -17,6 +17,7 @@ from pesc_serve.models.cpu_decode import (
     UnsupportedModel,
     build_decode_model,
     install_grouped_adapters,
+    install_packed_gemm,
     load_extension,
     try_build,
 )
@@ -59,12 +60,14 @@ def _python_decode(lm, kv, tokens, positions, tables):
 def _compare_decode_steps(ext, path: str, quantization: str, lengths: list[int], grouped: bool = False) -> None:
     """Prefill with the PyTorch path, then three decode steps through both paths.
 
-    ``grouped``: the C++ step runs the expert-grouped adapters; the PyTorch path keeps the
-    reference dispatch.
+    ``grouped``: as the engine sets things up, dense weights are packed for the bf16 GEMM
+    (both paths use them) and the C++ step runs the expert-grouped adapters, while the
+    PyTorch path keeps the reference dispatch.
     """
     lm = _load(path, quantization)
     cfg = lm.config
     if grouped:
+        assert install_packed_gemm(lm.model, ext) == 4 * cfg.num_layers + 1  # qkv, o, gate_up, down; lm_head
         assert install_grouped_adapters(lm.model, ext) == cfg.num_layers
     dm = build_decode_model(lm.model, ext)
     for layer in lm.model.layers:
@@ -109,6 +112,23 @@ def test_decode_step_with_grouped_adapters_matches_pytorch(ext, tiny_checkpoint_
     if not ext.have_bf16_gemm():
         pytest.skip("no AVX512-BF16 on this CPU")
     _compare_decode_steps(ext, str(tiny_checkpoint_factory(kind)), "auto", [13, 5, 9, 3, 11], grouped=True)
+
+
+def test_packed_gemm_replaces_the_dense_copy(ext, tiny_checkpoint_factory):
+    if not ext.have_bf16_gemm():
+        pytest.skip("no AVX512-BF16 on this CPU")
+    lm = _load(str(tiny_checkpoint_factory("qwen2idae")), "auto")
+    layer = lm.model.layers[0].self_attn.qkv_proj
+    x = torch.randn(7, lm.config.hidden_size)  # above the hybrid threshold: the dense part runs
+    with torch.no_grad():
+        before = layer(x)
+        plain = layer.large.weight
+        assert install_packed_gemm(lm.model, ext) > 0
+        after = layer(x)
+    assert layer.large.weight is layer.large.packed.data and layer.large.weight.numel() >= plain.numel()
+    exact = torch.nn.functional.linear(x.bfloat16().float(), plain.float(), layer.large.bias)
+    assert torch.allclose(after, exact, atol=1e-4, rtol=1e-4)  # float32 accumulation and output, bias added
+    assert torch.allclose(before, exact, atol=2e-2, rtol=1e-2)  # ATen rounds its output to bf16
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -645,17 +645,25 @@ class DecodeModel {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  py::class_<PackedBf16>(m, "PackedBf16")
+      .def(py::init(&pack_bf16), "pack a [N, K] weight (any float dtype) for bf16_linear")
+      .def_readonly("data", &PackedBf16::data)
+      .def_readonly("out_features", &PackedBf16::n)
+      .def_readonly("in_features", &PackedBf16::k);
+  // `dense` is the large-batch weight; `packed` (a PackedBf16 or None) is it already packed.
+  // A bf16 `dense` without one is packed here when the CPU has the bf16 GEMM.
   py::class_<Linear>(m, "Linear")
       .def(py::init([](int64_t kind, torch::Tensor a, torch::Tensor b, int64_t group, int64_t max_rows,
-                       torch::Tensor dense, torch::Tensor bias, int64_t out_features) {
+                       torch::Tensor dense, torch::Tensor bias, int64_t out_features, py::object packed) {
         Linear lin{kind, a, b, group, max_rows, dense, bias, out_features};
         if (kind == INT8) lin.scale_f32 = b.to(at::kFloat).contiguous();
-        if (max_rows >= 0 && present(dense) && dense.scalar_type() == at::kBFloat16 && have_bf16_gemm()) {
+        if (!packed.is_none()) {
+          lin.packed = packed.cast<PackedBf16>();
+        } else if (max_rows >= 0 && present(dense) && dense.scalar_type() == at::kBFloat16 && have_bf16_gemm()) {
           lin.packed = pack_bf16(dense);
         }
         return lin;
       }));
-  py::class_<PackedBf16>(m, "PackedBf16").def(py::init(&pack_bf16));
   m.def("bf16_linear", &bf16_linear, "x [M, K] float32 @ W^T with W packed by PackedBf16",
         py::call_guard<py::gil_scoped_release>());
   m.def("have_bf16_gemm", &have_bf16_gemm, "whether this build has the AVX512-BF16 GEMM");

@@ -12,6 +12,8 @@ Routers and adapters are never quantized: they are tiny and carry the expert beh
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -99,8 +101,18 @@ class DenseLinear(_CastingLinear):
         self.kernel_dtype = kernel_dtype
         self.register_buffer("weight", linear.weight.detach().to(kernel_dtype))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.packed: object | None = None  # the weight in a kernel's own layout (see use_packed)
+        self._packed_run: Callable[[torch.Tensor, object], torch.Tensor] | None = None
+
+    def use_packed(self, packed: object, run: Callable[[torch.Tensor, object], torch.Tensor]) -> None:
+        """Serve from ``packed`` with ``run(x, packed)`` (e.g. the CPU bf16 GEMM of
+        models/cpu_decode.py); ``weight`` becomes the packed tensor, so no second copy stays."""
+        self.packed, self._packed_run = packed, run
+        self.weight = packed.data
 
     def _run(self, x2: torch.Tensor) -> torch.Tensor:
+        if self._packed_run is not None:
+            return self._packed_run(x2, self.packed)
         return F.linear(x2, self.weight)
 
 

@@ -57,23 +57,40 @@ def load_extension() -> ModuleType:
 
 def _linear(ext: ModuleType, module: nn.Module) -> object:
     """Describe one (possibly quantized) linear layer to the extension."""
-    max_rows, dense = -1, _EMPTY
+    max_rows, dense, packed = -1, _EMPTY, None
     if isinstance(module, HybridLinear):
         if not isinstance(module.large, DenseLinear):
             raise UnsupportedModel(f"hybrid layer with a {type(module.large).__name__} dense part")
-        max_rows, dense = module.max_rows, module.large.weight
+        max_rows, dense, packed = module.max_rows, module.large.weight, module.large.packed
         module = module.small
     bias = module.bias.detach().float().contiguous() if getattr(module, "bias", None) is not None else _EMPTY
     if isinstance(module, Int8WeightOnlyLinear):
-        return ext.Linear(INT8, module.weight, module.scale, 0, max_rows, dense, bias, module.out_features)
+        return ext.Linear(INT8, module.weight, module.scale, 0, max_rows, dense, bias, module.out_features, packed)
     if isinstance(module, Int4WeightOnlyLinear):
         return ext.Linear(INT4, module.packed, module.scales_zeros, module.group_size, max_rows, dense, bias,
-                          module.out_features)
+                          module.out_features, packed)
     if isinstance(module, DenseLinear):
-        return ext.Linear(DENSE, module.weight, _EMPTY, 0, max_rows, dense, bias, module.out_features)
+        if module.packed is not None:
+            raise UnsupportedModel("a packed dense layer outside a hybrid one")
+        return ext.Linear(DENSE, module.weight, _EMPTY, 0, max_rows, dense, bias, module.out_features, packed)
     if type(module) is nn.Linear:
-        return ext.Linear(DENSE, module.weight.detach(), _EMPTY, 0, -1, _EMPTY, bias, module.out_features)
+        return ext.Linear(DENSE, module.weight.detach(), _EMPTY, 0, -1, _EMPTY, bias, module.out_features, None)
     raise UnsupportedModel(f"{type(module).__name__} linears are not supported by the CPU decode kernels")
+
+
+def install_packed_gemm(model: nn.Module, ext: ModuleType) -> int:
+    """Repack every bf16 :class:`DenseLinear` on CPU for the extension's bf16 GEMM (in place
+    of its plain weight: one copy serves both the PyTorch path and the decode step)."""
+    if not ext.have_bf16_gemm():
+        return 0
+    count = 0
+    for module in model.modules():
+        if isinstance(module, HybridLinear) and isinstance(module.large, DenseLinear):
+            dense = module.large
+            if dense.packed is None and dense.weight.dtype == torch.bfloat16 and dense.weight.device.type == "cpu":
+                dense.use_packed(ext.PackedBf16(dense.weight), ext.bf16_linear)
+                count += 1
+    return count
 
 
 class GroupedAdapters:
@@ -128,7 +145,7 @@ def build_decode_model(model: PescForCausalLM, ext: ModuleType) -> object:
         cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
         cfg.num_experts, cfg.topk, cfg.adapter_dim, float(cfg.rms_norm_eps), cfg.sliding_window or -1,
         _f32(model.embed_tokens.weight), _f32(model.norm.weight),
-        _linear(ext, head) if head is not None else ext.Linear(DENSE, _EMPTY, _EMPTY, 0, -1, _EMPTY, _EMPTY, 0),
+        _linear(ext, head) if head is not None else ext.Linear(DENSE, _EMPTY, _EMPTY, 0, -1, _EMPTY, _EMPTY, 0, None),
         head is None, _f32(model.rotary.cos_sin),
     )
     for layer in model.layers:
@@ -158,6 +175,7 @@ def try_build(model: PescForCausalLM, policy: str) -> object | None:
         return None
     try:
         ext = load_extension()
+        install_packed_gemm(model, ext)
         install_grouped_adapters(model, ext)
         dm = build_decode_model(model, ext)
     except UnsupportedModel as exc:

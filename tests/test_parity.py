@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pesc_serve.config import DISPATCH_CHOICES, LoadConfig
+from pesc_serve.config import LoadConfig
 from pesc_serve.layers.attention import AttentionMetadata, PrefillChunk
 from pesc_serve.layers.pesc_mlp import DISPATCHES
 from pesc_serve.models.loader import LoadedModel, load_model

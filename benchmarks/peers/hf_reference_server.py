@@ -17,7 +17,6 @@ import json
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F

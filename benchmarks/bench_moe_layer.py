@@ -14,14 +14,15 @@ Strategies timed (each includes the shared FFN and the router, as a layer runs t
                  the expert-grouped bf16 adapter kernel; otherwise the PyTorch auto dispatch
   dense FFN      the shared FFN alone (what the dense base model runs)
 
-Timings are medians over interleaved repetitions (strategies take turns, so machine noise hits
-them alike).  The LAST line printed is one JSON object with the headline ratios.
+Timings are medians over interleaved repetitions (strategies take turns in a fresh random order
+each time, so machine noise and the previous call's cache footprint hit them alike).  The LAST line printed is one JSON object with the headline ratios.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import time
 from dataclasses import dataclass
@@ -106,8 +107,12 @@ def time_all(fns: dict, x: torch.Tensor, reps: int, warmup: int = 2) -> dict[str
         for fn in fns.values():
             for _ in range(warmup):
                 fn(x)
+        order = list(fns)
+        shuffle = random.Random(0).shuffle
         for _ in range(reps):
-            for name, fn in fns.items():
+            shuffle(order)  # no strategy always runs right after the same one (cache state)
+            for name in order:
+                fn = fns[name]
                 sync()
                 t = time.perf_counter()
                 fn(x)

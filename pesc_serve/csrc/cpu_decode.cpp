@@ -247,15 +247,17 @@ void grouped_adapters(const float* xp, float* fp, int64_t T, const PackedAdapter
   // Scratch reused across calls (grow-only): fresh multi-100-KiB buffers cost page faults.
   // Lambdas below must use the pointers: inside them a thread_local names the worker's copy.
   thread_local std::vector<float> weight_buf, out_buf;
-  thread_local std::vector<int64_t> start_buf, order_buf, fill;
+  thread_local std::vector<int64_t> start_buf, order_buf, slot_buf, fill, task_buf;
   weight_buf.resize(pairs);
   start_buf.assign(E + 1, 0);
   order_buf.resize(pairs);
+  slot_buf.resize(pairs);
   out_buf.resize(pairs * H);  // adapter outputs, in expert-sorted pair order
   float* weight = weight_buf.data();
   float* out = out_buf.data();
   int64_t* start = start_buf.data();
-  int64_t* order = order_buf.data();
+  int64_t* order = order_buf.data();  // sorted position -> pair (pair = token * K + j)
+  int64_t* slot = slot_buf.data();    // pair -> sorted position
   const float* router = a.router.data_ptr<float>();
   at::parallel_for(0, T, 8, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) route_token(xp + t * H, router, E, H, K, ids + t * K, weight + t * K);
@@ -263,34 +265,53 @@ void grouped_adapters(const float* xp, float* fp, int64_t T, const PackedAdapter
   for (int64_t i = 0; i < pairs; ++i) ++start[ids[i] + 1];
   for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
   fill.assign(start, start + E);
-  for (int64_t i = 0; i < pairs; ++i) order[fill[ids[i]]++] = i;  // stable: token order within an expert
-  const int64_t expert_grain = pairs >= 16 ? 1 : E;  // a few pairs: waking a thread costs more
-  at::parallel_for(0, E, expert_grain, [&](int64_t e0, int64_t e1) {
+  for (int64_t i = 0; i < pairs; ++i) {  // stable: token order within an expert
+    slot[i] = fill[ids[i]]++;
+    order[slot[i]] = i;
+  }
+  // Tasks of up to one GEMM tile of rows from one expert: equal-sized work whatever the
+  // routing, so a static split over threads stays balanced.
+  task_buf.clear();
+  for (int64_t e = 0; e < E; ++e) {
+    for (int64_t m0 = start[e]; m0 < start[e + 1]; m0 += kMaxTileRows) {
+      task_buf.push_back(e);
+      task_buf.push_back(m0);
+    }
+  }
+  const int64_t* tasks = task_buf.data();
+  const int64_t num_tasks = static_cast<int64_t>(task_buf.size() / 2);
+  const int64_t grain = pairs >= 16 ? 1 : num_tasks;  // a few pairs: waking a thread costs more
+  at::parallel_for(0, num_tasks, grain, [&](int64_t i0, int64_t i1) {
     thread_local std::vector<at::BFloat16> xb, zb;
     thread_local std::vector<float> z;
-    for (int64_t e = e0; e < e1; ++e) {
-      const int64_t n = start[e + 1] - start[e];
-      if (n == 0) continue;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t e = tasks[2 * i], m0 = tasks[2 * i + 1];
+      const int64_t n = std::min<int64_t>(kMaxTileRows, start[e + 1] - m0);
       const PackedBf16& d = a.down[e];
       const PackedBf16& u = a.up[e];
       xb.resize(n * d.kp * 2);
-      for (int64_t i = 0; i < n; ++i) to_bf16_rows(fp + (order[start[e] + i] / K) * H, 1, H, H, xb.data() + i * d.kp * 2, d.kp);
+      for (int64_t r = 0; r < n; ++r) to_bf16_rows(fp + (order[m0 + r] / K) * H, 1, H, H, xb.data() + r * d.kp * 2, d.kp);
       z.resize(n * R);
       bf16_gemm_tiles(xb.data(), n, d, z.data(), R, 0, d.tiles);
-      for (int64_t i = 0; i < n; ++i) {
-        const float p = weight[order[start[e] + i]];
-        for (int64_t j = 0; j < R; ++j) z[i * R + j] = p * gelu_exact(z[i * R + j]);
+      for (int64_t r = 0; r < n; ++r) {
+        const float p = weight[order[m0 + r]];
+        for (int64_t j = 0; j < R; ++j) z[r * R + j] = p * gelu_exact(z[r * R + j]);
       }
       zb.resize(n * u.kp * 2);
       to_bf16_rows(z.data(), n, R, R, zb.data(), u.kp);
-      bf16_gemm_tiles(zb.data(), n, u, out + start[e] * H, H, 0, u.tiles);
+      bf16_gemm_tiles(zb.data(), n, u, out + m0 * H, H, 0, u.tiles);
     }
   });
-  for (int64_t s = 0; s < pairs; ++s) {  // one thread: two experts may update the same token
-    float* fr = fp + (order[s] / K) * H;
-    const float* o = out + s * H;
-    for (int64_t i = 0; i < H; ++i) fr[i] += o[i];
-  }
+  // Each token gathers its own k outputs: no two tasks write one row.
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      float* fr = fp + t * H;
+      for (int64_t j = 0; j < K; ++j) {
+        const float* o = out + slot[t * K + j] * H;
+        for (int64_t i = 0; i < H; ++i) fr[i] += o[i];
+      }
+    }
+  });
 #else
   TORCH_CHECK(false, "grouped adapters need an AVX512-BF16 build");
 #endif

@@ -9,10 +9,14 @@ import signal
 import sys
 from pathlib import Path
 
-# OpenMP threads that spin while waiting (libgomp's default) starve the HTTP thread and any
-# other process on a small CPU, collapsing decode speed (measured 4 vs 80 tok/s on 2 cores
-# with one other busy process).  Sleeping waiters cost microseconds.  Must precede torch.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP waiters: libgomp's default spins for ~300k iterations (up to milliseconds) and
+# starves the HTTP thread and any other process on a small CPU (measured 4 vs 80 tok/s on 2
+# cores with one other busy process); OMP_WAIT_POLICY=PASSIVE sleeps at once, but then every
+# parallel region pays a futex wake-up, ~150 per decode step (18 vs 8 ms per one-row step).
+# A short spin catches the next region of the same step and sleeps between steps.  libgomp
+# reads this at load, so it must precede torch; a user's own setting wins.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "50000")
 
 from pesc_serve.allocator import keep_freed_buffers  # noqa: E402
 from pesc_serve.config import (  # noqa: E402

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from pesc_serve.config import EngineConfig, LoadConfig, ServerConfig
 from pesc_serve.engine.async_engine import AsyncEngine
 from pesc_serve.engine.engine import LLMEngine
+from pesc_serve.engine.engine_thread import EngineThread
 from pesc_serve.models.loader import LoadedModel, load_model
 from pesc_serve.models.tokenizer import load_tokenizer
 from pesc_serve.registry import resolve_model
@@ -79,11 +80,12 @@ def build_server(
     server_cfg: ServerConfig,
     chat_template: Path | None = None,
 ) -> Server:
-    engine = build_engine(load, engine_cfg)
+    thread = EngineThread()  # loads the model, then runs the engine loop (see engine_thread.py)
+    engine = thread.call(lambda: build_engine(load, engine_cfg))
     for line in describe(engine):
         logger.info(line)
     counts = engine.expert_load.counts if engine.expert_load is not None else None
-    async_engine = AsyncEngine(engine, max_queue_len=engine_cfg.max_queue_len)
+    async_engine = AsyncEngine(engine, max_queue_len=engine_cfg.max_queue_len, thread=thread)
     template = chat_template.read_text() if chat_template is not None else None
     formatter = ChatFormatter(engine.tokenizer, template)
     if formatter.uses_fallback:

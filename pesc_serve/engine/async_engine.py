@@ -1,6 +1,7 @@
 """AsyncEngine: the engine client the HTTP layer talks to.
 
-The model loop runs in its own thread so the event loop stays responsive.  Requests and
+The model loop runs on the engine thread (engine_thread.py, the thread that also loaded the
+model) so the event loop stays responsive.  Requests and
 aborts travel to that thread through an inbox; each step's outputs come back in one
 ``call_soon_threadsafe`` and are fanned out to per-request asyncio queues.  A consumer
 that stops listening (client disconnect, cancellation) aborts its request, which frees its
@@ -10,13 +11,16 @@ KV blocks before the next step.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
 from collections.abc import AsyncIterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from pesc_serve.engine.engine import EngineStats, LLMEngine
+from pesc_serve.engine.engine_thread import EngineThread
 from pesc_serve.engine.request import FinishReason, RequestOutput, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -43,13 +47,14 @@ class _Abort:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, max_queue_len: int = 256) -> None:
+    def __init__(self, engine: LLMEngine, max_queue_len: int = 256, thread: EngineThread | None = None) -> None:
         self.engine = engine
+        self._engine_thread = thread
         self.max_queue_len = max_queue_len
         self._inbox: queue.Queue = queue.Queue()
         self._queues: dict[str, asyncio.Queue] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._running: Future | None = None
         self._stopping = threading.Event()
         self.dead_error: BaseException | None = None
         self._stats = engine.stats()
@@ -59,8 +64,9 @@ class AsyncEngine:
 
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._loop = loop or asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="pesc-engine", daemon=True)
-        self._thread.start()
+        if self._engine_thread is None:
+            self._engine_thread = EngineThread()
+        self._running = self._engine_thread.submit(self._run)
 
     async def shutdown(self, drain_timeout_s: float = 30.0) -> None:
         """Let in-flight requests finish (up to the timeout), then stop the engine thread."""
@@ -71,12 +77,14 @@ class AsyncEngine:
             self.abort(request_id)
         self._stopping.set()
         self._inbox.put(None)
-        if self._thread is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10.0)
+        if self._running is not None:
+            await asyncio.get_running_loop().run_in_executor(None, concurrent.futures.wait, [self._running], 10.0)
+        if self._engine_thread is not None:
+            self._engine_thread.stop()
 
     @property
     def is_healthy(self) -> bool:
-        return self.dead_error is None and self._thread is not None and self._thread.is_alive()
+        return self.dead_error is None and self._running is not None and not self._running.done()
 
     @property
     def max_model_len(self) -> int:

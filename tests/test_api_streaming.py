@@ -5,6 +5,7 @@ reproducibility whatever else is in the batch."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import pytest
@@ -134,3 +135,14 @@ def test_seed_reproduces_whatever_else_runs(server):
     completion = {"prompt": "The sea", "max_tokens": 8, "temperature": 1.0, "seed": 5}
     texts = {httpx.post(server.v1 + "/completions", json=completion, timeout=60).json()["choices"][0]["text"] for _ in range(3)}
     assert len(texts) == 1
+
+
+def test_sse_payloads_never_contain_characters_line_splitters_break_on():
+    """A token decoding to U+2028, U+2029 or NEL must not split its event for clients that
+    read lines with str.splitlines() semantics (httpx's iter_lines does)."""
+    from pesc_serve.server.serving import sse_json
+
+    event = {"choices": [{"text": "a\u2028b\x85c\u2029d\x0be\nf"}]}
+    payload = sse_json(event)
+    assert payload.splitlines() == [payload]
+    assert json.loads(payload) == event

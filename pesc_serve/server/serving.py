@@ -35,6 +35,15 @@ logger = logging.getLogger(__name__)
 RETRY_AFTER_S = "1"
 SSE_PING_S = 15
 
+# Characters that str.splitlines() and httpx's iter_lines() treat as line breaks although
+# SSE does not; JSON leaves them raw with ensure_ascii=False, so a token that decodes to one
+# would split an event in two for such clients.  Escaping keeps the same decoded text.
+_LINE_BREAKS_TO_ESCAPE = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def sse_json(event: dict) -> str:
+    """One SSE data payload: compact UTF-8 JSON that no line splitter breaks apart."""
+    return json.dumps(event, ensure_ascii=False, separators=(",", ":")).translate(_LINE_BREAKS_TO_ESCAPE)
 
 @dataclasses.dataclass
 class Choice:
@@ -42,8 +51,6 @@ class Choice:
     prompt_ids: list[int]
     stream: RequestStream
     started: float
-
-
 class OpenAIServing:
     """What every endpoint shares, bound to one engine and one served model name."""
 
@@ -169,7 +176,7 @@ class OpenAIServing:
         async def gen() -> AsyncIterator[str]:
             try:
                 async for event in events:
-                    yield json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+                    yield sse_json(event)
             except APIError as exc:
                 yield json.dumps(error_body(exc.status, exc.message, exc.param, exc.code))
             except Exception as exc:
@@ -207,22 +214,16 @@ class OpenAIServing:
                 }
             ],
         }
-
-
 def request_params(req: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
     try:
         return req.sampling_params()
     except ValueError as exc:
         raise APIError(400, str(exc), param_of(str(exc)), "invalid_value") from None
-
-
 def usage_of(states: list[ChoiceState], n: int) -> dict:
     """Prompt tokens count once per prompt (not per choice), as OpenAI bills them."""
     prompt = sum(s.num_prompt_tokens for s in states if s.index % n == 0)
     cached = sum(s.num_cached_tokens for s in states if s.index % n == 0)
     return usage(prompt, sum(len(s.token_ids) for s in states), cached)
-
-
 async def _wait_for_disconnect(raw: Request) -> None:
     while (await raw.receive())["type"] != "http.disconnect":
         pass

@@ -216,11 +216,10 @@ PackedAdapters pack_adapters(const torch::Tensor& router, const torch::Tensor& d
   return a;
 }
 
-// Top-k experts of one token (ties to the lower id) and their softmax weights.
+// Top-k experts of one token (ties to the lower id) and their softmax weights; `logits` and
+// `order` are scratch for E entries.
 inline void route_token(const float* xr, const float* router, int64_t E, int64_t H, int64_t k, int64_t* ids,
-                        float* weights) {
-  float logits[64];
-  int64_t order[64];
+                        float* weights, float* logits, int64_t* order) {
   for (int64_t e = 0; e < E; ++e) {
     float s = 0.f;
     for (int64_t i = 0; i < H; ++i) s += router[e * H + i] * xr[i];
@@ -260,7 +259,11 @@ void grouped_adapters(const float* xp, float* fp, int64_t T, const PackedAdapter
   int64_t* slot = slot_buf.data();    // pair -> sorted position
   const float* router = a.router.data_ptr<float>();
   at::parallel_for(0, T, 8, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) route_token(xp + t * H, router, E, H, K, ids + t * K, weight + t * K);
+    float logits[64];  // pack_adapters checks E <= 64
+    int64_t scratch[64];
+    for (int64_t t = t0; t < t1; ++t) {
+      route_token(xp + t * H, router, E, H, K, ids + t * K, weight + t * K, logits, scratch);
+    }
   });
   for (int64_t i = 0; i < pairs; ++i) ++start[ids[i] + 1];
   for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
@@ -612,29 +615,16 @@ class DecodeModel {
     int64_t* ids = ids_out.data_ptr<int64_t>();
     // Tokens are independent: one task each (a token's adapters are ~150k multiply-adds).
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> logits(e_), z(r_), delta(H), base(H);
+      std::vector<float> logits(e_), weights(k_), z(r_), delta(H), base(H);
       std::vector<int64_t> order(e_);
       for (int64_t b = begin; b < end; ++b) {
-        const float* xr = xp + b * H;
         float* fr = fp + b * H;
-        for (int64_t e = 0; e < e_; ++e) {
-          float s = 0.f;
-          for (int64_t i = 0; i < H; ++i) s += router[e * H + i] * xr[i];
-          logits[e] = s;
-        }
-        for (int64_t e = 0; e < e_; ++e) order[e] = e;
-        std::partial_sort(order.begin(), order.begin() + k_, order.end(), [&](int64_t a, int64_t c) {
-          return logits[a] > logits[c] || (logits[a] == logits[c] && a < c);
-        });
-        const float mx = logits[order[0]];
-        float denom = 0.f;
-        for (int64_t j = 0; j < k_; ++j) denom += std::exp(logits[order[j]] - mx);
+        route_token(xp + b * H, router, e_, H, k_, ids + b * k_, weights.data(), logits.data(), order.data());
         std::copy(fr, fr + H, base.begin());  // adapters read the FFN output before it is updated
         std::fill(delta.begin(), delta.end(), 0.f);
         for (int64_t j = 0; j < k_; ++j) {
-          const int64_t e = order[j];
-          ids[b * k_ + j] = e;
-          const float p = std::exp(logits[e] - mx) / denom;
+          const int64_t e = ids[b * k_ + j];
+          const float p = weights[j];
           const float* de = down + e * r_ * H;
           const float* ue = up_t + e * r_ * H;
           for (int64_t rr = 0; rr < r_; ++rr) {

@@ -106,7 +106,7 @@ class GroupedAdapters:
                                          mlp.adapter_up.detach(), mlp.topk)
 
     def __call__(self, x: torch.Tensor, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        y, ids = self._run(x, f, self.packed)
+        y, ids = self._run(x, f, self.packed)  # pybind returns a list
         return y, ids
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "50000")
 
-from pesc_serve.allocator import keep_freed_buffers  # noqa: E402
+from pesc_serve.allocator import freeze_startup_objects, keep_freed_buffers  # noqa: E402
 from pesc_serve.config import (  # noqa: E402
     DISPATCH_CHOICES,
     DTYPE_CHOICES,
@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import uvicorn
 
+    freeze_startup_objects()
     log.info("serving %r on http://%s:%d (OpenAI API under /v1)", server.model_name, args.host, args.port)
     uvicorn.run(
         server.app,

@@ -17,10 +17,11 @@ from pesc_serve.models.cpu_decode import (
     UnsupportedModel,
     build_decode_model,
     install_grouped_adapters,
-    install_packed_gemm,
+    install_packed_kernels,
     load_extension,
     try_build,
 )
+from pesc_serve.models import loader
 from pesc_serve.models.loader import load_model
 from pesc_serve.models.tokenizer import load_tokenizer
 from pesc_serve.registry import resolve_model
@@ -60,14 +61,14 @@ def _python_decode(lm, kv, tokens, positions, tables):
 def _compare_decode_steps(ext, path: str, quantization: str, lengths: list[int], grouped: bool = False) -> None:
     """Prefill with the PyTorch path, then three decode steps through both paths.
 
-    ``grouped``: as the engine sets things up, dense weights are packed for the bf16 GEMM
-    (both paths use them) and the C++ step runs the expert-grouped adapters, while the
-    PyTorch path keeps the reference dispatch.
+    ``grouped``: as the engine sets things up, weights are repacked for the extension's
+    kernels (low-bit VNNI, or bf16 dense copies; both paths use them) and the C++ step runs
+    the expert-grouped adapters, while the PyTorch path keeps the reference dispatch.
     """
     lm = _load(path, quantization)
     cfg = lm.config
     if grouped:
-        assert install_packed_gemm(lm.model, ext) == 4 * cfg.num_layers + 1  # qkv, o, gate_up, down; lm_head
+        assert install_packed_kernels(lm.model, ext) >= 4 * cfg.num_layers  # qkv, o, gate_up, down (+ LM head)
         assert install_grouped_adapters(lm.model, ext) == cfg.num_layers
     dm = build_decode_model(lm.model, ext)
     for layer in lm.model.layers:
@@ -87,10 +88,16 @@ def _compare_decode_steps(ext, path: str, quantization: str, lengths: list[int],
             ref = _python_decode(lm, kv, tokens, positions, tables)
             slots = torch.tensor([t[p // BLOCK] * BLOCK + p % BLOCK for t, p in zip(tables, positions)])
             got, choices = dm.forward(torch.tensor(tokens), torch.tensor(positions), kv_c, slots, torch.tensor(tables), BLOCK)
+            rows = torch.ones(len(tokens), dtype=torch.bool)
+            if cfg.is_pesc:  # a near-tie can route a token differently: compare the others
+                for layer, chosen in zip(lm.model.layers, choices):
+                    rows &= (chosen.sort(-1).values == layer.mlp.last_topk.sort(-1).values).all(-1)
+                assert int(rows.sum()) >= len(tokens) - (0 if quantization == "none" else 1)
+            got, ref_rows = got[rows], ref[rows]
             if quantization == "none":
-                assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4), f"step {step}: {(got - ref).abs().max()}"
-            else:  # the PyTorch int8 kernel rounds activations to bf16, the C++ GEMV keeps float32
-                rel = float((got - ref).norm() / ref.norm())
+                assert torch.allclose(got, ref_rows, atol=1e-4, rtol=1e-4), f"step {step}: {(got - ref_rows).abs().max()}"
+            else:  # the kernels round activations differently (bf16 in ATen's, int8 in the VNNI ones)
+                rel = float((got - ref_rows).norm() / ref_rows.norm())
                 assert rel < 2e-2, f"{quantization} step {step}: relative error {rel}"
             kv_rel = float((kv_c - kv).norm() / kv.norm())
             assert kv_rel < (1e-5 if quantization == "none" else 2e-2), f"KV cache differs: {kv_rel}"
@@ -114,16 +121,17 @@ def test_decode_step_with_grouped_adapters_matches_pytorch(ext, tiny_checkpoint_
     _compare_decode_steps(ext, str(tiny_checkpoint_factory(kind)), "auto", [13, 5, 9, 3, 11], grouped=True)
 
 
-def test_packed_gemm_replaces_the_dense_copy(ext, tiny_checkpoint_factory):
+def test_packed_gemm_replaces_the_dense_copy(ext, tiny_checkpoint_factory, monkeypatch):
     if not ext.have_bf16_gemm():
         pytest.skip("no AVX512-BF16 on this CPU")
+    monkeypatch.setattr(loader, "cpu_has_vnni", lambda: False)  # the plan that keeps dense copies
     lm = _load(str(tiny_checkpoint_factory("qwen2idae")), "auto")
     layer = lm.model.layers[0].self_attn.qkv_proj
     x = torch.randn(7, lm.config.hidden_size)  # above the hybrid threshold: the dense part runs
     with torch.no_grad():
         before = layer(x)
         plain = layer.large.weight
-        assert install_packed_gemm(lm.model, ext) > 0
+        assert install_packed_kernels(lm.model, ext) > 0
         after = layer(x)
     assert layer.large.weight is layer.large.packed.data and layer.large.weight.numel() >= plain.numel()
     exact = torch.nn.functional.linear(x.bfloat16().float(), plain.float(), layer.large.bias)

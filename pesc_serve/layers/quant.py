@@ -2,10 +2,14 @@
 
 * ``int8``: per-output-channel symmetric int8; ``torch._weight_int8pack_mm`` on CPU, a
   dequantize-then-GEMM fallback elsewhere.
-* ``int4``: group-wise (32) asymmetric int4 via ``_weight_int4pack_mm_for_cpu`` (CPU only);
-  a layer whose shape that kernel cannot take (in_features not a multiple of 32, out_features
-  not a multiple of 16) gets int8 instead.
+* ``int4``: group-wise (32) asymmetric int4 (CPU only), on ATen's
+  ``_weight_int4pack_mm_for_cpu``; a layer whose shape that kernel cannot take (in_features
+  not a multiple of 32, out_features not a multiple of 16) gets int8 instead.
 * ``nf4``: bitsandbytes ``Linear4bit`` with double quantization, as in the PESC/QLoRA recipe.
+
+On CPUs with AVX512-VNNI, models/cpu_decode.py repacks int8 and int4 layers for its own
+kernels (:meth:`_CastingLinear.use_packed`), which multiply int8-quantized activations by
+the integer weights and beat both ATen's low-bit kernels and bf16 at every batch size.
 
 Routers and adapters are never quantized: they are tiny and carry the expert behaviour.
 """
@@ -28,10 +32,25 @@ class _CastingLinear(nn.Module):
 
     The CPU weight-only kernels are fast only with bf16 activations, while the rest of a
     CPU model runs best in float32 (tiny bf16 matmuls carry a large fixed cost there).
+
+    A faster kernel can take over with :meth:`use_packed`: it gets the activations as they
+    come and the weight in its own layout (the C++ kernels of models/cpu_decode.py).
     """
 
     kernel_dtype: torch.dtype
     out_features: int
+    weight_buffer: str = "weight"  # the buffer a packed kernel's layout replaces
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.packed: object | None = None
+        self._packed_run: Callable[[torch.Tensor, object], torch.Tensor] | None = None
+
+    def use_packed(self, packed: object, run: Callable[[torch.Tensor, object], torch.Tensor]) -> None:
+        """Serve from ``packed`` with ``run(x, packed)``; the weight buffer becomes
+        ``packed.data``, so no second copy of the weights stays."""
+        self.packed, self._packed_run = packed, run
+        setattr(self, self.weight_buffer, packed.data)
 
     def _run(self, x2: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -39,7 +58,10 @@ class _CastingLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        y = self._run(x2 if x2.dtype == self.kernel_dtype else x2.to(self.kernel_dtype))
+        if self._packed_run is not None:
+            y = self._packed_run(x2, self.packed)
+        else:
+            y = self._run(x2 if x2.dtype == self.kernel_dtype else x2.to(self.kernel_dtype))
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         if self.bias is not None:
@@ -66,8 +88,23 @@ class Int8WeightOnlyLinear(_CastingLinear):
         return F.linear(x2, self.weight.to(x2.dtype)) * self.scale
 
 
+class AtenInt4Packing:
+    """An int4 weight in the layout of ATen's CPU kernel (``_weight_int4pack_mm_for_cpu``)."""
+
+    def __init__(self, qweight: torch.Tensor, in_features: int) -> None:
+        q = torch.stack([qweight & 15, qweight >> 4], dim=-1).view(qweight.shape[0], in_features)
+        self.data = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+
+
 class Int4WeightOnlyLinear(_CastingLinear):
-    """Group-wise asymmetric int4 weights packed for the CPU int4 GEMM kernel."""
+    """Group-wise asymmetric int4 weights: w = (q - 8) * scale + zero, q in 0..15, per 32 inputs.
+
+    ``qweight`` holds two 4-bit values per byte (feature 2i in the low nibble) until a kernel
+    repacks it: the C++ kernel of models/cpu_decode.py when installed, else ATen's CPU int4
+    kernel on first use.
+    """
+
+    weight_buffer = "qweight"
 
     def __init__(self, linear: nn.Linear, kernel_dtype: torch.dtype | None = None, group_size: int = INT4_GROUP_SIZE) -> None:
         super().__init__()
@@ -79,17 +116,30 @@ class Int4WeightOnlyLinear(_CastingLinear):
         groups = w.view(self.out_features, -1, group_size)
         w_min, w_max = groups.amin(-1), groups.amax(-1)
         scale = ((w_max - w_min) / 15).clamp(min=1e-6)
-        q = torch.round((groups - w_min.unsqueeze(-1)) / scale.unsqueeze(-1)).clamp(0, 15).to(torch.int32)
-        # The kernel computes (q - 8) * scale + zero, so zero = w_min + 8 * scale.
+        q = torch.round((groups - w_min.unsqueeze(-1)) / scale.unsqueeze(-1)).clamp(0, 15).to(torch.uint8)
+        q = q.view(self.out_features, -1)
+        self.register_buffer("qweight", q[:, 0::2] | (q[:, 1::2] << 4))
+        # (q - 8) * scale + zero = w_min + q * scale, so zero = w_min + 8 * scale.
         zero = w_min + 8 * scale
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(self.out_features, -1), 1))
         scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # [G, N, 2]
         self.register_buffer("scales_zeros", scales_zeros.to(self.kernel_dtype))
         self.group_size = group_size
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
+    def aten_packing(self) -> AtenInt4Packing:
+        """Repack for ATen's kernel (once); fails if another kernel's layout already took over."""
+        if self.packed is None:
+            self.use_packed(AtenInt4Packing(self.qweight, self.in_features), self._run_aten)
+        if not isinstance(self.packed, AtenInt4Packing):
+            raise RuntimeError(f"this int4 layer is packed for {type(self.packed).__name__}")
+        return self.packed
+
+    def _run_aten(self, x2: torch.Tensor, packed: AtenInt4Packing) -> torch.Tensor:
+        x2 = x2 if x2.dtype == self.kernel_dtype else x2.to(self.kernel_dtype)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed.data, self.group_size, self.scales_zeros)
+
     def _run(self, x2: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_zeros)
+        return self._run_aten(x2, self.aten_packing())
 
 
 class DenseLinear(_CastingLinear):
@@ -101,18 +151,8 @@ class DenseLinear(_CastingLinear):
         self.kernel_dtype = kernel_dtype
         self.register_buffer("weight", linear.weight.detach().to(kernel_dtype))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        self.packed: object | None = None  # the weight in a kernel's own layout (see use_packed)
-        self._packed_run: Callable[[torch.Tensor, object], torch.Tensor] | None = None
-
-    def use_packed(self, packed: object, run: Callable[[torch.Tensor, object], torch.Tensor]) -> None:
-        """Serve from ``packed`` with ``run(x, packed)`` (e.g. the CPU bf16 GEMM of
-        models/cpu_decode.py); ``weight`` becomes the packed tensor, so no second copy stays."""
-        self.packed, self._packed_run = packed, run
-        self.weight = packed.data
 
     def _run(self, x2: torch.Tensor) -> torch.Tensor:
-        if self._packed_run is not None:
-            return self._packed_run(x2, self.packed)
         return F.linear(x2, self.weight)
 
 

@@ -1,7 +1,8 @@
 """The C++ decode step for CPUs (csrc/cpu_decode.cpp), built on first use and cached.
 
-It also provides the expert-grouped adapter kernel that the PyTorch path's PESC MLP uses
-on CPU (:func:`install_grouped_adapters`).
+It also provides kernels that the PyTorch path uses on CPU: the expert-grouped adapter
+kernel (:func:`install_grouped_adapters`), and int4/int8 (AVX512-VNNI) and bf16 GEMMs on
+weights repacked once at start-up (:func:`install_packed_kernels`).
 
 At decode batch sizes a PyTorch forward is mostly per-op dispatch cost, not arithmetic; the
 extension runs a whole decode step in one call (see the C++ file for why and how).  It
@@ -31,11 +32,22 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "cpu_decode.cpp"
 DENSE, INT8, INT4 = 0, 1, 2
+LOW_BIT_ROWS, LOW_BIT_GROUP = 16, 32  # the VNNI kernels' row block and activation group
 _EMPTY = torch.empty(0)
 
 
 class UnsupportedModel(ValueError):
     """The loaded model uses something the C++ step does not implement."""
+
+
+def cpu_has_vnni() -> bool:
+    """Whether this CPU runs the AVX512-VNNI low-bit kernels (read before building them, so the
+    loader can plan quantization around them)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags and "avx512bw" in flags
 
 
 def load_extension() -> ModuleType:
@@ -65,27 +77,49 @@ def _linear(ext: ModuleType, module: nn.Module) -> object:
         module = module.small
     bias = module.bias.detach().float().contiguous() if getattr(module, "bias", None) is not None else _EMPTY
     if isinstance(module, Int8WeightOnlyLinear):
-        return ext.Linear(INT8, module.weight, module.scale, 0, max_rows, dense, bias, module.out_features, packed)
+        low_bit = module.packed if isinstance(module.packed, ext.PackedInt8) else None
+        return ext.Linear(INT8, module.weight, module.scale, 0, max_rows, dense, bias, module.out_features, packed,
+                          low_bit)
     if isinstance(module, Int4WeightOnlyLinear):
-        return ext.Linear(INT4, module.packed, module.scales_zeros, module.group_size, max_rows, dense, bias,
-                          module.out_features, packed)
+        if isinstance(module.packed, ext.PackedInt4):
+            return ext.Linear(INT4, module.qweight, _EMPTY, module.group_size, max_rows, dense, bias,
+                              module.out_features, packed, module.packed)
+        return ext.Linear(INT4, module.aten_packing().data, module.scales_zeros, module.group_size, max_rows, dense,
+                          bias, module.out_features, packed, None)
     if isinstance(module, DenseLinear):
         if module.packed is not None:
             raise UnsupportedModel("a packed dense layer outside a hybrid one")
-        return ext.Linear(DENSE, module.weight, _EMPTY, 0, max_rows, dense, bias, module.out_features, packed)
+        return ext.Linear(DENSE, module.weight, _EMPTY, 0, max_rows, dense, bias, module.out_features, packed, None)
     if type(module) is nn.Linear:
-        return ext.Linear(DENSE, module.weight.detach(), _EMPTY, 0, -1, _EMPTY, bias, module.out_features, None)
+        return ext.Linear(DENSE, module.weight.detach(), _EMPTY, 0, -1, _EMPTY, bias, module.out_features, None, None)
     raise UnsupportedModel(f"{type(module).__name__} linears are not supported by the CPU decode kernels")
 
 
-def install_packed_gemm(model: nn.Module, ext: ModuleType) -> int:
-    """Repack every bf16 :class:`DenseLinear` on CPU for the extension's bf16 GEMM (in place
-    of its plain weight: one copy serves both the PyTorch path and the decode step)."""
-    if not ext.have_bf16_gemm():
-        return 0
+def _low_bit_packing(ext: ModuleType, module: nn.Module) -> tuple[object, object] | None:
+    """(packed weight, kernel) for an int4/int8 CPU layer the VNNI kernels can take, else None."""
+    if module.packed is not None or getattr(module, module.weight_buffer).device.type != "cpu":
+        return None
+    if module.out_features % LOW_BIT_ROWS or module.in_features % LOW_BIT_GROUP:
+        return None
+    if isinstance(module, Int4WeightOnlyLinear) and module.group_size == LOW_BIT_GROUP:
+        return ext.PackedInt4(module.qweight, module.scales_zeros), ext.int4_linear
+    if isinstance(module, Int8WeightOnlyLinear):
+        return ext.PackedInt8(module.weight, module.scale), ext.int8_linear
+    return None
+
+
+def install_packed_kernels(model: nn.Module, ext: ModuleType) -> int:
+    """Repack CPU weights for the extension's kernels, in place of their plain layout (one
+    copy serves both the PyTorch path and the decode step): int4 and int8 layers for the
+    VNNI kernels, bf16 dense copies for the bf16 GEMM.  Returns the count."""
     count = 0
     for module in model.modules():
-        if isinstance(module, HybridLinear) and isinstance(module.large, DenseLinear):
+        if ext.have_vnni() and isinstance(module, (Int4WeightOnlyLinear, Int8WeightOnlyLinear)):
+            found = _low_bit_packing(ext, module)
+            if found is not None:
+                module.use_packed(*found)
+                count += 1
+        if ext.have_bf16_gemm() and isinstance(module, HybridLinear) and isinstance(module.large, DenseLinear):
             dense = module.large
             if dense.packed is None and dense.weight.dtype == torch.bfloat16 and dense.weight.device.type == "cpu":
                 dense.use_packed(ext.PackedBf16(dense.weight), ext.bf16_linear)
@@ -145,7 +179,7 @@ def build_decode_model(model: PescForCausalLM, ext: ModuleType) -> object:
         cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
         cfg.num_experts, cfg.topk, cfg.adapter_dim, float(cfg.rms_norm_eps), cfg.sliding_window or -1,
         _f32(model.embed_tokens.weight), _f32(model.norm.weight),
-        _linear(ext, head) if head is not None else ext.Linear(DENSE, _EMPTY, _EMPTY, 0, -1, _EMPTY, _EMPTY, 0, None),
+        _linear(ext, head) if head is not None else ext.Linear(DENSE, _EMPTY, _EMPTY, 0, -1, _EMPTY, _EMPTY, 0, None, None),
         head is None, _f32(model.rotary.cos_sin),
     )
     for layer in model.layers:
@@ -175,7 +209,7 @@ def try_build(model: PescForCausalLM, policy: str) -> object | None:
         return None
     try:
         ext = load_extension()
-        install_packed_gemm(model, ext)
+        install_packed_kernels(model, ext)
         install_grouped_adapters(model, ext)
         dm = build_decode_model(model, ext)
     except UnsupportedModel as exc:

@@ -23,6 +23,7 @@ from torch import nn
 from pesc_serve.config import LoadConfig, ModelConfig, resolve_device, resolve_dtype
 from pesc_serve.layers.quant import quantize_modules
 from pesc_serve.models.checkpoint_files import iter_tensors, weight_files
+from pesc_serve.models.cpu_decode import cpu_has_vnni
 from pesc_serve.models.decoder import PescForCausalLM
 from pesc_serve.models.gguf_reader import GGUFCheckpoint
 from pesc_serve.registry import ModelSource
@@ -194,25 +195,28 @@ class QuantPlan:
         return ", ".join(parts)
 
 
-# Decode batches up to this many rows use the low-bit kernels on CPU (measured crossover).
+# Without the VNNI kernels, decode batches up to this many rows use ATen's low-bit kernels
+# on CPU and larger ones dense bf16 copies (measured crossover).
 CPU_LOW_BIT_MAX_ROWS = 2
 
 
-def resolve_quantization(name: str, device: torch.device, dtype: torch.dtype) -> QuantPlan:
+def resolve_quantization(name: str, device: torch.device, dtype: torch.dtype, vnni: bool = False) -> QuantPlan:
     """``auto``: low-bit weights where decode is bandwidth-bound (CPU), none on GPUs.
 
-    On CPU the attention and FFN linears get per-channel int8 and the LM head (the largest
-    matrix, read once per step) group-wise int4, with dense bf16 copies for large batches.
-    The CPU kernels run in bf16 whatever the activations' dtype.  An explicit method
-    applies to the shared FFN only.
+    On CPU the attention and FFN linears get group-wise int4 and the LM head (tied to the
+    embeddings in small models) per-channel int8, as llama.cpp's Q4_1 files have them.  With
+    ``vnni`` (the CPU runs the C++ low-bit kernels, which beat bf16 at every batch size) they
+    serve all batches; otherwise ATen's kernels serve small batches and dense bf16 copies
+    large ones.  The CPU kernels run in bf16 whatever the activations' dtype.  An explicit
+    method applies to the shared FFN only.
     """
     cpu_kernels = torch.bfloat16 if device.type == "cpu" else None
     if name != "auto":
         return QuantPlan(ffn=name, kernel_dtype=cpu_kernels if name in ("int8", "int4") else None)
     if device.type != "cpu":
         return QuantPlan()
-    return QuantPlan(ffn="int4", attention="int4", lm_head="int8", hybrid_max_rows=CPU_LOW_BIT_MAX_ROWS,
-                     kernel_dtype=torch.bfloat16)
+    return QuantPlan(ffn="int4", attention="int4", lm_head="int8",
+                     hybrid_max_rows=None if vnni else CPU_LOW_BIT_MAX_ROWS, kernel_dtype=torch.bfloat16)
 
 
 def apply_quantization(model: PescForCausalLM, plan: QuantPlan, dtype: torch.dtype) -> None:
@@ -251,7 +255,7 @@ def load_model(source: ModelSource, load: LoadConfig, max_positions: int | None 
         for name, tensor, origin in _source_tensors(source):
             assigner.assign(name, tensor, origin)
     assigner.check_complete(str(source.path))
-    quant = resolve_quantization(load.quantization, device, dtype)
+    quant = resolve_quantization(load.quantization, device, dtype, vnni=device.type == "cpu" and cpu_has_vnni())
     apply_quantization(model, quant, dtype)
     if cfg.is_pesc:
         for layer in model.layers:

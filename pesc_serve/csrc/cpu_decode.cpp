@@ -687,33 +687,80 @@ void attend(const AttentionTask& t, float* scores) {
   const int64_t n = t.n, G = t.heads, D = t.d;
 #if defined(__AVX512F__)
   if constexpr (DV > 0) {
-    for (int64_t c = 0; c < n; ++c) {
-      const float* kr = t.k + slot_of(t, t.first + c) * t.kv_stride;
-      __m512 kv[DV];
+    // Row pointers once per position: the block-table lookup (a division) leaves the loops.
+    thread_local std::vector<int64_t> rows;
+    rows.resize(n);
+    for (int64_t c = 0, p = t.first; c < n;) {
+      const int64_t blk = p / t.block_size, off = p % t.block_size;
+      const int64_t run = std::min(t.block_size - off, n - c);
+      const int64_t base = (t.table[blk] * t.block_size + off) * t.kv_stride;
+      for (int64_t j = 0; j < run; ++j) rows[c + j] = base + j * t.kv_stride;
+      c += run;
+      p += run;
+    }
+    // Scores, four positions at a time: their four dot products share one horizontal sum.
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qg = t.q + g * D;
+      __m512 q[DV];
 #pragma GCC unroll 8
-      for (int i = 0; i < DV; ++i) kv[i] = _mm512_loadu_ps(kr + 16 * i);
-      for (int64_t g = 0; g < G; ++g) {
-        const float* qg = t.q + g * D;
-        __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qg), kv[0]);
+      for (int i = 0; i < DV; ++i) q[i] = _mm512_loadu_ps(qg + 16 * i);
+      float* sg = scores + g * n;
+      int64_t c = 0;
+      for (; c + 4 <= n; c += 4) {
+        __m512 acc[4];
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) {
+          const float* kr = t.k + rows[c + j];
+          acc[j] = _mm512_mul_ps(q[0], _mm512_loadu_ps(kr));
 #pragma GCC unroll 8
-        for (int i = 1; i < DV; ++i) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * i), kv[i], acc);
-        scores[g * n + c] = _mm512_reduce_add_ps(acc) * t.scale;
+          for (int i = 1; i < DV; ++i) acc[j] = _mm512_fmadd_ps(q[i], _mm512_loadu_ps(kr + 16 * i), acc[j]);
+        }
+        // Per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3], then [a, b, c, d] partials.
+        const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(acc[0], acc[1]), _mm512_unpackhi_ps(acc[0], acc[1]));
+        const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(acc[2], acc[3]), _mm512_unpackhi_ps(acc[2], acc[3]));
+        const __m512 abcd = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))),
+                                          _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))));
+        const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
+        const __m128 four = _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+        _mm_storeu_ps(sg + c, _mm_mul_ps(four, _mm_set1_ps(t.scale)));
+      }
+      for (; c < n; ++c) {
+        const float* kr = t.k + rows[c];
+        __m512 acc = _mm512_mul_ps(q[0], _mm512_loadu_ps(kr));
+#pragma GCC unroll 8
+        for (int i = 1; i < DV; ++i) acc = _mm512_fmadd_ps(q[i], _mm512_loadu_ps(kr + 16 * i), acc);
+        sg[c] = _mm512_reduce_add_ps(acc) * t.scale;
       }
     }
     softmax_rows(scores, G, n);
-    for (int64_t g = 0; g < G; ++g) {
-      const float* sg = scores + g * n;
-      __m512 acc[DV];
+    // Values: each V row is read once for up to kHeads heads (accumulators in registers).
+    constexpr int kHeads = DV <= 4 ? 4 : 2;
+    for (int64_t g0 = 0; g0 < G; g0 += kHeads) {
+      const int64_t hg = std::min<int64_t>(kHeads, G - g0);
+      __m512 acc[kHeads][DV];
+#pragma GCC unroll 4
+      for (int h = 0; h < kHeads; ++h) {
 #pragma GCC unroll 8
-      for (int i = 0; i < DV; ++i) acc[i] = _mm512_setzero_ps();
-      for (int64_t c = 0; c < n; ++c) {
-        const float* vr = t.v + slot_of(t, t.first + c) * t.kv_stride;
-        const __m512 w = _mm512_set1_ps(sg[c]);
-#pragma GCC unroll 8
-        for (int i = 0; i < DV; ++i) acc[i] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vr + 16 * i), acc[i]);
+        for (int i = 0; i < DV; ++i) acc[h][i] = _mm512_setzero_ps();
       }
+      for (int64_t c = 0; c < n; ++c) {
+        const float* vr = t.v + rows[c];
+        __m512 v[DV];
 #pragma GCC unroll 8
-      for (int i = 0; i < DV; ++i) _mm512_storeu_ps(t.out + g * D + 16 * i, acc[i]);
+        for (int i = 0; i < DV; ++i) v[i] = _mm512_loadu_ps(vr + 16 * i);
+#pragma GCC unroll 4
+        for (int h = 0; h < kHeads; ++h) {
+          if (h < hg) {
+            const __m512 w = _mm512_set1_ps(scores[(g0 + h) * n + c]);
+#pragma GCC unroll 8
+            for (int i = 0; i < DV; ++i) acc[h][i] = _mm512_fmadd_ps(w, v[i], acc[h][i]);
+          }
+        }
+      }
+      for (int64_t h = 0; h < hg; ++h) {
+#pragma GCC unroll 8
+        for (int i = 0; i < DV; ++i) _mm512_storeu_ps(t.out + (g0 + h) * D + 16 * i, acc[h][i]);
+      }
     }
     return;
   }

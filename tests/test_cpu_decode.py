@@ -224,3 +224,27 @@ def test_unsupported_models_fall_back_or_fail_clearly(ext, tiny_checkpoint_facto
     with pytest.raises(ValueError, match="--cpu-kernels on"):
         try_build(bf16.model, "on")
     assert try_build(_load(path).model, "off") is None
+
+
+def test_a_build_lock_left_by_a_killed_build_is_cleared(tmp_path):
+    """torch's builder waits forever on its lock file; only one older than any build is removed."""
+    import os
+    import time
+
+    from pesc_serve.models.cpu_decode import clear_stale_build_lock
+
+    lock = tmp_path / "lock"
+    assert not clear_stale_build_lock(tmp_path)  # none there
+    lock.touch()
+    assert not clear_stale_build_lock(tmp_path, max_age_s=600) and lock.exists()  # a build in progress
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    assert clear_stale_build_lock(tmp_path, max_age_s=600) and not lock.exists()
+
+
+def test_the_extension_builds_per_python_and_torch_version(monkeypatch, tmp_path):
+    from pesc_serve.models.cpu_decode import build_directory
+
+    monkeypatch.setenv("PESC_SERVE_CACHE", str(tmp_path))
+    d = build_directory()
+    assert d.parent == tmp_path / "kernels" and torch.__version__ in d.name

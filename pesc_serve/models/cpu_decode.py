@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from types import ModuleType
@@ -24,6 +25,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
+from pesc_serve.cache_dirs import cache_dir
 from pesc_serve.layers.pesc_mlp import PescMLP
 from pesc_serve.layers.quant import DenseLinear, HybridLinear, Int4WeightOnlyLinear, Int8WeightOnlyLinear
 from pesc_serve.models.decoder import PescForCausalLM
@@ -34,6 +36,7 @@ SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "cpu_decode.cpp"
 DENSE, INT8, INT4 = 0, 1, 2
 LOW_BIT_ROWS, LOW_BIT_GROUP = 16, 32  # the VNNI kernels' row block and activation group
 _EMPTY = torch.empty(0)
+STALE_BUILD_LOCK_S = 600.0  # a build takes about a minute on 2 cores
 
 
 class UnsupportedModel(ValueError):
@@ -50,17 +53,46 @@ def cpu_has_vnni() -> bool:
     return "avx512_vnni" in flags and "avx512bw" in flags
 
 
+def build_directory() -> Path:
+    """Where the extension is compiled and cached: one directory per Python and torch
+    version, whose builds cannot load into each other."""
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}"
+    return cache_dir("kernels") / tag
+
+
+def clear_stale_build_lock(directory: Path, max_age_s: float = STALE_BUILD_LOCK_S) -> bool:
+    """Remove a build lock older than any build takes; True if one was removed.
+
+    torch's builder waits, forever, while its lock file exists; a build killed midway
+    (a server stopped during its first start) leaves one behind.
+    """
+    lock = directory / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age < max_age_s:
+        return False
+    logger.warning("removing %s, left %.0f s ago by an interrupted kernel build", lock, age)
+    lock.unlink(missing_ok=True)
+    return True
+
+
 def load_extension() -> ModuleType:
     """Compile (first time, ~1 min on 2 cores) or load the cached extension."""
     from torch.utils.cpp_extension import load
 
     start = time.monotonic()
+    directory = build_directory()
+    directory.mkdir(parents=True, exist_ok=True)
+    clear_stale_build_lock(directory)
     # Reassociation lets GCC vectorise the dot-product loops; no finite-math assumptions.
     # -fopenmp: at::parallel_for is a header template that runs serially without it (the
     # OpenMP runtime itself is the one torch has already loaded).
     flags = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
              "-fno-trapping-math"]
-    ext = load(name="pesc_cpu_decode", sources=[str(SOURCE)], extra_cflags=flags, verbose=False)
+    ext = load(name="pesc_cpu_decode", sources=[str(SOURCE)], extra_cflags=flags, build_directory=str(directory),
+               verbose=False)
     elapsed = time.monotonic() - start
     if elapsed > 5:
         logger.info("compiled the CPU decode kernels in %.0f s (cached for later starts)", elapsed)

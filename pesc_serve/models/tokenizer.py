@@ -10,14 +10,8 @@ import hashlib
 import os
 from pathlib import Path
 
+from pesc_serve.cache_dirs import cache_dir
 from pesc_serve.registry import ModelSource
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("PESC_SERVE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "pesc_serve"
-    )
-    return Path(root) / "tokenizers"
 
 
 def load_tokenizer(source: ModelSource):
@@ -39,7 +33,7 @@ def load_tokenizer(source: ModelSource):
             hf_logging.set_verbosity(level)
     stat = src.path.stat()
     key = hashlib.sha256(f"{src.path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    cached = _cache_dir() / key
+    cached = cache_dir("tokenizers") / key
     if (cached / "tokenizer.json").is_file():
         try:
             return AutoTokenizer.from_pretrained(str(cached))

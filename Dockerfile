@@ -10,10 +10,14 @@ ARG TORCH_SPEC=torch==2.13.0
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ENV PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PESC_SERVE_CACHE=/opt/pesc-cache
 
+# g++ compiles the CPU kernels (pesc_serve/csrc) on the first start, for the CPU the
+# container runs on (-march=native), into $PESC_SERVE_CACHE: mount a volume there to keep
+# them across restarts.  Without a compiler the server still runs, on slower PyTorch paths.
 RUN if ! command -v python3 >/dev/null; then \
-        apt-get update && apt-get install -y --no-install-recommends python3 python3-venv python3-pip make && rm -rf /var/lib/apt/lists/*; \
-    elif ! command -v make >/dev/null; then \
-        apt-get update && apt-get install -y --no-install-recommends make && rm -rf /var/lib/apt/lists/*; \
+        apt-get update && apt-get install -y --no-install-recommends python3 python3-dev python3-venv python3-pip make g++ \
+        && rm -rf /var/lib/apt/lists/*; \
+    else \
+        apt-get update && apt-get install -y --no-install-recommends make g++ && rm -rf /var/lib/apt/lists/*; \
     fi
 
 WORKDIR /app

@@ -176,7 +176,7 @@ def test_decode_step_with_vectorised_head_sizes_and_big_batches(ext, tmp_path, h
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 11, 17])
-@pytest.mark.parametrize(("n", "k"), [(48, 64), (100, 33), (1000, 130)])
+@pytest.mark.parametrize(("n", "k"), [(48, 64), (80, 64), (100, 33), (1000, 130)])  # last tile: 3, 2, 1, 3 vectors
 def test_bf16_gemm_matches_aten(ext, rows, n, k):
     torch.manual_seed(rows)
     x, w = torch.randn(rows, k), torch.randn(n, k).bfloat16()

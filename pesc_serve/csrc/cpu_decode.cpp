@@ -89,11 +89,12 @@ inline __mmask16 column_mask(int64_t valid, int64_t vec) {
   return static_cast<__mmask16>((1u << n) - 1);
 }
 
-// MB rows x one tile: the accumulators stay in registers (the pragmas make GCC unroll the
-// register arrays instead of spilling them), one weight load feeds MB rows.
-template <int MB>
+// MB rows x the first NB column vectors of one tile: the accumulators stay in registers (the
+// pragmas make GCC unroll the register arrays instead of spilling them), one weight load
+// feeds MB rows.  A tile whose valid columns fit in fewer vectors (the last one, e.g. 16 of
+// an adapter's 64 columns) skips the padding's loads and products.
+template <int MB, int NB>
 inline void bf16_tile(const uint32_t* xp, int64_t kp, const uint16_t* wt, float* y, int64_t ldy, int64_t valid) {
-  constexpr int NB = kTileVecs;
   __m512 acc[MB][NB];
 #pragma GCC unroll 8
   for (int m = 0; m < MB; ++m) {
@@ -103,7 +104,7 @@ inline void bf16_tile(const uint32_t* xp, int64_t kp, const uint16_t* wt, float*
   for (int64_t kk = 0; kk < kp; ++kk) {
     __m512bh w[NB];
 #pragma GCC unroll 4
-    for (int j = 0; j < NB; ++j) w[j] = (__m512bh)_mm512_loadu_si512(wt + (kk * NB + j) * 32);
+    for (int j = 0; j < NB; ++j) w[j] = (__m512bh)_mm512_loadu_si512(wt + (kk * kTileVecs + j) * 32);
 #pragma GCC unroll 8
     for (int m = 0; m < MB; ++m) {
       const __m512bh xb = (__m512bh)_mm512_set1_epi32(static_cast<int>(xp[m * kp + kk]));
@@ -123,7 +124,10 @@ void bf16_rows(const uint32_t* xp, int64_t kp, const uint16_t* wt, float* y, int
   if constexpr (MB > 1) {
     if (rows < MB) return bf16_rows<MB - 1>(xp, kp, wt, y, ldy, valid, rows);
   }
-  bf16_tile<MB>(xp, kp, wt, y, ldy, valid);
+  static_assert(kTileVecs == 3, "bf16_rows dispatches on 1..3 column vectors");
+  if (valid > 32) return bf16_tile<MB, 3>(xp, kp, wt, y, ldy, valid);
+  if (valid > 16) return bf16_tile<MB, 2>(xp, kp, wt, y, ldy, valid);
+  bf16_tile<MB, 1>(xp, kp, wt, y, ldy, valid);
 }
 #endif
 

@@ -22,6 +22,7 @@ from pesc_serve.allocator import freeze_startup_objects, keep_freed_buffers  # n
 from pesc_serve.config import (  # noqa: E402
     DISPATCH_CHOICES,
     DTYPE_CHOICES,
+    KV_CACHE_DTYPE_CHOICES,
     QUANTIZATION_CHOICES,
     EngineConfig,
     LoadConfig,
@@ -56,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpu-kernels", default="auto", choices=("auto", "on", "off"),
                    help="run CPU decode steps through the compiled C++ step (built on first use, then cached)")
     p.add_argument("--kv-cache-memory", type=float, default=None, help="KV-cache budget in GiB")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPE_CHOICES,
+                   help="KV-cache element type; auto: float16 for a float32 model on CPU, else the model's (model)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--chat-template", type=Path, default=None, help="a Jinja chat template file overriding the model's")
@@ -82,6 +85,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[LoadConfig, EngineConfi
         max_queue_len=args.max_queue_len,
         seed=args.seed,
         cpu_kernels=args.cpu_kernels,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     server_cfg = ServerConfig(
         host=args.host,

@@ -26,6 +26,7 @@ CAMELIDAE_ROPE_THETA = 10000.0
 QUANTIZATION_CHOICES = ("none", "nf4", "int8", "int4")
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 DISPATCH_CHOICES = ("auto", "grouped", "dense", "gather", "padded", "loop")
+KV_CACHE_DTYPE_CHOICES = ("auto", "model", "float32", "bfloat16", "float16")
 
 
 def _require(cfg: dict[str, Any], key: str, source: str) -> Any:
@@ -249,10 +250,14 @@ class EngineConfig:
     max_queue_len: int = 256
     seed: int = 0
     cpu_kernels: str = "off"  # auto|on|off: the C++ decode step on CPU (the CLI asks for auto)
+    kv_cache_dtype: str = "model"  # see resolve_kv_cache_dtype (the CLI asks for auto)
 
     def __post_init__(self) -> None:
         if self.cpu_kernels not in ("auto", "on", "off"):
             raise ValueError(f"--cpu-kernels must be auto, on or off, got {self.cpu_kernels!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPE_CHOICES:
+            choices = ", ".join(KV_CACHE_DTYPE_CHOICES)
+            raise ValueError(f"--kv-cache-dtype must be one of {choices}, got {self.kv_cache_dtype!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_queue_len"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -283,3 +288,17 @@ class ServerConfig:
             raise ValueError(f"--request-timeout must be positive, got {self.request_timeout_s}")
         if self.shutdown_timeout_s < 0:
             raise ValueError(f"--shutdown-timeout must be >= 0, got {self.shutdown_timeout_s}")
+
+
+def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The KV cache's element type.
+
+    ``model``: the model's dtype.  ``auto``: float16 for a float32 model on CPU, where
+    attention over long contexts reads the cache faster than it computes (half the bytes;
+    llama.cpp's default cache type too), else the model's dtype.
+    """
+    if name == "model" or (name == "auto" and not (device.type == "cpu" and model_dtype == torch.float32)):
+        return model_dtype
+    if name == "auto":
+        return torch.float16
+    return getattr(torch, name)

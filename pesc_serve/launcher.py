@@ -63,7 +63,8 @@ def describe(engine: LLMEngine) -> list[str]:
     )
     kv_mib = engine.runner.kv_caches.numel() * engine.runner.kv_caches.element_size() / 2**20
     lines.append(
-        f"KV cache: {engine.num_blocks} blocks x {engine.config.block_size} tokens ({kv_mib:.0f} MiB), "
+        f"KV cache: {engine.num_blocks} blocks x {engine.config.block_size} tokens "
+        f"({kv_mib:.0f} MiB, {str(engine.runner.kv_caches.dtype).removeprefix('torch.')}), "
         f"max model len {engine.max_model_len}, max seqs {engine.config.max_num_seqs}, "
         f"token budget {engine.config.max_num_batched_tokens}/step, prefix caching "
         f"{'on' if engine.config.enable_prefix_caching else 'off'}"

@@ -19,6 +19,7 @@
 #endif
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -571,6 +572,7 @@ std::vector<torch::Tensor> routed_adapters(const torch::Tensor& x, const torch::
 }
 
 constexpr int64_t kGemvMaxRows = 4;
+constexpr int64_t kMinChunk = 64;  // context positions per attention chunk, at least
 
 // A linear layer as the Python loader built it: a weight-only kernel for small batches and,
 // optionally, dense weights for batches above max_rows.  Kernels run in kernel_dtype.
@@ -652,42 +654,97 @@ void rope(float* x, const float* cos, const float* sin, int64_t heads, int64_t d
 }
 
 // One (token, KV head) of paged attention: `heads` query heads against the same K/V rows.
+// KV is the cache's element type: float, or at::Half (half the bytes to read per step).
+template <typename KV>
 struct AttentionTask {
   const float* q;        // [heads, D] contiguous
   int64_t heads, d;
   int64_t first, n;      // attend to positions first .. first + n - 1
   const int64_t* table;  // the sequence's block table
   int64_t block_size;
-  const float* k;        // this KV head's K in the layer's cache (row stride kv_stride)
-  const float* v;
+  const KV* k;           // this KV head's K in the layer's cache (row stride kv_stride)
+  const KV* v;
   int64_t kv_stride;
   float scale;
   float* out;            // [heads, D]
 };
 
-inline int64_t slot_of(const AttentionTask& t, int64_t p) {
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+#endif
+
+// One token's K or V row into the cache, rounded to nearest for a half cache.
+inline void store_kv(const float* src, float* dst, int64_t n) { std::copy(src, src + n, dst); }
+inline void store_kv(const float* src, at::Half* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) {
+    const __m256i h = _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), h);
+  }
+#endif
+  for (; i < n; ++i) dst[i] = at::Half(src[i]);
+}
+
+template <typename KV>
+inline int64_t slot_of(const AttentionTask<KV>& t, int64_t p) {
   return t.table[p / t.block_size] * t.block_size + p % t.block_size;
 }
 
 // Softmax over each head's n scores in place.
-inline void softmax_rows(float* scores, int64_t heads, int64_t n) {
+#if defined(__AVX512F__)
+// e^x for x <= 0 (softmax arguments), Cephes' expf polynomial (relative error ~1e-7): a
+// scalar std::exp per score was the largest part of attention over long contexts.
+inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));  // e^-87 ~ 1.6e-38: still a normal float
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // x - n ln2, in two parts
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);  // p * 2^n
+}
+#endif
+
+// With `lse`, each head's log-sum-exp too (to merge softmaxes taken over parts of a context).
+inline void softmax_rows(float* scores, int64_t heads, int64_t n, float* lse) {
   for (int64_t g = 0; g < heads; ++g) {
     float* sg = scores + g * n;
     float mx = -std::numeric_limits<float>::infinity();
     for (int64_t c = 0; c < n; ++c) mx = std::max(mx, sg[c]);
     float total = 0.f;
-    for (int64_t c = 0; c < n; ++c) {
+    int64_t c = 0;
+#if defined(__AVX512F__)
+    __m512 sum = _mm512_setzero_ps();
+    for (; c + 16 <= n; c += 16) {
+      const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(sg + c), _mm512_set1_ps(mx)));
+      _mm512_storeu_ps(sg + c, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    total = _mm512_reduce_add_ps(sum);
+#endif
+    for (; c < n; ++c) {
       sg[c] = std::exp(sg[c] - mx);
       total += sg[c];
     }
     const float inv = 1.0f / total;
     for (int64_t c = 0; c < n; ++c) sg[c] *= inv;
+    if (lse != nullptr) lse[g] = mx + std::log(total);
   }
 }
 
 // DV = D / 16 AVX-512 vectors per head (K/V rows held in registers); 0 = portable loops.
-template <int DV>
-void attend(const AttentionTask& t, float* scores) {
+template <int DV, typename KV>
+void attend(const AttentionTask<KV>& t, float* scores, float* lse) {
   const int64_t n = t.n, G = t.heads, D = t.d;
 #if defined(__AVX512F__)
   if constexpr (DV > 0) {
@@ -714,10 +771,10 @@ void attend(const AttentionTask& t, float* scores) {
         __m512 acc[4];
 #pragma GCC unroll 4
         for (int j = 0; j < 4; ++j) {
-          const float* kr = t.k + rows[c + j];
-          acc[j] = _mm512_mul_ps(q[0], _mm512_loadu_ps(kr));
+          const KV* kr = t.k + rows[c + j];
+          acc[j] = _mm512_mul_ps(q[0], load16(kr));
 #pragma GCC unroll 8
-          for (int i = 1; i < DV; ++i) acc[j] = _mm512_fmadd_ps(q[i], _mm512_loadu_ps(kr + 16 * i), acc[j]);
+          for (int i = 1; i < DV; ++i) acc[j] = _mm512_fmadd_ps(q[i], load16(kr + 16 * i), acc[j]);
         }
         // Per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3], then [a, b, c, d] partials.
         const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(acc[0], acc[1]), _mm512_unpackhi_ps(acc[0], acc[1]));
@@ -729,14 +786,14 @@ void attend(const AttentionTask& t, float* scores) {
         _mm_storeu_ps(sg + c, _mm_mul_ps(four, _mm_set1_ps(t.scale)));
       }
       for (; c < n; ++c) {
-        const float* kr = t.k + rows[c];
-        __m512 acc = _mm512_mul_ps(q[0], _mm512_loadu_ps(kr));
+        const KV* kr = t.k + rows[c];
+        __m512 acc = _mm512_mul_ps(q[0], load16(kr));
 #pragma GCC unroll 8
-        for (int i = 1; i < DV; ++i) acc = _mm512_fmadd_ps(q[i], _mm512_loadu_ps(kr + 16 * i), acc);
+        for (int i = 1; i < DV; ++i) acc = _mm512_fmadd_ps(q[i], load16(kr + 16 * i), acc);
         sg[c] = _mm512_reduce_add_ps(acc) * t.scale;
       }
     }
-    softmax_rows(scores, G, n);
+    softmax_rows(scores, G, n, lse);
     // Values: each V row is read once for up to kHeads heads (accumulators in registers).
     constexpr int kHeads = DV <= 4 ? 4 : 2;
     for (int64_t g0 = 0; g0 < G; g0 += kHeads) {
@@ -748,10 +805,10 @@ void attend(const AttentionTask& t, float* scores) {
         for (int i = 0; i < DV; ++i) acc[h][i] = _mm512_setzero_ps();
       }
       for (int64_t c = 0; c < n; ++c) {
-        const float* vr = t.v + rows[c];
+        const KV* vr = t.v + rows[c];
         __m512 v[DV];
 #pragma GCC unroll 8
-        for (int i = 0; i < DV; ++i) v[i] = _mm512_loadu_ps(vr + 16 * i);
+        for (int i = 0; i < DV; ++i) v[i] = load16(vr + 16 * i);
 #pragma GCC unroll 4
         for (int h = 0; h < kHeads; ++h) {
           if (h < hg) {
@@ -770,22 +827,22 @@ void attend(const AttentionTask& t, float* scores) {
   }
 #endif
   for (int64_t c = 0; c < n; ++c) {
-    const float* kr = t.k + slot_of(t, t.first + c) * t.kv_stride;
+    const KV* kr = t.k + slot_of(t, t.first + c) * t.kv_stride;
     for (int64_t g = 0; g < G; ++g) {
       const float* qg = t.q + g * D;
       float s = 0.f;
-      for (int64_t i = 0; i < D; ++i) s += qg[i] * kr[i];
+      for (int64_t i = 0; i < D; ++i) s += qg[i] * static_cast<float>(kr[i]);
       scores[g * n + c] = s * t.scale;
     }
   }
-  softmax_rows(scores, G, n);
+  softmax_rows(scores, G, n, lse);
   std::fill(t.out, t.out + G * D, 0.f);
   for (int64_t c = 0; c < n; ++c) {
-    const float* vr = t.v + slot_of(t, t.first + c) * t.kv_stride;
+    const KV* vr = t.v + slot_of(t, t.first + c) * t.kv_stride;
     for (int64_t g = 0; g < G; ++g) {
       const float w = scores[g * n + c];
       float* og = t.out + g * D;
-      for (int64_t i = 0; i < D; ++i) og[i] += w * vr[i];
+      for (int64_t i = 0; i < D; ++i) og[i] += w * static_cast<float>(vr[i]);
     }
   }
 }
@@ -804,12 +861,24 @@ class DecodeModel {
   void add_layer(Layer layer) { layers_.push_back(std::move(layer)); }
 
   // input_ids, positions, slot_mapping: [B] int64; block_tables: [B, max_blocks] int64;
-  // kv_cache: [L, 2, S, Hkv, D] float32.  Token b sees positions 0..positions[b] of its
+  // kv_cache: [L, 2, S, Hkv, D] float32 or float16.  Token b sees positions 0..positions[b] of its
   // sequence (its own K/V included).  Returns (logits [B, V] float32, top-k ids [L, B, k]).
   std::vector<torch::Tensor> forward(const torch::Tensor& input_ids, const torch::Tensor& positions,
                                      torch::Tensor kv_cache, const torch::Tensor& slot_mapping,
                                      const torch::Tensor& block_tables, int64_t block_size) {
-    TORCH_CHECK(kv_cache.scalar_type() == at::kFloat && kv_cache.is_contiguous(), "kv_cache must be contiguous float32");
+    TORCH_CHECK(kv_cache.is_contiguous(), "kv_cache must be contiguous");
+    if (kv_cache.scalar_type() == at::kHalf) {
+      return run<at::Half>(input_ids, positions, kv_cache, slot_mapping, block_tables, block_size);
+    }
+    TORCH_CHECK(kv_cache.scalar_type() == at::kFloat, "kv_cache must be float32 or float16");
+    return run<float>(input_ids, positions, kv_cache, slot_mapping, block_tables, block_size);
+  }
+
+ private:
+  template <typename KV>
+  std::vector<torch::Tensor> run(const torch::Tensor& input_ids, const torch::Tensor& positions,
+                                 torch::Tensor kv_cache, const torch::Tensor& slot_mapping,
+                                 const torch::Tensor& block_tables, int64_t block_size) {
     const int64_t B = input_ids.size(0);
     const int64_t L = static_cast<int64_t>(layers_.size());
     const int64_t H = hidden_, D = d_;
@@ -828,12 +897,12 @@ class DecodeModel {
     const int64_t* tables = block_tables.data_ptr<int64_t>();
     const int64_t table_w = block_tables.size(1);
     const float* csp = cs.data_ptr<float>();
-    float* cache = kv_cache.data_ptr<float>();
+    KV* cache = kv_cache.data_ptr<KV>();
 
     for (int64_t l = 0; l < L; ++l) {
       const Layer& ly = layers_[l];
-      float* kc = cache + (l * 2 + 0) * S * kv_size;
-      float* vc = cache + (l * 2 + 1) * S * kv_size;
+      KV* kc = cache + (l * 2 + 0) * S * kv_size;
+      KV* vc = cache + (l * 2 + 1) * S * kv_size;
 
       rms_norm(h.data_ptr<float>(), ly.in_norm.data_ptr<float>(), x.data_ptr<float>(), B, H, eps_);
       torch::Tensor qkv = ly.qkv(x).contiguous();  // [B, q + 2kv]
@@ -842,8 +911,8 @@ class DecodeModel {
         float* row = qkvp + b * (q_size + 2 * kv_size);
         const float* c = csp + b * 2 * D;
         rope(row, c, c + D, hq_ + hkv_, D);  // q heads then k heads, contiguous
-        std::copy(row + q_size, row + q_size + kv_size, kc + slots[b] * kv_size);
-        std::copy(row + q_size + kv_size, row + q_size + 2 * kv_size, vc + slots[b] * kv_size);
+        store_kv(row + q_size, kc + slots[b] * kv_size, kv_size);
+        store_kv(row + q_size + kv_size, vc + slots[b] * kv_size, kv_size);
       }
       paged_attention(qkvp, kc, vc, pos, tables, table_w, block_size, B, attn.data_ptr<float>());
       h.add_(ly.o(attn));
@@ -865,34 +934,80 @@ class DecodeModel {
     return {logits, topk_ids};
   }
 
- private:
   // Paged attention straight from the KV blocks.  A task is one token's KV head with the
-  // query heads that share it (GQA), so each K/V row is read once for the whole group;
-  // with too few such tasks to feed every thread (one short request), the group is split.
-  void paged_attention(const float* qkvp, const float* kc, const float* vc, const int64_t* pos,
+  // query heads that share it (GQA), so each K/V row is read (and, from a float16 cache,
+  // converted) once for the whole group.  With too few such tasks to feed every thread (a
+  // few short requests), long contexts are split into chunks whose softmaxes are merged by
+  // their log-sum-exp (flash-decoding).
+  template <typename KV>
+  void paged_attention(const float* qkvp, const KV* kc, const KV* vc, const int64_t* pos,
                        const int64_t* tables, int64_t table_w, int64_t block_size, int64_t B, float* ap) const {
     const int64_t D = d_, q_size = hq_ * D, kv_size = hkv_ * D, row_w = q_size + 2 * kv_size;
-    const int64_t group = hq_ / hkv_;
-    const int64_t splits = B * hkv_ >= 4 * at::get_num_threads() ? 1 : group;
+    const int64_t G = hq_ / hkv_;
     const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-    at::parallel_for(0, B * hkv_ * splits, 1, [&](int64_t begin, int64_t end) {
+    const int64_t want = 4 * at::get_num_threads();  // tasks that keep every thread busy
+    // (b * hkv + kvh, first position, count, chunk index, chunks of this head)
+    thread_local std::vector<std::array<int64_t, 5>> tasks;
+    tasks.clear();
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t last = pos[b];
+      const int64_t first = window_ > 0 ? std::max<int64_t>(0, last - window_ + 1) : 0;
+      const int64_t n = last - first + 1;
+      const int64_t chunks = B * hkv_ >= want ? 1 : std::clamp<int64_t>(n / kMinChunk, 1, (want + B * hkv_ - 1) / (B * hkv_));
+      for (int64_t kvh = 0; kvh < hkv_; ++kvh) {
+        for (int64_t c = 0; c < chunks; ++c) {
+          const int64_t c0 = first + c * n / chunks, c1 = first + (c + 1) * n / chunks;
+          tasks.push_back({b * hkv_ + kvh, c0, c1 - c0, c, chunks});
+        }
+      }
+    }
+    const int64_t num_tasks = static_cast<int64_t>(tasks.size());
+    thread_local std::vector<float> partial;  // per task: G x D outputs, then G log-sum-exps
+    partial.resize(num_tasks * G * (D + 1));
+    const auto* tp = tasks.data();
+    float* pp = partial.data();
+    at::parallel_for(0, num_tasks, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scores;
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / (hkv_ * splits), kvh = (task / splits) % hkv_, sp = task % splits;
-        const int64_t h0 = kvh * group + sp * group / splits, h1 = kvh * group + (sp + 1) * group / splits;
-        const int64_t last = pos[b];
-        const int64_t first = window_ > 0 ? std::max<int64_t>(0, last - window_ + 1) : 0;
-        const AttentionTask t{qkvp + b * row_w + h0 * D, h1 - h0, D, first, last - first + 1,
-                              tables + b * table_w, block_size, kc + kvh * D, vc + kvh * D, kv_size, scale,
-                              ap + b * q_size + h0 * D};
-        scores.resize(t.heads * t.n);
+      for (int64_t i = begin; i < end; ++i) {
+        const auto& [bh, c0, n, c, chunks] = tp[i];
+        const int64_t b = bh / hkv_, kvh = bh % hkv_;
+        float* out = chunks == 1 ? ap + b * q_size + kvh * G * D : pp + i * G * (D + 1);
+        const AttentionTask<KV> t{qkvp + b * row_w + kvh * G * D, G, D, c0, n, tables + b * table_w, block_size,
+                                  kc + kvh * D, vc + kvh * D, kv_size, scale, out};
+        scores.resize(G * n);
+        float* lse = chunks == 1 ? nullptr : out + G * D;
         switch (D) {
-          case 64: attend<4>(t, scores.data()); break;
-          case 128: attend<8>(t, scores.data()); break;
-          default: attend<0>(t, scores.data());
+          case 64: attend<4, KV>(t, scores.data(), lse); break;
+          case 128: attend<8, KV>(t, scores.data(), lse); break;
+          default: attend<0, KV>(t, scores.data(), lse);
         }
       }
     });
+    // Merge the chunks of each split head: weights exp(lse_c - max lse), renormalised.
+    for (int64_t i = 0; i < num_tasks;) {
+      const auto& [bh, c0, n, c, chunks] = tp[i];
+      if (chunks == 1) {
+        ++i;
+        continue;
+      }
+      const int64_t b = bh / hkv_, kvh = bh % hkv_;
+      for (int64_t g = 0; g < G; ++g) {
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < chunks; ++j) mx = std::max(mx, pp[(i + j) * G * (D + 1) + G * D + g]);
+        float* o = ap + b * q_size + (kvh * G + g) * D;
+        std::fill(o, o + D, 0.f);
+        float total = 0.f;
+        for (int64_t j = 0; j < chunks; ++j) {
+          const float* part = pp + (i + j) * G * (D + 1);
+          const float w = std::exp(part[G * D + g] - mx);
+          total += w;
+          for (int64_t e = 0; e < D; ++e) o[e] += w * part[g * D + e];
+        }
+        const float inv = 1.0f / total;
+        for (int64_t e = 0; e < D; ++e) o[e] *= inv;
+      }
+      i += chunks;
+    }
   }
 
   // f += sum_j p_j U_j^T GELU(D_j f) over each token's top-k experts; the router sees x.

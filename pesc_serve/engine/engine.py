@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pesc_serve.config import EngineConfig
+from pesc_serve.config import EngineConfig, resolve_kv_cache_dtype
 from pesc_serve.engine.detokenizer import IncrementalDetokenizer
 from pesc_serve.engine.kv_cache import KVCacheManager
 from pesc_serve.engine.model_runner import ModelRunner, kv_bytes_per_token
@@ -50,7 +50,7 @@ class EngineStats:
 
 def plan_kv_cache(loaded: LoadedModel, cfg: EngineConfig) -> tuple[int, int]:
     """(num_blocks, max_model_len) from the memory budget and the model's context length."""
-    per_token = kv_bytes_per_token(loaded.config, loaded.dtype)
+    per_token = kv_bytes_per_token(loaded.config, resolve_kv_cache_dtype(cfg.kv_cache_dtype, loaded.dtype, loaded.device))
     if cfg.kv_cache_memory_gb is not None:
         budget = cfg.kv_cache_memory_gb * 1024**3
     elif loaded.device.type == "cuda":
@@ -98,7 +98,8 @@ class LLMEngine:
         self.kv = KVCacheManager(self.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.runner = ModelRunner(
-            loaded.model, self.num_blocks, cfg.block_size, loaded.device, loaded.dtype, self.eos_token_ids,
+            loaded.model, self.num_blocks, cfg.block_size, loaded.device,
+            resolve_kv_cache_dtype(cfg.kv_cache_dtype, loaded.dtype, loaded.device), self.eos_token_ids,
             decode_model=try_build(loaded.model, cfg.cpu_kernels) if loaded.device.type == "cpu" else None,
         )
         self._tracked: dict[str, _Tracked] = {}

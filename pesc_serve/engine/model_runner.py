@@ -39,7 +39,7 @@ class ModelRunner:
         num_blocks: int,
         block_size: int,
         device: torch.device,
-        dtype: torch.dtype,
+        kv_dtype: torch.dtype,
         eos_token_ids: tuple[int, ...],
         decode_model: object | None = None,
     ) -> None:
@@ -51,7 +51,7 @@ class ModelRunner:
         self.device = device
         self.eos_token_ids = eos_token_ids
         self.kv_caches = torch.zeros(
-            cfg.num_layers, 2, num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=device
+            cfg.num_layers, 2, num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim, dtype=kv_dtype, device=device
         )
         self._generators: dict[str, torch.Generator] = {}
         self._block_offsets = torch.arange(block_size, device=device)

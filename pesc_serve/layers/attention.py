@@ -50,9 +50,10 @@ class AttentionMetadata:
 
 
 def write_kv(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Store this step's K/V ([T, Hkv, D]) into their slots of ``kv_cache`` [2, S, Hkv, D]."""
-    kv_cache[0].index_copy_(0, slot_mapping, k)
-    kv_cache[1].index_copy_(0, slot_mapping, v)
+    """Store this step's K/V ([T, Hkv, D]) into their slots of ``kv_cache`` [2, S, Hkv, D]
+    (rounded to the cache's dtype, e.g. float16 under a float32 model on CPU)."""
+    kv_cache[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
+    kv_cache[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
 
 
 def paged_attention(
@@ -71,6 +72,7 @@ def paged_attention(
     if nd:
         slots = meta.decode_slots
         kv = kv_cache.index_select(1, slots.reshape(-1)).view(2, *slots.shape, *kv_cache.shape[2:])  # [2, Bd, ctx, Hkv, D]
+        kv = kv.to(q.dtype)
         kc, vc = kv[0].transpose(1, 2), kv[1].transpose(1, 2)  # [Bd, Hkv, max_ctx, D]
         qd = q[:nd].unsqueeze(2)  # [Bd, Hq, 1, D]
         o = F.scaled_dot_product_attention(qd, kc, vc, attn_mask=meta.decode_mask, scale=scale, enable_gqa=gqa)
@@ -81,7 +83,7 @@ def paged_attention(
             ks = k[chunk.q_start : chunk.q_end].transpose(0, 1)
             vs = v[chunk.q_start : chunk.q_end].transpose(0, 1)
         else:
-            kv = kv_cache.index_select(1, chunk.context_slots)  # [2, ctx, Hkv, D]
+            kv = kv_cache.index_select(1, chunk.context_slots).to(q.dtype)  # [2, ctx, Hkv, D]
             ks, vs = kv[0].transpose(0, 1), kv[1].transpose(0, 1)
         causal = chunk.mask is None
         o = F.scaled_dot_product_attention(

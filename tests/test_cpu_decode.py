@@ -221,17 +221,21 @@ def _causal(n: int, window: int | None) -> torch.Tensor:
     return mask
 
 
-@pytest.mark.parametrize("kv_cache_dtype", ["model", "auto"])
+@pytest.mark.parametrize("kv_cache_dtype", ["model", "auto", "bfloat16"])
 def test_engine_outputs_identical_with_and_without_kernels(tiny_checkpoint_factory, kv_cache_dtype):
     path = str(tiny_checkpoint_factory("camelidae"))
     lm = _load(path)
     tok = load_tokenizer(resolve_model(path))
     outs = []
-    for kernels in ("off", "on"):
+    for kernels in ("off", "on" if kv_cache_dtype != "bfloat16" else "auto"):
         engine = LLMEngine(lm, tok, EngineConfig(max_num_seqs=4, max_model_len=128, kv_cache_memory_gb=0.01,
                                                  cpu_kernels=kernels, block_size=4, kv_cache_dtype=kv_cache_dtype))
-        assert (engine.runner.decode_model is not None) == (kernels == "on")
-        assert engine.runner.kv_caches.dtype == (torch.float32 if kv_cache_dtype == "model" else torch.float16)
+        kv_dtype = {"model": torch.float32, "auto": torch.float16, "bfloat16": torch.bfloat16}[kv_cache_dtype]
+        assert engine.runner.kv_caches.dtype == kv_dtype
+        if kv_dtype == torch.bfloat16:  # not a cache the C++ step reads: the PyTorch path serves both runs
+            assert engine.runner.decode_model is None
+        else:
+            assert (engine.runner.decode_model is not None) == (kernels != "off")
         for i in range(3):
             engine.add_request(str(i), [5 + i, 9, 33, 70, 11][: 3 + i], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))
         got: dict[str, list[int]] = {}
@@ -252,6 +256,9 @@ def test_unsupported_models_fall_back_or_fail_clearly(ext, tiny_checkpoint_facto
     with pytest.raises(ValueError, match="--cpu-kernels on"):
         try_build(bf16.model, "on")
     assert try_build(_load(path).model, "off") is None
+    with pytest.raises(ValueError, match="float32 or float16 KV cache"):
+        try_build(_load(path).model, "on", torch.bfloat16)
+    assert try_build(_load(path).model, "auto", torch.bfloat16) is None  # the PyTorch path serves it
 
 
 def test_a_build_lock_left_by_a_killed_build_is_cleared(tmp_path):

@@ -97,10 +97,10 @@ class LLMEngine:
         self.eos_token_ids = eos_token_ids(loaded, tokenizer)
         self.kv = KVCacheManager(self.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        kv_dtype = resolve_kv_cache_dtype(cfg.kv_cache_dtype, loaded.dtype, loaded.device)
         self.runner = ModelRunner(
-            loaded.model, self.num_blocks, cfg.block_size, loaded.device,
-            resolve_kv_cache_dtype(cfg.kv_cache_dtype, loaded.dtype, loaded.device), self.eos_token_ids,
-            decode_model=try_build(loaded.model, cfg.cpu_kernels) if loaded.device.type == "cpu" else None,
+            loaded.model, self.num_blocks, cfg.block_size, loaded.device, kv_dtype, self.eos_token_ids,
+            decode_model=try_build(loaded.model, cfg.cpu_kernels, kv_dtype) if loaded.device.type == "cpu" else None,
         )
         self._tracked: dict[str, _Tracked] = {}
         self.structured_output = StructuredOutputFactory(tokenizer, self.eos_token_ids)

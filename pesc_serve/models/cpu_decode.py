@@ -235,11 +235,13 @@ def build_decode_model(model: PescForCausalLM, ext: ModuleType) -> object:
     return dm
 
 
-def try_build(model: PescForCausalLM, policy: str) -> object | None:
+def try_build(model: PescForCausalLM, policy: str, kv_dtype: torch.dtype = torch.float32) -> object | None:
     """The decode model for ``--cpu-kernels auto|on``; None when off or not applicable."""
     if policy == "off" or os.environ.get("PESC_SERVE_CPU_KERNELS") == "off":
         return None
     try:
+        if kv_dtype not in (torch.float32, torch.float16):
+            raise UnsupportedModel(f"the CPU decode kernels need a float32 or float16 KV cache, not {kv_dtype}")
         ext = load_extension()
         install_packed_kernels(model, ext)
         install_grouped_adapters(model, ext)

@@ -165,3 +165,13 @@ def test_startup_summary_names_what_was_loaded(parts):
     text = "\n".join(describe(make_engine(parts)))
     for needle in ("parameters", "4 adapter experts", "top-2", "adapter dim 8", "dtype float32", "MiB", "KV cache"):
         assert needle in text, needle
+
+
+def test_a_float16_kv_cache_holds_twice_the_tokens_of_a_float32_one(parts):
+    f32 = make_engine(parts, max_model_len=64, kv_cache_memory_gb=0.0001, kv_cache_dtype="model")
+    f16 = make_engine(parts, max_model_len=64, kv_cache_memory_gb=0.0001, kv_cache_dtype="float16")
+    assert f32.runner.kv_caches.dtype == torch.float32 and f16.runner.kv_caches.dtype == torch.float16
+    assert f16.num_blocks in (2 * f32.num_blocks, 2 * f32.num_blocks + 1)  # the budget binds, not the lengths
+    prompts = [[5, 9, 33, 70], [11, 8, 5]]
+    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    assert all(len(t) == 6 for t in run(f16, prompts, greedy).values())  # the PyTorch path serves from it

@@ -48,9 +48,9 @@ class EngineStats:
     prefix_cache_hits: int
 
 
-def plan_kv_cache(loaded: LoadedModel, cfg: EngineConfig) -> tuple[int, int]:
+def plan_kv_cache(loaded: LoadedModel, cfg: EngineConfig, kv_dtype: torch.dtype) -> tuple[int, int]:
     """(num_blocks, max_model_len) from the memory budget and the model's context length."""
-    per_token = kv_bytes_per_token(loaded.config, resolve_kv_cache_dtype(cfg.kv_cache_dtype, loaded.dtype, loaded.device))
+    per_token = kv_bytes_per_token(loaded.config, kv_dtype)
     if cfg.kv_cache_memory_gb is not None:
         budget = cfg.kv_cache_memory_gb * 1024**3
     elif loaded.device.type == "cuda":
@@ -93,11 +93,11 @@ class LLMEngine:
         self.loaded = loaded
         self.tokenizer = tokenizer
         self.config = cfg
-        self.num_blocks, self.max_model_len = plan_kv_cache(loaded, cfg)
+        kv_dtype = resolve_kv_cache_dtype(cfg.kv_cache_dtype, loaded.dtype, loaded.device)
+        self.num_blocks, self.max_model_len = plan_kv_cache(loaded, cfg, kv_dtype)
         self.eos_token_ids = eos_token_ids(loaded, tokenizer)
         self.kv = KVCacheManager(self.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens)
-        kv_dtype = resolve_kv_cache_dtype(cfg.kv_cache_dtype, loaded.dtype, loaded.device)
         self.runner = ModelRunner(
             loaded.model, self.num_blocks, cfg.block_size, loaded.device, kv_dtype, self.eos_token_ids,
             decode_model=try_build(loaded.model, cfg.cpu_kernels, kv_dtype) if loaded.device.type == "cpu" else None,

@@ -297,8 +297,8 @@ def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype, device: torch.de
     attention over long contexts reads the cache faster than it computes (half the bytes;
     llama.cpp's default cache type too), else the model's dtype.
     """
-    if name == "model" or (name == "auto" and not (device.type == "cpu" and model_dtype == torch.float32)):
-        return model_dtype
     if name == "auto":
-        return torch.float16
+        return torch.float16 if device.type == "cpu" and model_dtype == torch.float32 else model_dtype
+    if name == "model":
+        return model_dtype
     return getattr(torch, name)

@@ -524,8 +524,7 @@ void grouped_adapters(const float* xp, float* fp, int64_t T, const PackedAdapter
   }
   const int64_t* tasks = task_buf.data();
   const int64_t num_tasks = static_cast<int64_t>(task_buf.size() / 2);
-  const int64_t grain = 1;
-  at::parallel_for(0, num_tasks, grain, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, num_tasks, 1, [&](int64_t i0, int64_t i1) {
     thread_local std::vector<at::BFloat16> xb, zb;
     thread_local std::vector<float> z;
     for (int64_t i = i0; i < i1; ++i) {
@@ -689,10 +688,6 @@ inline void store_kv(const float* src, at::Half* dst, int64_t n) {
   for (; i < n; ++i) dst[i] = at::Half(src[i]);
 }
 
-template <typename KV>
-inline int64_t slot_of(const AttentionTask<KV>& t, int64_t p) {
-  return t.table[p / t.block_size] * t.block_size + p % t.block_size;
-}
 
 // Softmax over each head's n scores in place.
 #if defined(__AVX512F__)
@@ -746,19 +741,19 @@ inline void softmax_rows(float* scores, int64_t heads, int64_t n, float* lse) {
 template <int DV, typename KV>
 void attend(const AttentionTask<KV>& t, float* scores, float* lse) {
   const int64_t n = t.n, G = t.heads, D = t.d;
+  // Row offsets once per position: the block-table lookup (a division) leaves the loops.
+  thread_local std::vector<int64_t> rows;
+  rows.resize(n);
+  for (int64_t c = 0, p = t.first; c < n;) {
+    const int64_t blk = p / t.block_size, off = p % t.block_size;
+    const int64_t run = std::min(t.block_size - off, n - c);
+    const int64_t base = (t.table[blk] * t.block_size + off) * t.kv_stride;
+    for (int64_t j = 0; j < run; ++j) rows[c + j] = base + j * t.kv_stride;
+    c += run;
+    p += run;
+  }
 #if defined(__AVX512F__)
   if constexpr (DV > 0) {
-    // Row pointers once per position: the block-table lookup (a division) leaves the loops.
-    thread_local std::vector<int64_t> rows;
-    rows.resize(n);
-    for (int64_t c = 0, p = t.first; c < n;) {
-      const int64_t blk = p / t.block_size, off = p % t.block_size;
-      const int64_t run = std::min(t.block_size - off, n - c);
-      const int64_t base = (t.table[blk] * t.block_size + off) * t.kv_stride;
-      for (int64_t j = 0; j < run; ++j) rows[c + j] = base + j * t.kv_stride;
-      c += run;
-      p += run;
-    }
     // Scores, four positions at a time: their four dot products share one horizontal sum.
     for (int64_t g = 0; g < G; ++g) {
       const float* qg = t.q + g * D;
@@ -827,7 +822,7 @@ void attend(const AttentionTask<KV>& t, float* scores, float* lse) {
   }
 #endif
   for (int64_t c = 0; c < n; ++c) {
-    const KV* kr = t.k + slot_of(t, t.first + c) * t.kv_stride;
+    const KV* kr = t.k + rows[c];
     for (int64_t g = 0; g < G; ++g) {
       const float* qg = t.q + g * D;
       float s = 0.f;
@@ -838,7 +833,7 @@ void attend(const AttentionTask<KV>& t, float* scores, float* lse) {
   softmax_rows(scores, G, n, lse);
   std::fill(t.out, t.out + G * D, 0.f);
   for (int64_t c = 0; c < n; ++c) {
-    const KV* vr = t.v + slot_of(t, t.first + c) * t.kv_stride;
+    const KV* vr = t.v + rows[c];
     for (int64_t g = 0; g < G; ++g) {
       const float w = scores[g * n + c];
       float* og = t.out + g * D;

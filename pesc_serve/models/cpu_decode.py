@@ -145,13 +145,14 @@ def install_packed_kernels(model: nn.Module, ext: ModuleType) -> int:
     copy serves both the PyTorch path and the decode step): int4 and int8 layers for the
     VNNI kernels, bf16 dense copies for the bf16 GEMM.  Returns the count."""
     count = 0
+    vnni, bf16 = ext.have_vnni(), ext.have_bf16_gemm()
     for module in model.modules():
-        if ext.have_vnni() and isinstance(module, (Int4WeightOnlyLinear, Int8WeightOnlyLinear)):
+        if vnni and isinstance(module, (Int4WeightOnlyLinear, Int8WeightOnlyLinear)):
             found = _low_bit_packing(ext, module)
             if found is not None:
                 module.use_packed(*found)
                 count += 1
-        if ext.have_bf16_gemm() and isinstance(module, HybridLinear) and isinstance(module.large, DenseLinear):
+        if bf16 and isinstance(module, HybridLinear) and isinstance(module.large, DenseLinear):
             dense = module.large
             if dense.packed is None and dense.weight.dtype == torch.bfloat16 and dense.weight.device.type == "cpu":
                 dense.use_packed(ext.PackedBf16(dense.weight), ext.bf16_linear)

@@ -30,8 +30,6 @@ from pesc_serve.config import (  # noqa: E402
 )
 from pesc_serve.registry import ALIASES  # noqa: E402
 
-SHUTDOWN_MARGIN_S = 5.0  # uvicorn's own drain outlasts the streams' grace period by this much
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     aliases = "; ".join(f"{k}: {v}" for k, v in ALIASES.items())
@@ -66,7 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="require 'Authorization: Bearer KEY' on /v1/* (or set PESC_SERVE_API_KEY)")
     p.add_argument("--request-timeout", type=float, default=None, help="seconds before a request is aborted")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="on SIGTERM/SIGINT, seconds running requests get to finish before they are cut")
+                   help="on SIGTERM/SIGINT, seconds running requests get to finish; those left then end "
+                        "with finish_reason 'abort' and their partial output")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p.parse_args(argv)
@@ -115,17 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    import uvicorn
+    from pesc_serve.server.http_server import http_server
 
     freeze_startup_objects()
     log.info("serving %r on http://%s:%d (OpenAI API under /v1)", server.model_name, args.host, args.port)
-    uvicorn.run(
-        server.app,
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        timeout_graceful_shutdown=server_cfg.shutdown_timeout_s + SHUTDOWN_MARGIN_S,
-    )
+    http_server(server.app, server.engine, server_cfg, args.log_level).run()
     return 0
 
 

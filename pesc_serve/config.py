@@ -6,7 +6,7 @@ HTTP layer turn those into plain errors instead of tracebacks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -279,7 +279,6 @@ class ServerConfig:
     request_timeout_s: float | None = None
     shutdown_timeout_s: float = 30.0  # on SIGTERM, running requests get this long to finish
     max_body_bytes: int = 8 * 1024 * 1024
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -12,6 +12,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from tests.fixtures.tiny_checkpoints import make_checkpoint, make_crafted_pair  # noqa: E402
+from tests.profiles import PROFILES  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -45,3 +46,9 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", params=PROFILES)
+def profile(request: pytest.FixtureRequest) -> str:
+    """Run a module's engine or server under the CLI defaults and under exact float32 (tests/profiles.py)."""
+    return request.param

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import threading
 import time
@@ -9,10 +10,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
-import uvicorn
-
 from pesc_serve.config import EngineConfig, LoadConfig, ServerConfig
 from pesc_serve.launcher import Server, build_server
+from pesc_serve.server.http_server import http_server
+from tests.profiles import load_config, with_profile
+
+DEFAULT_TEST_ENGINE = EngineConfig(max_num_seqs=8, max_model_len=256, kv_cache_memory_gb=0.05)
 
 
 def free_port() -> int:
@@ -38,14 +41,21 @@ def running_server(
     engine: EngineConfig | None = None,
     server: ServerConfig | None = None,
     load: LoadConfig | None = None,
+    profile: str | None = None,
 ) -> Iterator[RunningServer]:
+    """A server on a free port; ``profile`` (tests/profiles.py) sets the weights, kernels and
+    KV-cache type, over the sizes of ``engine``."""
+    if profile is not None:
+        load = load or load_config(profile, model)
+        engine = with_profile(profile, engine or DEFAULT_TEST_ENGINE)
     port = free_port()
+    built_cfg = server or ServerConfig(port=port)
     built = build_server(
         load or LoadConfig(model=model, dtype=dtype, device="cpu"),
-        engine or EngineConfig(max_num_seqs=8, max_model_len=256, kv_cache_memory_gb=0.05),
-        server or ServerConfig(port=port),
+        engine or DEFAULT_TEST_ENGINE,
+        built_cfg,
     )
-    uv = uvicorn.Server(uvicorn.Config(built.app, host="127.0.0.1", port=port, log_level="warning"))
+    uv = http_server(built.app, built.engine, dataclasses.replace(built_cfg, port=port), log_level="warning")
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

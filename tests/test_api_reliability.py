@@ -54,9 +54,9 @@ class StepProbe:
 
 
 @pytest.fixture(scope="module", params=[None, "sk-key"], ids=["no-auth", "auth-middleware"])
-def server(request, tiny_checkpoint_factory):
+def server(request, tiny_checkpoint_factory, profile):
     cfg = ServerConfig(api_key=request.param)
-    with running_server(str(tiny_checkpoint_factory("camelidae")), server=cfg) as s:
+    with running_server(str(tiny_checkpoint_factory("camelidae")), server=cfg, profile=profile) as s:
         slow_engine(s)
         s.headers = {"Authorization": f"Bearer {request.param}"} if request.param else {}
         yield s
@@ -118,11 +118,11 @@ def test_disconnect_while_waiting_in_the_queue(tiny_checkpoint_factory):
 
 
 @pytest.fixture(scope="module")
-def faulty_server(tiny_checkpoint_factory):
+def faulty_server(tiny_checkpoint_factory, profile):
     """One running request at a time; steps that include the POISON prompt after its second
     generated token raise, as a model bug or a device error would."""
     engine = EngineConfig(max_num_seqs=1, max_model_len=256, kv_cache_memory_gb=0.05)
-    with running_server(str(tiny_checkpoint_factory("camelidae")), engine=engine) as s:
+    with running_server(str(tiny_checkpoint_factory("camelidae")), engine=engine, profile=profile) as s:
         runner = s.server.engine.engine.runner
         real = runner.execute
 

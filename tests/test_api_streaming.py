@@ -17,8 +17,8 @@ GREEDY = {"messages": MSG, "max_tokens": 40, "temperature": 0, "ignore_eos": Tru
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint_factory):
-    with running_server(str(tiny_checkpoint_factory("camelidae"))) as s:
+def server(tiny_checkpoint_factory, profile):
+    with running_server(str(tiny_checkpoint_factory("camelidae")), profile=profile) as s:
         yield s
 
 

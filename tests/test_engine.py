@@ -1,31 +1,34 @@
-"""LLMEngine on a tiny random PESC model: batching, chunking, caching and preemption must not
-change greedy outputs; stop conditions, aborts and failing steps behave."""
+"""LLMEngine on a tiny random PESC model, under the CLI defaults and exact float32: batching,
+chunking, caching and preemption must not change greedy outputs; seeds reproduce in any
+batch mix; stop conditions, aborts and faults at every stage of a step behave."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 
-from pesc_serve.config import EngineConfig, LoadConfig
 from pesc_serve.engine.engine import LLMEngine
 from pesc_serve.engine.request import FinishReason, SamplingParams
 from pesc_serve.models.loader import load_model
 from pesc_serve.models.tokenizer import load_tokenizer
 from pesc_serve.registry import resolve_model
+from tests.profiles import engine_config, load_config
 
 PROMPTS = [[5, 9, 33, 2 + i, 70, 11, 8, 41, 19, 3, 77][: 5 + i] for i in range(6)]
 
 
 @pytest.fixture(scope="module")
-def parts(tiny_checkpoint_factory):
+def parts(tiny_checkpoint_factory, profile):
     src = resolve_model(str(tiny_checkpoint_factory("camelidae")))
-    return load_model(src, LoadConfig(model=str(src.path), dtype="float32", device="cpu")), load_tokenizer(src)
+    return load_model(src, load_config(profile, str(src.path))), load_tokenizer(src), profile
 
 
 def make_engine(parts, **kw) -> LLMEngine:
     cfg = dict(max_num_seqs=8, max_model_len=128, kv_cache_memory_gb=0.01)
     cfg.update(kw)
-    return LLMEngine(parts[0], parts[1], EngineConfig(**cfg))
+    return LLMEngine(parts[0], parts[1], engine_config(parts[2], **cfg))
 
 
 def run(engine: LLMEngine, prompts, params: SamplingParams, ids=None) -> dict[str, list[int]]:
@@ -138,15 +141,213 @@ def test_prompt_validation(parts):
         engine.add_request("x", [], GREEDY)
 
 
+def _run_seeded_with_traffic(engine: LLMEngine, params: SamplingParams, traffic: bool) -> tuple[list[int], list[float]]:
+    """Run request "a"; with ``traffic``, a neighbour decodes beside it from the start and new
+    prompts arrive while it decodes, so its steps mix decodes and other requests' prefills."""
+    noisy = SamplingParams(max_tokens=6, temperature=1.0, ignore_eos=True)
+    if traffic:
+        engine.add_request("n0", PROMPTS[0], noisy)
+    engine.add_request("a", PROMPTS[2], params)
+    tokens: list[int] = []
+    logprobs: list[float] = []
+    for step in range(10_000):
+        if not engine.has_unfinished():
+            break
+        if traffic and step in (2, 4, 7):
+            engine.add_request(f"n{step}", list(range(10, 40 + step)), noisy)  # a 30-token prefill
+        for o in engine.step():
+            if o.request_id == "a":
+                tokens.extend(o.new_token_ids)
+                logprobs.extend(lp.logprob for lp in o.logprobs)
+    return tokens, logprobs
+
+
 def test_seeded_sampling_is_reproducible_in_any_batch(parts):
-    params = SamplingParams(max_tokens=10, temperature=1.0, seed=42, ignore_eos=True)
-    alone = run(make_engine(parts), [PROMPTS[2]], params, ["a"])["a"]
-    noisy = SamplingParams(max_tokens=10, temperature=1.0, ignore_eos=True)
-    engine = make_engine(parts)
-    engine.add_request("b0", PROMPTS[0], noisy)
-    together = run(engine, [PROMPTS[2]], params, ["a"])["a"]  # b0 runs in the same batches
+    params = SamplingParams(max_tokens=12, temperature=1.0, seed=42, ignore_eos=True, logprobs=0)
+    alone, alone_lp = _run_seeded_with_traffic(make_engine(parts), params, traffic=False)
+    together, together_lp = _run_seeded_with_traffic(make_engine(parts), params, traffic=True)
+    assert len(alone) == 12
     assert alone == together
+    # the numbers agree too, not just the draws: the neighbours change no kernel under the seeded rows
+    assert max(abs(a - b) for a, b in zip(alone_lp, together_lp)) < 1e-4
+    other = dataclasses.replace(params, seed=7)
+    assert _run_seeded_with_traffic(make_engine(parts), other, traffic=False)[0] != alone  # the seed fixes the text
     torch.manual_seed(0)
+
+
+def test_decodes_take_the_same_path_beside_a_prefill(parts, monkeypatch):
+    """Under the C++ step, a step holding a decode and a prefill sends the decode through the
+    C++ step (not the PyTorch one), so its numbers do not depend on the neighbour."""
+    engine = make_engine(parts)
+    if engine.runner.decode_model is None:
+        pytest.skip("no C++ decode step in this profile")
+    rows = []
+    real = engine.runner.decode_model
+
+    class Counting:
+        def forward(self, ids, *args):
+            rows.append(len(ids))
+            return real.forward(ids, *args)
+
+    monkeypatch.setattr(engine.runner, "decode_model", Counting())
+    engine.add_request("a", PROMPTS[1], GREEDY)
+    engine.step()  # a's prefill
+    engine.add_request("b", PROMPTS[4], GREEDY)
+    engine.step()  # a decodes while b prefills
+    assert rows == [1]
+
+
+def test_preemption_frees_every_block_and_matches_with_a_real_budget(parts, solo):
+    """A KV budget (not a patched pool) too small for the batch: everything still finishes,
+    greedy outputs equal the unpreempted ones, and the cache is empty afterwards."""
+    probe = make_engine(parts, block_size=2, max_model_len=32)
+    per_token = probe.runner.kv_caches[:, :, :1].numel() * probe.runner.kv_caches.element_size()
+    engine = make_engine(parts, block_size=2, max_model_len=32, kv_cache_memory_gb=40 * per_token / 1024**3)
+    assert engine.num_blocks * engine.config.block_size < sum(len(p) + 12 for p in PROMPTS)
+    assert run(engine, PROMPTS, GREEDY) == solo
+    assert engine.scheduler.num_preemptions > 0
+    assert engine.kv.usage == 0 and not engine.has_unfinished()
+
+
+def test_defaults_profile_runs_what_users_run(parts):
+    engine = make_engine(parts)
+    text = "\n".join(__import__("pesc_serve.launcher", fromlist=["describe"]).describe(engine))
+    if parts[2] == "exact":
+        assert "quantization: none" in text and engine.runner.kv_caches.dtype == torch.float32
+        assert engine.runner.decode_model is None
+    else:
+        assert "int4" in text and engine.runner.kv_caches.dtype == torch.float16
+        from pesc_serve.models.cpu_decode import load_extension
+
+        try:
+            load_extension()
+        except Exception as exc:  # no compiler on this host: the defaults fall back, and say so
+            pytest.skip(f"the C++ kernels cannot be built here: {exc}")
+        assert engine.runner.decode_model is not None
+
+
+def _two_requests(engine: LLMEngine, params_b: SamplingParams | None = None) -> dict[str, list]:
+    """Requests "good" and "bad" run together; returns every output per request."""
+    engine.add_request("good", PROMPTS[3], GREEDY)
+    engine.add_request("bad", PROMPTS[4], params_b or GREEDY)
+    outs: dict[str, list] = {"good": [], "bad": []}
+    for _ in range(1000):
+        if not engine.has_unfinished():
+            break
+        for o in engine.step():
+            outs[o.request_id].append(o)
+    assert not engine.has_unfinished()
+    return outs
+
+
+def _tokens(outs: list) -> list[int]:
+    return [t for o in outs for t in o.new_token_ids]
+
+
+@pytest.mark.parametrize("stage", ["detokenizer", "structured_output"])
+def test_a_fault_in_one_requests_output_fails_only_that_request(parts, solo, stage):
+    engine = make_engine(parts)
+    params_b = GREEDY
+    if stage == "structured_output":
+        params_b = SamplingParams(max_tokens=12, temperature=0.0, json_mode=True)
+    def arm() -> None:
+        bad = engine._tracked["bad"]
+        target = bad.detok if stage == "detokenizer" else bad.request.structured_output
+        name = "add_token" if stage == "detokenizer" else "accept"
+        real, calls = getattr(target, name), {"n": 0}
+
+        def faulty(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError(f"injected {stage} fault")
+            return real(*args, **kwargs)
+
+        setattr(target, name, faulty)
+
+    real_add = engine.add_request
+
+    def add_and_arm(rid, prompt, params):
+        real_add(rid, prompt, params)
+        if rid == "bad":
+            arm()
+
+    engine.add_request = add_and_arm
+    outs = _two_requests(engine, params_b)
+    bad = outs["bad"][-1]
+    assert bad.finished and bad.finish_reason == FinishReason.ERROR
+    assert f"injected {stage} fault" in bad.error and "output processing" in bad.error
+    good = outs["good"][-1]
+    assert good.finish_reason == FinishReason.LENGTH and good.error is None
+    assert _tokens(outs["good"]) == solo["r3"]
+    assert engine.kv.usage == 0
+    assert len(run(engine, [PROMPTS[2]], GREEDY, ["after"])["after"]) == 12  # the engine keeps serving
+
+
+def test_a_sampling_fault_fails_the_step_and_the_engine_goes_on(parts, monkeypatch):
+    import pesc_serve.engine.model_runner as model_runner
+
+    engine = make_engine(parts)
+    real, calls = model_runner.sample, {"n": 0}
+
+    def faulty(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("injected sampling fault")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model_runner, "sample", faulty)
+    outs = _two_requests(engine)
+    for rid in ("good", "bad"):
+        assert outs[rid][-1].finish_reason == FinishReason.ERROR
+        assert "engine step failed" in outs[rid][-1].error and "injected sampling fault" in outs[rid][-1].error
+    assert engine.kv.usage == 0
+    assert len(run(engine, [PROMPTS[2]], GREEDY, ["after"])["after"]) == 12
+
+
+def test_a_scheduling_fault_fails_the_unfinished_requests_and_the_engine_goes_on(parts, monkeypatch):
+    engine = make_engine(parts)
+    real, calls = engine.scheduler.schedule, {"n": 0}
+
+    def faulty():
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected scheduler fault")
+        return real()
+
+    monkeypatch.setattr(engine.scheduler, "schedule", faulty)
+    outs = _two_requests(engine)
+    for rid in ("good", "bad"):
+        assert outs[rid][-1].finish_reason == FinishReason.ERROR and "scheduling failed" in outs[rid][-1].error
+    assert engine.kv.usage == 0
+    assert len(run(engine, [PROMPTS[2]], GREEDY, ["after"])["after"]) == 12
+
+
+def test_a_metrics_fault_fails_no_request(parts, solo, monkeypatch):
+    engine = make_engine(parts)
+    assert engine.expert_load is not None
+
+    def broken(*_):
+        raise RuntimeError("injected metrics fault")
+
+    monkeypatch.setattr(engine.expert_load, "record", broken)
+    outs = _two_requests(engine)
+    assert _tokens(outs["good"]) == solo["r3"] and _tokens(outs["bad"]) == solo["r4"]
+    assert all(o[-1].error is None for o in outs.values())
+
+
+def test_expert_load_counts_every_routed_token_in_mixed_steps(parts):
+    """Decodes through the C++ step and a prefill through PyTorch in one step: both are counted."""
+    engine = make_engine(parts)
+    cfg = parts[0].config
+    before = int(engine.expert_load.counts.sum())
+    run(engine, [PROMPTS[1], PROMPTS[4]], GREEDY)
+    engine.add_request("late", PROMPTS[5], GREEDY)
+    tokens = 0
+    engine.add_request("early", PROMPTS[0], GREEDY)
+    while engine.has_unfinished():
+        engine.step()
+    tokens = sum(len(p) + 12 - 1 for p in (PROMPTS[1], PROMPTS[4], PROMPTS[5], PROMPTS[0]))
+    assert int(engine.expert_load.counts.sum()) - before == tokens * cfg.num_layers * cfg.topk
 
 
 def test_kv_cache_respects_its_memory_budget(parts):

@@ -9,7 +9,6 @@ import json
 import httpx
 import pytest
 
-from pesc_serve.config import EngineConfig, LoadConfig
 from pesc_serve.engine.engine import LLMEngine
 from pesc_serve.engine.request import FinishReason, SamplingParams
 from pesc_serve.engine.structured_output import StructuredOutputFactory, schema_error
@@ -17,6 +16,7 @@ from pesc_serve.models.loader import load_model
 from pesc_serve.models.tokenizer import load_tokenizer
 from pesc_serve.registry import resolve_model
 from tests.fixtures.tiny_checkpoints import EOS_TOKEN_ID
+from tests.profiles import engine_config, load_config
 from tests.server_harness import running_server, sse_events
 
 SMALL_SCHEMA = {
@@ -28,9 +28,9 @@ SMALL_SCHEMA = {
 
 
 @pytest.fixture(scope="module")
-def parts(tiny_checkpoint_factory):
+def parts(tiny_checkpoint_factory, profile):
     src = resolve_model(str(tiny_checkpoint_factory("camelidae")))
-    return load_model(src, LoadConfig(model=str(src.path), dtype="float32", device="cpu")), load_tokenizer(src)
+    return load_model(src, load_config(profile, str(src.path))), load_tokenizer(src), profile
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_schema_errors_are_reported():
 
 
 def test_json_mode_outputs_parse_when_they_stop(parts):
-    engine = LLMEngine(parts[0], parts[1], EngineConfig(max_num_seqs=16, max_model_len=128, kv_cache_memory_gb=0.01))
+    engine = LLMEngine(parts[0], parts[1], engine_config(parts[2], max_num_seqs=16, max_model_len=128, kv_cache_memory_gb=0.01))
     reqs = {f"s{i}": SamplingParams(max_tokens=48, temperature=1.0, seed=i, json_mode=True) for i in range(12)}
     reqs["greedy"] = SamplingParams(max_tokens=48, temperature=0.0, json_mode=True)
     reqs["min_tokens"] = SamplingParams(max_tokens=48, temperature=1.0, seed=3, min_tokens=40, json_mode=True)
@@ -100,7 +100,7 @@ def test_json_mode_outputs_parse_when_they_stop(parts):
 
 
 def test_json_schema_outputs_match_the_schema(parts):
-    engine = LLMEngine(parts[0], parts[1], EngineConfig(max_num_seqs=8, max_model_len=128, kv_cache_memory_gb=0.01))
+    engine = LLMEngine(parts[0], parts[1], engine_config(parts[2], max_num_seqs=8, max_model_len=128, kv_cache_memory_gb=0.01))
     reqs = {f"s{i}": SamplingParams(max_tokens=40, temperature=1.0, seed=i, json_mode=True, json_schema=SMALL_SCHEMA) for i in range(6)}
     done = _run(engine, reqs)
     for text, reason, _ in done.values():
@@ -110,7 +110,7 @@ def test_json_schema_outputs_match_the_schema(parts):
 
 
 def test_seeded_json_mode_reproduces_in_any_batch(parts):
-    cfg = EngineConfig(max_num_seqs=8, max_model_len=128, kv_cache_memory_gb=0.01)
+    cfg = engine_config(parts[2], max_num_seqs=8, max_model_len=128, kv_cache_memory_gb=0.01)
     params = SamplingParams(max_tokens=30, temperature=1.0, seed=11, json_mode=True)
     alone = _run(LLMEngine(parts[0], parts[1], cfg), {"a": params})["a"]
     noisy = {f"n{i}": SamplingParams(max_tokens=30, temperature=1.0, json_mode=i % 2 == 0) for i in range(3)}
@@ -122,8 +122,8 @@ def test_seeded_json_mode_reproduces_in_any_batch(parts):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint_factory):
-    with running_server(str(tiny_checkpoint_factory("camelidae"))) as s:
+def server(tiny_checkpoint_factory, profile):
+    with running_server(str(tiny_checkpoint_factory("camelidae")), profile=profile) as s:
         yield s
 
 

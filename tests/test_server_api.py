@@ -15,8 +15,8 @@ MESSAGES = [{"role": "user", "content": "Say something about the sea."}]
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint_factory):
-    with running_server(str(tiny_checkpoint_factory("camelidae"))) as s:
+def server(tiny_checkpoint_factory, profile):
+    with running_server(str(tiny_checkpoint_factory("camelidae")), profile=profile) as s:
         yield s
 
 

@@ -20,9 +20,9 @@ TIME_LIMIT_S = 90
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint_factory):
+def server(tiny_checkpoint_factory, profile):
     engine = EngineConfig(max_num_seqs=32, max_queue_len=512, max_model_len=128, kv_cache_memory_gb=0.05)
-    with running_server(str(tiny_checkpoint_factory("camelidae")), engine=engine) as s:
+    with running_server(str(tiny_checkpoint_factory("camelidae")), engine=engine, profile=profile) as s:
         yield s
 
 

@@ -6,6 +6,11 @@ aborts travel to that thread through an inbox; each step's outputs come back in 
 ``call_soon_threadsafe`` and are fanned out to per-request asyncio queues.  A consumer
 that stops listening (client disconnect, cancellation) aborts its request, which frees its
 KV blocks before the next step.
+
+Shutdown (:meth:`AsyncEngine.begin_drain`): new requests are refused at once, running ones
+get the drain time to finish, and whatever is left is then aborted *with an answer*: its
+consumer receives a last output with ``finish_reason`` abort, so a stream still ends with a
+final chunk and a plain request still gets its partial completion.
 """
 
 from __future__ import annotations
@@ -26,12 +31,19 @@ from pesc_serve.engine.request import FinishReason, RequestOutput, SamplingParam
 logger = logging.getLogger(__name__)
 
 
+ANSWER_GRACE_S = 5.0  # after the drain, how long aborted requests get to hand their answers over
+
+
 class EngineOverloadedError(RuntimeError):
     """Running and waiting requests are at their limits; the client should retry later."""
 
 
 class EngineDeadError(RuntimeError):
     """The engine thread has stopped; no request can be served."""
+
+
+class EngineDrainingError(RuntimeError):
+    """The server is shutting down: running requests finish, new ones are refused."""
 
 
 @dataclass
@@ -58,7 +70,8 @@ class AsyncEngine:
         self._stopping = threading.Event()
         self.dead_error: BaseException | None = None
         self._stats = engine.stats()
-        self.listeners: list = []  # callables(outputs, stats) run on the event loop after each step
+        self._draining = False
+        self._drain_timer: asyncio.TimerHandle | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -68,19 +81,44 @@ class AsyncEngine:
             self._engine_thread = EngineThread()
         self._running = self._engine_thread.submit(self._run)
 
-    async def shutdown(self, drain_timeout_s: float = 30.0) -> None:
-        """Let in-flight requests finish (up to the timeout), then stop the engine thread."""
-        deadline = asyncio.get_running_loop().time() + drain_timeout_s
-        while self._queues and asyncio.get_running_loop().time() < deadline and self.is_healthy:
-            await asyncio.sleep(0.05)
+    def begin_drain(self, drain_timeout_s: float) -> None:
+        """Refuse new requests; abort (with an answer) those still running after the timeout.
+
+        Runs on the event loop; idempotent, so a second signal does not restart the clock.
+        """
+        if self._draining:
+            return
+        self._draining = True
+        loop = self._loop or asyncio.get_running_loop()
+        logger.info("draining: %d request(s) in flight get %.1f s to finish", len(self._queues), drain_timeout_s)
+        self._drain_timer = loop.call_later(drain_timeout_s, self.abort_all)
+
+    def abort_all(self) -> None:
+        """Abort every request in flight; each consumer still gets a final ``abort`` output."""
+        if self._queues:
+            logger.warning("drain time is over: aborting %d request(s)", len(self._queues))
         for request_id in list(self._queues):
             self.abort(request_id)
+
+    async def shutdown(self, drain_timeout_s: float = 30.0) -> None:
+        """Drain (if no signal began it already), wait for the answers, stop the engine thread."""
+        self.begin_drain(drain_timeout_s)
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + drain_timeout_s + ANSWER_GRACE_S  # a consumer that never reads its answer
+        while self._queues and self.is_healthy and loop.time() < give_up:
+            await asyncio.sleep(0.05)
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
         self._stopping.set()
         self._inbox.put(None)
         if self._running is not None:
-            await asyncio.get_running_loop().run_in_executor(None, concurrent.futures.wait, [self._running], 10.0)
+            await loop.run_in_executor(None, concurrent.futures.wait, [self._running], 10.0)
         if self._engine_thread is not None:
             self._engine_thread.stop()
+
+    @property
+    def is_draining(self) -> bool:
+        return self._draining
 
     @property
     def is_healthy(self) -> bool:
@@ -115,10 +153,13 @@ class AsyncEngine:
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> "RequestStream":
         """Register a request now (raising at once if it cannot be served) and return its stream.
 
-        Raises EngineDeadError, EngineOverloadedError, or ValueError for an invalid request.
+        Raises EngineDeadError, EngineDrainingError, EngineOverloadedError, or ValueError for
+        an invalid request.
         """
         if not self.is_healthy:
             raise EngineDeadError(f"the engine is not running ({self.dead_error or 'stopped'})")
+        if self._draining:
+            raise EngineDrainingError("the server is shutting down; retry on another replica or later")
         self.check_capacity()
         self.engine.validate_prompt(prompt_token_ids, params)
         if request_id in self._queues:
@@ -156,8 +197,8 @@ class AsyncEngine:
                 if self.engine.has_unfinished():
                     outputs.extend(self.engine.step())
                 self._stats = self.engine.stats()
-                if outputs or self.listeners:
-                    self._loop.call_soon_threadsafe(self._dispatch, outputs, self._stats)
+                if outputs:
+                    self._loop.call_soon_threadsafe(self._dispatch, outputs)
         except BaseException as exc:  # the loop itself broke: every waiter must hear about it
             logger.exception("engine thread died")
             self.dead_error = exc
@@ -184,13 +225,11 @@ class AsyncEngine:
                 if aborted is not None:
                     outputs.append(aborted)
 
-    def _dispatch(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
             q = self._queues.get(out.request_id)
             if q is not None:
                 q.put_nowait(out)
-        for listener in self.listeners:
-            listener(outputs, stats)
 
     def _fail_all(self, exc: BaseException) -> None:
         err = EngineDeadError(f"the engine stopped: {type(exc).__name__}: {exc}")

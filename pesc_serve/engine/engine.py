@@ -7,7 +7,6 @@ only the requests in that step; the engine stays usable.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +16,7 @@ from pesc_serve.engine.detokenizer import IncrementalDetokenizer
 from pesc_serve.engine.kv_cache import KVCacheManager
 from pesc_serve.engine.model_runner import ModelRunner, kv_bytes_per_token
 from pesc_serve.engine.request import FinishReason, Request, RequestOutput, SamplingParams, TokenLogprob
-from pesc_serve.engine.scheduler import Scheduler, SchedulerOutput
+from pesc_serve.engine.scheduler import Scheduler
 from pesc_serve.engine.structured_output import StructuredOutputFactory
 from pesc_serve.models.cpu_decode import try_build
 from pesc_serve.models.decoder import expert_load
@@ -168,38 +167,57 @@ class LLMEngine:
         )
 
     def step(self) -> list[RequestOutput]:
-        out = self.scheduler.schedule()
+        """One engine iteration.  A failure is contained where it happens: in scheduling or the
+        forward pass and sampling it fails the step's requests, in one request's output
+        processing (detokenizer, structured output) only that request, in the expert-load
+        metric nobody; the engine keeps serving."""
+        try:
+            out = self.scheduler.schedule()
+        except Exception as exc:
+            logger.exception("scheduling failed; failing every unfinished request")
+            return self._fail([t.request for t in list(self._tracked.values())], "scheduling", exc)
         if out.is_empty:
             return []
         try:
             result = self.runner.execute(out)
-        except Exception as exc:  # a failed step fails its own requests, not the engine
+            self.scheduler.advance(out)
+            sampled = result.sampled
+            token_ids = sampled.token_ids.tolist()
+            chosen_lp = sampled.logprobs.tolist() if sampled.logprobs is not None else None
+            top_ids = sampled.top_ids.tolist() if sampled.top_ids is not None else None
+            top_lp = sampled.top_logprobs.tolist() if sampled.top_logprobs is not None else None
+        except Exception as exc:
             logger.exception("engine step failed; failing %d request(s)", len(out.chunks))
-            return self._fail(out, exc)
-        if self.expert_load is not None:
-            self.expert_load.record(result.expert_choices)
-        self.scheduler.advance(out)
-        sampled = result.sampled
-        token_ids = sampled.token_ids.tolist()
-        chosen_lp = sampled.logprobs.tolist() if sampled.logprobs is not None else None
-        top_ids = sampled.top_ids.tolist() if sampled.top_ids is not None else None
-        top_lp = sampled.top_logprobs.tolist() if sampled.top_logprobs is not None else None
+            return self._fail([c.request for c in out.chunks], "engine step", exc)
+        self._record_expert_load(result.expert_choices)
         outputs: list[RequestOutput] = []
-        now = time.monotonic()
         for row, req in enumerate(result.requests):
-            tracked = self._tracked[req.request_id]
-            token = token_ids[row]
-            req.output_token_ids.append(token)
-            if req.first_token_time is None:
-                req.first_token_time = now
-            logprobs = []
-            if req.params.logprobs is not None and chosen_lp is not None:
-                k = req.params.logprobs
-                alts = list(zip(top_ids[row][:k], top_lp[row][:k])) if top_ids is not None and k else []
-                logprobs.append(TokenLogprob(token, chosen_lp[row], alts))
-            self._check_finish(tracked, token)
-            outputs.append(self._output(tracked, [token], logprobs, finished=req.is_finished))
+            tracked = self._tracked.get(req.request_id)
+            if tracked is None:
+                continue
+            try:
+                token = token_ids[row]
+                req.output_token_ids.append(token)
+                logprobs = []
+                if req.params.logprobs is not None and chosen_lp is not None:
+                    k = req.params.logprobs
+                    alts = list(zip(top_ids[row][:k], top_lp[row][:k])) if top_ids is not None and k else []
+                    logprobs.append(TokenLogprob(token, chosen_lp[row], alts))
+                self._check_finish(tracked, token)
+                outputs.append(self._output(tracked, [token], logprobs, finished=req.is_finished))
+            except Exception as exc:
+                logger.exception("processing the output of request %s failed", req.request_id)
+                outputs.extend(self._fail([req], "output processing", exc))
         return outputs
+
+    def _record_expert_load(self, choices) -> None:
+        """A metric: its failure is logged, never visited on a request."""
+        if self.expert_load is None:
+            return
+        try:
+            self.expert_load.record(choices)
+        except Exception:
+            logger.exception("recording the expert load failed (metric only; requests go on)")
 
     def _check_finish(self, tracked: _Tracked, token: int) -> None:
         req, params = tracked.request, tracked.request.params
@@ -246,14 +264,29 @@ class LLMEngine:
             error=tracked.error if finished else None,
         )
 
-    def _fail(self, out: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
+    def _fail(self, requests: list[Request], stage: str, exc: Exception) -> list[RequestOutput]:
+        """Finish ``requests`` with an error naming the stage; what failed may be the bookkeeping
+        itself, so the output is built without the detokenizer and freeing is best effort."""
         outputs = []
-        for chunk in out.chunks:
-            tracked = self._tracked.get(chunk.request.request_id)
+        for req in requests:
+            tracked = self._tracked.pop(req.request_id, None)
             if tracked is None:
                 continue
-            self._finish(chunk.request, FinishReason.ERROR)
-            o = self._output(tracked, [], [], finished=True)
-            o.error = f"engine step failed: {type(exc).__name__}: {exc}"
-            outputs.append(o)
+            try:
+                if not req.is_finished:
+                    self._finish(req, FinishReason.ERROR)
+            except Exception:
+                logger.exception("could not release request %s cleanly", req.request_id)
+                req.finish(FinishReason.ERROR)
+            outputs.append(
+                RequestOutput(
+                    request_id=req.request_id,
+                    finished=True,
+                    finish_reason=FinishReason.ERROR,
+                    num_prompt_tokens=req.num_prompt_tokens,
+                    num_output_tokens=len(req.output_token_ids),
+                    num_cached_tokens=req.num_cached_tokens,
+                    error=f"{stage} failed: {type(exc).__name__}: {exc}",
+                )
+            )
         return outputs

@@ -150,8 +150,3 @@ class KVCacheManager:
                 self.free[block_id] = None
         request.block_ids = []
         request.block_keys = []
-
-    def reset_prefix_cache(self) -> None:
-        for block in self.blocks:
-            block.hash_key = None
-        self.cached.clear()

@@ -176,8 +176,8 @@ class ModelRunner:
 
     # ---- one step ------------------------------------------------------------------------
 
-    def _execute_decode(self, chunks: list[ScheduledChunk]) -> StepResult:
-        """A decode-only batch in one call to the C++ step."""
+    def _decode_logits(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and expert choices of single-token decodes, in one call to the C++ step."""
         bs = self.block_size
         reqs = [c.request for c in chunks]
         ids = torch.tensor([r.all_token_ids[c.start] for r, c in zip(reqs, chunks)])
@@ -185,17 +185,43 @@ class ModelRunner:
         slots = torch.tensor([r.block_ids[c.start // bs] * bs + c.start % bs for r, c in zip(reqs, chunks)])
         width = max(len(r.block_ids) for r in reqs)
         tables = torch.tensor([r.block_ids + [0] * (width - len(r.block_ids)) for r in reqs])
-        logits, choices = self.decode_model.forward(ids, positions, self.kv_caches, slots, tables, bs)
-        return StepResult(reqs, sample(logits, self.sampling_batch(reqs)), choices)
+        return self.decode_model.forward(ids, positions, self.kv_caches, slots, tables, bs)
+
+    def _model_logits(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor | None, list[Request]]:
+        """Logits of the sampling rows of ``chunks`` through the PyTorch model."""
+        input_ids, positions, meta, sample_rows = self.prepare(chunks)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        reqs = [c.request for c in chunks if c.samples]
+        return (self.model.compute_logits(hidden[sample_rows]) if reqs else None), reqs
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
-        if self.decode_model is not None and all(c.num_new_tokens == 1 and c.start > 0 for c in out.chunks):
-            return self._execute_decode(out.chunks)
-        input_ids, positions, meta, sample_rows = self.prepare(out.chunks)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
-        reqs = [c.request for c in out.chunks if c.samples]
+        """Forward and sample one step.
+
+        With the C++ step built, every decode runs through it whatever else the batch holds,
+        and the prefill chunks beside it through PyTorch: a decode's numbers never depend on
+        whether a neighbour's prefill shares its step (seeded requests reproduce in any mix).
+        """
+        cpp = [c for c in out.chunks if self.decode_model is not None and _is_cpp_decode(c)]
+        rest = [c for c in out.chunks if not (self.decode_model is not None and _is_cpp_decode(c))]
+        logits: list[torch.Tensor] = []
+        reqs: list[Request] = []
+        choices = None
+        if cpp:
+            decode_logits, choices = self._decode_logits(cpp)
+            logits.append(decode_logits)
+            reqs.extend(c.request for c in cpp)
+        if rest:
+            model_logits, model_reqs = self._model_logits(rest)
+            if model_logits is not None:
+                logits.append(model_logits)
+                reqs.extend(model_reqs)
         if not reqs:
-            return StepResult([], SamplerOutput(torch.empty(0, dtype=torch.long)))
-        logits = self.model.compute_logits(hidden[sample_rows])
-        return StepResult(reqs, sample(logits, self.sampling_batch(reqs)))
+            return StepResult([], SamplerOutput(torch.empty(0, dtype=torch.long)), choices)
+        batch = logits[0] if len(logits) == 1 else torch.cat(logits)
+        return StepResult(reqs, sample(batch, self.sampling_batch(reqs)), choices)
+
+
+def _is_cpp_decode(chunk: ScheduledChunk) -> bool:
+    """One new token after cached context that samples: what the C++ step computes."""
+    return chunk.num_new_tokens == 1 and chunk.start > 0 and chunk.samples

@@ -7,7 +7,6 @@ is what flows back, one delta per engine step (text already cleaned of stop stri
 from __future__ import annotations
 
 import enum
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,7 +129,6 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     max_tokens: int
-    arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0
@@ -139,7 +137,6 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
-    first_token_time: float | None = None
     num_preemptions: int = 0
     structured_output: Any = None  # an OutputMatcher for response_format requests
 

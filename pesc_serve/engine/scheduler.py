@@ -70,7 +70,6 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
-        scheduled: set[str] = set()
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
@@ -82,7 +81,6 @@ class Scheduler:
                     break
             else:
                 out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, num_new))
-                scheduled.add(req.request_id)
                 budget -= num_new
                 i += 1
                 continue

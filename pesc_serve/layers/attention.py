@@ -56,6 +56,12 @@ def write_kv(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor
     kv_cache[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
 
 
+def _as_cached(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
+    """``x`` rounded as the cache stores it: a fresh chunk then sees the same keys and values
+    as a chunked prefill or a decode reading them back (same tokens whatever the chunking)."""
+    return x if x.dtype == cache_dtype else x.to(cache_dtype).to(x.dtype)
+
+
 def paged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -80,8 +86,8 @@ def paged_attention(
     for chunk in meta.prefills:
         qs = q[chunk.q_start : chunk.q_end].transpose(0, 1)  # [Hq, L, D]
         if chunk.context_slots is None:
-            ks = k[chunk.q_start : chunk.q_end].transpose(0, 1)
-            vs = v[chunk.q_start : chunk.q_end].transpose(0, 1)
+            ks = _as_cached(k[chunk.q_start : chunk.q_end], kv_cache.dtype).transpose(0, 1)
+            vs = _as_cached(v[chunk.q_start : chunk.q_end], kv_cache.dtype).transpose(0, 1)
         else:
             kv = kv_cache.index_select(1, chunk.context_slots).to(q.dtype)  # [2, ctx, Hkv, D]
             ks, vs = kv[0].transpose(0, 1), kv[1].transpose(0, 1)

@@ -116,15 +116,18 @@ class ExpertLoad:
         self._offsets = (torch.arange(cfg.num_layers, device=device) * cfg.num_experts).view(-1, 1, 1)
 
     def record(self, choices: torch.Tensor | None = None) -> None:
-        """Add one step's choices: given as [L, T, k], or read from the layers."""
-        if choices is None:
-            per_layer = [mlp.last_topk for mlp in self.layers]
-            if any(c is None for c in per_layer):
-                return
-            choices = torch.stack(per_layer)
-            for mlp in self.layers:
-                object.__setattr__(mlp, "last_topk", None)  # plain attribute: skip nn.Module's hook
-        flat = (choices + self._offsets).view(-1)  # [L, T, k] -> global expert ids
+        """Add one step's choices: those given as [L, T, k] (the C++ decode step's) and those
+        the layers remember from a PyTorch forward in the same step."""
+        if choices is not None:
+            self._add(choices)
+        per_layer = [mlp.last_topk for mlp in self.layers]
+        if all(c is not None for c in per_layer):
+            self._add(torch.stack(per_layer))
+        for mlp in self.layers:
+            object.__setattr__(mlp, "last_topk", None)  # plain attribute: skip nn.Module's hook
+
+    def _add(self, choices: torch.Tensor) -> None:
+        flat = (choices + self._offsets).reshape(-1)  # [L, T, k] -> global expert ids
         self.counts.view(-1).index_add_(0, flat, torch.ones_like(flat))
 
 

@@ -7,8 +7,6 @@ cached on disk (keyed by the file's path, size and mtime) and reloaded quickly n
 from __future__ import annotations
 
 import hashlib
-import os
-from pathlib import Path
 
 from pesc_serve.cache_dirs import cache_dir
 from pesc_serve.registry import ModelSource

@@ -116,6 +116,8 @@ def create_app(
     async def health() -> Response:
         if not engine.is_healthy:
             return error_response(503, f"engine is not running: {engine.dead_error or 'stopped'}", code="engine_dead")
+        if engine.is_draining:  # a load balancer stops sending requests here
+            return error_response(503, "the server is shutting down", code="shutting_down")
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")

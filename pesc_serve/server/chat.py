@@ -10,7 +10,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from jinja2.exceptions import TemplateError
+
 from pesc_serve.server.protocol import ChatMessage
+
+
+class ChatTemplateError(RuntimeError):
+    """The chat template itself failed (syntax, undefined names, type errors): a 500, not the client's fault.
+
+    A template rejects bad messages by calling ``raise_exception(...)``, which raises a plain
+    ``TemplateError``; that is a ValueError (400) instead.
+    """
 
 
 def camelidae_prompt(messages: list[dict[str, str]], eos_token: str) -> str:
@@ -26,6 +36,13 @@ def camelidae_prompt(messages: list[dict[str, str]], eos_token: str) -> str:
     return "".join(parts)
 
 
+# apply_chat_template's own arguments: a client's chat_template_kwargs may not override them
+_RESERVED_TEMPLATE_KWARGS = frozenset(
+    {"conversation", "chat_template", "add_generation_prompt", "tokenize", "return_tensors", "return_dict",
+     "continue_final_message", "tools", "documents", "padding", "truncation", "max_length", "tokenizer_kwargs"}
+)
+
+
 @dataclass
 class ChatFormatter:
     """Renders chat requests with the model's template (or the Camelidae fallback)."""
@@ -39,6 +56,9 @@ class ChatFormatter:
 
     def render(self, messages: list[ChatMessage], add_generation_prompt: bool = True, **template_kwargs: Any) -> str:
         plain = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in messages]
+        clash = sorted(set(template_kwargs) & _RESERVED_TEMPLATE_KWARGS)
+        if clash:
+            raise ValueError(f"chat_template_kwargs must not set {', '.join(clash)}")
         if self.uses_fallback:
             return camelidae_prompt(plain, self.tokenizer.eos_token or "")
         try:
@@ -49,8 +69,12 @@ class ChatFormatter:
                 tokenize=False,
                 **template_kwargs,
             )
-        except Exception as exc:  # jinja errors (e.g. "roles must alternate") are the client's
-            raise ValueError(f"messages could not be formatted with the chat template: {exc}") from None
+        except TemplateError as exc:
+            if type(exc) is TemplateError:  # the template's raise_exception(): it refused these messages
+                raise ValueError(f"messages could not be formatted with the chat template: {exc}") from None
+            raise ChatTemplateError(f"the chat template is broken: {type(exc).__name__}: {exc}") from exc
+        except Exception as exc:  # TypeError etc. inside the template: the server's bug, not the client's
+            raise ChatTemplateError(f"the chat template failed: {type(exc).__name__}: {exc}") from exc
 
     def encode(self, text: str) -> list[int]:
         """Token ids of an already-formatted prompt (templates carry their own special tokens)."""

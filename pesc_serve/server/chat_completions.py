@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from pesc_serve.server.chat import ChatTemplateError
 from pesc_serve.server.errors import APIError
 from pesc_serve.server.protocol import ChatCompletionRequest
 from pesc_serve.server.responses import ChoiceState, chat_logprobs, chunk_envelope, new_id, now, openai_finish_reason
@@ -22,6 +23,8 @@ async def create_chat_completion(serving: OpenAIServing, req: ChatCompletionRequ
         text = serving.formatter.render(req.messages, req.add_generation_prompt, **(req.chat_template_kwargs or {}))
     except ValueError as exc:
         raise APIError(400, str(exc), "messages", "invalid_value") from None
+    except ChatTemplateError as exc:
+        raise APIError(500, str(exc), code="chat_template_error") from None
     prompt_ids = serving.formatter.encode(text)
     choices = serving.start([prompt_ids], params, req.n, new_id("chatcmpl"))
     obj_id = choices[0].stream.request_id.rsplit("-", 1)[0]

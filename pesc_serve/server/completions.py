@@ -18,6 +18,7 @@ from pesc_serve.server.responses import (
     new_id,
     now,
     openai_finish_reason,
+    text_length,
 )
 from pesc_serve.server.serving import OpenAIServing, Choice, request_params, usage_of
 
@@ -81,7 +82,7 @@ async def _completion_events(
             logprobs = None
             if req.logprobs is not None:
                 logprobs = completion_logprobs(out.logprobs, serving.text_of, offsets[c.index])
-                offsets[c.index] += sum(len(t) for t in logprobs["tokens"])
+                offsets[c.index] += sum(text_length(t) for t in logprobs["tokens"])
             yield chunk_envelope(
                 obj_id,
                 "text_completion",

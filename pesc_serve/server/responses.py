@@ -21,12 +21,13 @@ def new_id(prefix: str) -> str:
 
 
 def openai_finish_reason(reason: FinishReason | None) -> str | None:
-    """Only OpenAI's values leave the server: an abort (timeout) was cut short, like 'length'."""
+    """The wire value: OpenAI's ``stop``/``length``, and vLLM's ``abort`` for an answer cut short by
+    the server (shutdown drain over, request timeout): a client must tell it from a complete one."""
     if reason is None:
         return None
-    if reason in (FinishReason.LENGTH, FinishReason.ABORT):
-        return "length"
-    return "stop"
+    if reason == FinishReason.ERROR:  # errors travel as error objects; this only labels what came before
+        return "abort"
+    return reason.value
 
 
 def _byte_level_decoder() -> dict[str, int]:
@@ -121,8 +122,13 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
     }
 
 
+def text_length(token_text: str) -> int:
+    """How far a token moves ``text_offset``: a partial UTF-8 character (``bytes:...``) adds no text."""
+    return 0 if token_text.startswith("bytes:") else len(token_text)
+
+
 def completion_logprobs(items: list[TokenLogprob], text_of: TokenText, start_offset: int) -> dict:
-    """The legacy completions ``logprobs`` object."""
+    """The legacy completions ``logprobs`` object; a stream passes the offset its earlier chunks reached."""
     tokens, token_lps, tops, offsets = [], [], [], []
     offset = start_offset
     for i in items:
@@ -131,7 +137,7 @@ def completion_logprobs(items: list[TokenLogprob], text_of: TokenText, start_off
         token_lps.append(i.logprob)
         tops.append({text_of(t): lp for t, lp in i.top} if i.top else None)
         offsets.append(offset)
-        offset += 0 if s.startswith("bytes:") else len(s)
+        offset += text_length(s)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
 

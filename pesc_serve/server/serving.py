@@ -22,7 +22,14 @@ from fastapi import Request
 from sse_starlette.sse import EventSourceResponse
 
 from pesc_serve.config import ServerConfig
-from pesc_serve.engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError, RequestStream
+from pesc_serve.engine.async_engine import (
+    ANSWER_GRACE_S,
+    AsyncEngine,
+    EngineDeadError,
+    EngineDrainingError,
+    EngineOverloadedError,
+    RequestStream,
+)
 from pesc_serve.engine.request import RequestOutput, SamplingParams
 from pesc_serve.server.chat import ChatFormatter
 from pesc_serve.server.errors import APIError, error_body, param_of
@@ -92,13 +99,24 @@ class OpenAIServing:
         except EngineDeadError as exc:
             self._close(choices)
             raise APIError(503, str(exc), code="engine_dead") from None
+        except EngineDrainingError as exc:
+            self._close(choices)
+            raise APIError(503, str(exc), code="shutting_down", headers={"Retry-After": RETRY_AFTER_S}) from None
         except ValueError as exc:
             self._close(choices)
             raise APIError(400, str(exc), param_of(str(exc)), "invalid_value") from None
-        if self.metrics is not None:
-            for c in choices:
-                self.metrics.on_start(c.stream.request_id)
+        for c in choices:
+            self._metric("on_start", c.stream.request_id)
         return choices
+
+    def _metric(self, hook: str, *args: Any) -> None:
+        """Tell the metrics; their failure is logged, never the request's."""
+        if self.metrics is None:
+            return
+        try:
+            getattr(self.metrics, hook)(*args)
+        except Exception:
+            logger.exception("metrics hook %s failed (the request goes on)", hook)
 
     @staticmethod
     def _close(choices: list[Choice]) -> None:
@@ -130,8 +148,7 @@ class OpenAIServing:
                     ) from None
                 if isinstance(item, BaseException):
                     raise APIError(503, f"the engine stopped: {item}", code="engine_dead")
-                if self.metrics is not None:
-                    self.metrics.on_output(c.stream.request_id, item)
+                self._metric("on_output", c.stream.request_id, item)
                 if item.finished:
                     remaining -= 1
                 yield c, item
@@ -139,9 +156,8 @@ class OpenAIServing:
             for t in tasks:
                 t.cancel()
             self._close(choices)
-            if self.metrics is not None:
-                for c in choices:
-                    self.metrics.on_close(c.stream.request_id)
+            for c in choices:
+                self._metric("on_close", c.stream.request_id)
 
     async def until_disconnect(self, raw: Request, coro) -> Any:
         """Run ``coro``; cancel it (aborting its requests) as soon as the client goes away.
@@ -169,8 +185,9 @@ class OpenAIServing:
 
         ``events`` is closed explicitly however the stream ends (a disconnect cancels us at
         any ``await`` or ``yield``), so its engine requests are aborted at once rather than
-        when the garbage collector finds the generator.  On shutdown a running stream gets
-        ``shutdown_timeout_s`` to finish before sse-starlette cuts it.
+        when the garbage collector finds the generator.  On shutdown the engine aborts a
+        stream still running after ``shutdown_timeout_s`` with a final ``abort`` chunk;
+        sse-starlette would cut it only after a further grace period.
         """
 
         async def gen() -> AsyncIterator[str]:
@@ -186,7 +203,7 @@ class OpenAIServing:
                 await events.aclose()
             yield "[DONE]"
 
-        return EventSourceResponse(gen(), sep="\n", ping=SSE_PING_S, shutdown_grace_period=self.cfg.shutdown_timeout_s)
+        return EventSourceResponse(gen(), sep="\n", ping=SSE_PING_S, shutdown_grace_period=self.cfg.shutdown_timeout_s + ANSWER_GRACE_S)
 
     async def collect(self, choices: list[Choice]) -> list[ChoiceState]:
         states = {c.index: ChoiceState(c.index) for c in choices}

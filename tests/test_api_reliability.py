@@ -1,6 +1,8 @@
-"""Reliability on a live server: a client that disconnects (streaming or not) aborts its
-request and frees its KV blocks within one engine step; a failing engine step fails only its
-own requests; a dead engine turns /health and new requests into 503s instead of hangs."""
+"""Reliability on a live server (CLI defaults and exact float32): a client that disconnects
+(streaming or not) aborts its request and frees its KV blocks within one engine step; a failing
+engine step or one request's failing detokenizer fails only those requests; a draining server
+refuses new requests and answers every running one; a dead engine turns /health and new
+requests into 503s instead of hangs."""
 
 from __future__ import annotations
 
@@ -204,3 +206,103 @@ def test_dead_engine_gives_503_not_hangs(tiny_checkpoint_factory):
             assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
         assert time.monotonic() - t0 < 2
         assert httpx.get(server.url + "/metrics", timeout=5).status_code == 200
+
+
+# ---- a fault in one request's output processing -------------------------------------------
+
+
+@pytest.fixture
+def detokenizer_fault(monkeypatch):
+    """The POISON prompt's detokenizer raises on its third token; every other request's works."""
+    import pesc_serve.engine.engine as engine_module
+
+    real = engine_module.IncrementalDetokenizer
+
+    class Faulty(real):
+        def __init__(self, tokenizer, prompt_token_ids, *args, **kwargs):
+            super().__init__(tokenizer, prompt_token_ids, *args, **kwargs)
+            self.poisoned, self.calls = list(prompt_token_ids) == POISON, 0
+
+        def add_token(self, *args, **kwargs):
+            self.calls += 1
+            if self.poisoned and self.calls == 3:
+                raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected detokenizer fault")
+            return super().add_token(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "IncrementalDetokenizer", Faulty)
+
+
+def test_a_detokenizer_fault_fails_only_its_request_over_http(tiny_checkpoint_factory, profile, detokenizer_fault):
+    with running_server(str(tiny_checkpoint_factory("camelidae")), profile=profile) as server:
+        url = server.v1 + "/completions"
+        body = {"prompt": POISON, "max_tokens": 30, "ignore_eos": True}
+        results: dict[str, object] = {}
+
+        def bystander() -> None:  # in the same steps as the poisoned request
+            results["ok"] = httpx.post(url, json={"prompt": [5, 9, 33], "max_tokens": 30, "ignore_eos": True}, timeout=30)
+
+        thread = threading.Thread(target=bystander)
+        thread.start()
+        with httpx.stream("POST", url, json=dict(body, stream=True), timeout=30) as resp:
+            assert resp.status_code == 200
+            events = sse_events(resp)
+        thread.join(30)
+        assert events[-1] == "[DONE]"
+        assert events[-2]["error"]["code"] == "engine_error"
+        assert "injected detokenizer fault" in events[-2]["error"]["message"]
+        plain = httpx.post(url, json=body, timeout=30)
+        assert plain.status_code == 500 and plain.json()["error"]["code"] == "engine_error"
+        assert results["ok"].status_code == 200 and results["ok"].json()["usage"]["completion_tokens"] == 30
+        assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+        assert wait_until(lambda: engine_idle(server), 5)
+
+
+# ---- draining ---------------------------------------------------------------------------------
+
+
+def test_draining_refuses_new_requests_and_lets_running_ones_finish(tiny_checkpoint_factory):
+    with running_server(str(tiny_checkpoint_factory("camelidae"))) as server:
+        slow_engine(server, 0.005)
+        engine = server.server.engine
+        with httpx.Client(timeout=30) as client:
+            with client.stream("POST", server.v1 + "/chat/completions", json=dict(LONG_CHAT, stream=True)) as running:
+                lines = running.iter_lines()
+                next(line for line in lines if line.startswith("data: "))
+                engine._loop.call_soon_threadsafe(engine.begin_drain, 60.0)
+                assert wait_until(lambda: engine.is_draining, 5)
+                refused = client.post(server.v1 + "/chat/completions", json=LONG_CHAT)
+                assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+                assert refused.headers["retry-after"]
+                health = client.get(server.url + "/health")
+                assert health.status_code == 503 and health.json()["error"]["code"] == "shutting_down"
+                events = sse_events(lines)
+        assert events[-1] == "[DONE]"
+        assert [e["choices"][0]["finish_reason"] for e in events[:-1] if e["choices"] and e["choices"][0]["finish_reason"]] == ["length"]
+
+
+def test_drain_over_aborts_with_an_answer(tiny_checkpoint_factory):
+    """What is still running when the drain ends gets a final answer, streamed or not."""
+    with running_server(str(tiny_checkpoint_factory("camelidae"))) as server:
+        slow_engine(server, 0.01)  # 200 tokens take at least 2 s; the drain lasts 0.2 s
+        engine = server.server.engine
+        long_chat = LONG_CHAT
+        results: dict[str, object] = {}
+
+        def plain() -> None:
+            results["plain"] = httpx.post(server.v1 + "/chat/completions", json=long_chat, timeout=30)
+
+        with httpx.stream("POST", server.v1 + "/chat/completions", json=dict(long_chat, stream=True), timeout=30) as r:
+            lines = r.iter_lines()
+            next(line for line in lines if line.startswith("data: "))
+            thread = threading.Thread(target=plain)
+            thread.start()
+            assert wait_until(lambda: engine.stats().num_running == 2, 10)
+            engine._loop.call_soon_threadsafe(engine.begin_drain, 0.2)
+            events = sse_events(lines)
+        thread.join(30)
+        assert events[-1] == "[DONE]"
+        assert events[-2]["choices"][0]["finish_reason"] == "abort"
+        body = results["plain"].json()
+        assert results["plain"].status_code == 200 and body["choices"][0]["finish_reason"] == "abort"
+        assert 0 < body["usage"]["completion_tokens"] < LONG_CHAT["max_tokens"]
+        assert wait_until(lambda: engine_idle(server), 5)

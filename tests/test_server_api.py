@@ -181,3 +181,20 @@ def test_unknown_model_is_404(client):
 def test_openai_client_raises_bad_request(client):
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=_model(client), messages=MESSAGES, temperature=-1)
+
+
+def test_streamed_text_offsets_equal_the_non_streamed_ones(server):
+    """A partial UTF-8 token (``bytes:\\xNN``) adds no text, streamed or not."""
+    text_of = server.server.app.state.serving.text_of
+    vocab = server.server.engine.engine.vocab_size
+    byte_token = next(t for t in range(vocab) if text_of(t).startswith("bytes:"))
+    greedy = {"prompt": [5, 17, 42], "max_tokens": 12, "temperature": 0, "logprobs": 1}
+    for body in (greedy, dict(greedy, logit_bias={str(byte_token): 100})):
+        plain = httpx.post(server.v1 + "/completions", json=body, timeout=60).json()["choices"][0]["logprobs"]
+        with httpx.stream("POST", server.v1 + "/completions", json=dict(body, stream=True), timeout=60) as resp:
+            events = [e for e in _sse_events(resp)[:-1] if e["choices"]]
+        tokens = [t for e in events for t in e["choices"][0]["logprobs"]["tokens"]]
+        offsets = [o for e in events for o in e["choices"][0]["logprobs"]["text_offset"]]
+        assert tokens == plain["tokens"] and len(tokens) == 12
+        assert offsets == plain["text_offset"]
+    assert all(t.startswith("bytes:") for t in tokens)

@@ -590,6 +590,8 @@ struct Linear {
   PackedBf16 packed;        // `dense` packed for bf16_linear when it is bf16 (else empty)
   PackedInt4 int4;          // INT4 weights for int4_linear (when `a` is that packing's data)
   PackedInt8 int8;          // INT8 weights for int8_linear (likewise)
+  torch::Tensor lora_a;     // unmerged LoRA beside the weight: A [r, K] float32 (undefined: none) ...
+  torch::Tensor lora_b;     // ... and B [N, r] float32, scaling folded in (layers/lora.py)
 
   torch::Tensor run_small(const torch::Tensor& x) const {
     if (present(int4.data)) return int4_linear(x, int4);
@@ -614,6 +616,7 @@ struct Linear {
     }
     if (y.scalar_type() != at::kFloat) y = y.to(at::kFloat);
     if (present(bias)) y.add_(bias);
+    if (present(lora_a)) y.addmm_(at::mm(x, lora_a.t()), lora_b.t());
     return y;
   }
 };
@@ -1096,7 +1099,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           lin.packed = pack_bf16(dense);
         }
         return lin;
-      }));
+      }))
+      .def("set_lora", [](Linear& lin, torch::Tensor a, torch::Tensor b) {
+        TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(0) == b.size(1) && b.size(0) == lin.out_features,
+                    "LoRA A [r, K] and B [N, r] must fit the layer");
+        lin.lora_a = a.to(at::kFloat).contiguous();
+        lin.lora_b = b.to(at::kFloat).contiguous();
+      }, "run y += (x A^T) B^T beside the weight (an unmerged LoRA)");
   m.def("bf16_linear", &bf16_linear, "x [M, K] float32 @ W^T with W packed by PackedBf16",
         py::call_guard<py::gil_scoped_release>());
   m.def("have_bf16_gemm", &have_bf16_gemm, "whether this build has the AVX512-BF16 GEMM");

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from pesc_serve.cache_dirs import cache_dir
+from pesc_serve.layers.lora import LoRALinear
 from pesc_serve.layers.pesc_mlp import PescMLP
 from pesc_serve.layers.quant import DenseLinear, HybridLinear, Int4WeightOnlyLinear, Int8WeightOnlyLinear
 from pesc_serve.models.decoder import PescForCausalLM
@@ -100,7 +101,11 @@ def load_extension() -> ModuleType:
 
 
 def _linear(ext: ModuleType, module: nn.Module) -> object:
-    """Describe one (possibly quantized) linear layer to the extension."""
+    """Describe one (possibly quantized) linear layer, with its unmerged LoRA, to the extension."""
+    if isinstance(module, LoRALinear):
+        lin = _linear(ext, module.base)
+        lin.set_lora(_f32(module.lora_a), _f32(module.lora_b))
+        return lin
     max_rows, dense, packed = -1, _EMPTY, None
     if isinstance(module, HybridLinear):
         if not isinstance(module.large, DenseLinear):

@@ -5,9 +5,11 @@ of the model in memory).  Hugging Face names map onto our fused layout: q/k/v in
 ``qkv_proj``, gate/up into ``gate_up_proj``, per-expert adapters into stacked ``[E, ...]``
 tensors with ``moe_scaling`` folded into the up-projection.  Both expert spellings
 (``experts.expert_{e}.`` Camelidae/Qwen2idae, ``experts.{e}.`` Sparsetral) are accepted.
-A PESC delta (routers, adapters, optional LoRA) is applied on top of its base, LoRA merged
-into the dense weights before any quantization.  Missing, unexpected or mis-shaped tensors
-stop the load with a message naming the tensor.
+A PESC delta (routers, adapters, optional LoRA) is applied on top of its base.  Its LoRA is
+merged only into weights that stay unquantized (exact, and free at run time); a weight that
+is quantized keeps the checkpoint's values and runs the LoRA beside it, unmerged
+(layers/lora.py), since re-quantizing a merged weight would round the update away.
+Missing, unexpected or mis-shaped tensors stop the load with a message naming the tensor.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from torch import nn
 
 from pesc_serve.config import LoadConfig, ModelConfig, resolve_device, resolve_dtype
+from pesc_serve.layers.lora import LoRALinear, LoRAPart, fuse_parts, merge_into
 from pesc_serve.layers.quant import quantize_modules
 from pesc_serve.models.checkpoint_files import iter_tensors, weight_files
 from pesc_serve.models.cpu_decode import cpu_has_vnni
@@ -141,8 +144,10 @@ class _Assigner:
             target.view().copy_(value)
         self.seen.add(name)
 
-    def merge_lora(self, scaling: float, origin: Path) -> None:
-        """W += scaling * B @ A for every LoRA pair, in float32, before quantization."""
+    def lora_parts(self, model: nn.Module, origin: Path) -> dict[str, list[LoRAPart]]:
+        """The delta's LoRA pairs, checked, grouped by the (fused) linear module they update."""
+        module_of = {id(m.weight): name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+        parts: dict[str, list[LoRAPart]] = {}
         for name, pair in self.lora.items():
             if set(pair) != {"A", "B"}:
                 raise ValueError(f"{origin}: LoRA for {name!r} has only lora_{''.join(pair)}")
@@ -155,9 +160,12 @@ class _Assigner:
                     f"{origin}: LoRA for {name!r} has A {list(a.shape)} and B {list(b.shape)}, "
                     f"which do not fit the weight {list(target.shape)}"
                 )
-            with torch.no_grad():
-                view = target.view()
-                view.copy_(view.float() + scaling * (b @ a).to(view.device))
+            module = module_of.get(id(target.param))
+            if module is None:
+                raise ValueError(f"{origin}: LoRA for {name!r} targets a tensor that is not a linear layer's weight")
+            rows = target.index[0] if target.index else slice(0, target.shape[0])
+            parts.setdefault(module, []).append(LoRAPart(a, b, rows))
+        return parts
 
     def check_complete(self, what: str) -> None:
         missing = sorted(set(self.targets) - self.seen)
@@ -176,6 +184,10 @@ def _source_tensors(source: ModelSource) -> Iterator[tuple[str, torch.Tensor, Pa
             yield name, tensor, path
 
 
+# The linear modules each QuantPlan field covers (by their attribute name).
+QUANT_GROUPS = {"ffn": ("gate_up_proj", "down_proj"), "attention": ("qkv_proj", "o_proj"), "lm_head": ("lm_head",)}
+
+
 @dataclass(frozen=True)
 class QuantPlan:
     """Which weights get which weight-only format; decided once, at load time."""
@@ -185,6 +197,14 @@ class QuantPlan:
     lm_head: str = "none"
     hybrid_max_rows: int | None = None  # dense weights serve batches above this many rows
     kernel_dtype: torch.dtype | None = None  # dtype the weight kernels run in (None: the model's)
+
+    def method_for(self, module_name: str) -> str:
+        """The format of the linear module called ``module_name`` (its last name part decides)."""
+        leaf = module_name.rsplit(".", 1)[-1]
+        for group, leaves in QUANT_GROUPS.items():
+            if leaf in leaves:
+                return getattr(self, group)
+        return "none"
 
     def describe(self) -> str:
         if self.ffn == self.attention == self.lm_head == "none":
@@ -222,8 +242,8 @@ def resolve_quantization(name: str, device: torch.device, dtype: torch.dtype, vn
 def apply_quantization(model: PescForCausalLM, plan: QuantPlan, dtype: torch.dtype) -> None:
     rows = plan.hybrid_max_rows
     kernel_dtype = plan.kernel_dtype or dtype
-    quantize_modules(model, ("gate_up_proj", "down_proj"), plan.ffn, kernel_dtype, rows)
-    quantize_modules(model, ("qkv_proj", "o_proj"), plan.attention, kernel_dtype, rows)
+    quantize_modules(model, QUANT_GROUPS["ffn"], plan.ffn, kernel_dtype, rows)
+    quantize_modules(model, QUANT_GROUPS["attention"], plan.attention, kernel_dtype, rows)
     if plan.lm_head != "none":
         if model.lm_head is None:  # tied: a head module sharing the embedding matrix
             model.lm_head = nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=False, device="meta")
@@ -241,6 +261,7 @@ def load_model(source: ModelSource, load: LoadConfig, max_positions: int | None 
     _materialize(model, dtype, device)
     model.rotary.build_tables(device)
     assigner = _Assigner(build_targets(model, cfg), tied=cfg.tie_word_embeddings)
+    lora: dict[str, list[LoRAPart]] = {}
     if load.load_format == "dummy":
         _fill_random(assigner)
     elif source.kind == "delta":
@@ -250,19 +271,37 @@ def load_model(source: ModelSource, load: LoadConfig, max_positions: int | None 
         delta_file = source.path / "adapter_model.safetensors"
         for name, tensor in iter_tensors(delta_file):
             assigner.assign(name, tensor, delta_file, allow_lora=True)
-        assigner.merge_lora(_lora_scaling(source.delta), delta_file)
+        lora = assigner.lora_parts(model, delta_file)
     else:
         for name, tensor, origin in _source_tensors(source):
             assigner.assign(name, tensor, origin)
     assigner.check_complete(str(source.path))
     quant = resolve_quantization(load.quantization, device, dtype, vnni=device.type == "cpu" and cpu_has_vnni())
+    scaling = _lora_scaling(source.delta) if source.kind == "delta" else 1.0
+    unmerged = {name: parts for name, parts in lora.items() if quant.method_for(name) != "none"}
+    for name, parts in lora.items():
+        if name not in unmerged:
+            for part in parts:
+                merge_into(model.get_submodule(name).weight, part, scaling)
     apply_quantization(model, quant, dtype)
+    for name, parts in unmerged.items():
+        _attach_lora(model, name, parts, scaling, dtype)
     if cfg.is_pesc:
         for layer in model.layers:
             layer.mlp.finalize()
     model.eval()
     weight_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     return LoadedModel(model, cfg, source, dtype, device, quant, cfg.num_parameters, weight_bytes)
+
+
+def _attach_lora(model: nn.Module, name: str, parts: list[LoRAPart], scaling: float, dtype: torch.dtype) -> None:
+    """Wrap the (now quantized) module ``name`` with its unmerged LoRA."""
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    base = getattr(parent, attr)
+    device = model.embed_tokens.weight.device
+    a, b = fuse_parts(parts, base.out_features, scaling, dtype, device)
+    setattr(parent, attr, LoRALinear(base, a, b))
 
 
 def _fill_random(assigner: _Assigner) -> None:

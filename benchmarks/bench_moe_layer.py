@@ -15,7 +15,7 @@ Strategies timed (each includes the shared FFN and the router, as a layer runs t
   dense FFN      the shared FFN alone (what the dense base model runs)
 
 Timings are medians over interleaved repetitions (strategies take turns in a fresh random order
-each time, so machine noise and the previous call's cache footprint hit them alike).  The LAST line printed is one JSON object with the headline ratios.
+each time, so machine noise and the previous call's cache footprint hit them alike).  The LAST line printed is one JSON object with the headline ratios, the timings and the host CPU.
 """
 
 from __future__ import annotations
@@ -30,6 +30,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+try:
+    from benchmarks.host_info import host_cpu
+except ImportError:  # run as a script: benchmarks/ itself is on sys.path
+    from host_info import host_cpu
 from pesc_serve.allocator import keep_freed_buffers
 from pesc_serve.layers.pesc_mlp import DISPATCHES, PescMLP, choose_dispatch, route
 
@@ -165,7 +169,7 @@ def main() -> None:
             results[key][t] = ms
             print(f"{t:>5} " + " ".join(f"{ms[n]:>14.3f}" for n in fns)
                   + f" {ms['ours (auto)'] / ms['dense FFN']:>9.2f} {ms['authors-loop'] / ms['ours (auto)']:>9.2f}")
-    summary = {}
+    summary = {"host": host_cpu()}  # timings from another CPU are not comparable
     small = results.get("small", {})
     if 8 in small:
         summary["grouped_vs_naive"] = round(small[8]["authors-loop"] / small[8]["ours (auto)"], 3)

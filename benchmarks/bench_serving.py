@@ -23,6 +23,11 @@ from pathlib import Path
 
 import httpx
 
+try:
+    from benchmarks.host_info import host_cpu
+except ImportError:  # run as a script: benchmarks/ itself is on sys.path
+    from host_info import host_cpu
+
 PROMPTS = Path(__file__).parent / "prompts.jsonl"
 
 
@@ -174,7 +179,9 @@ def main() -> None:
         print(f"{args.label}: concurrency {c}: {lv['output_throughput']:.1f} tok/s, "
               f"TTFT p50 {lv['p50_ttft_ms']:.0f} ms, TPOT p50 {lv['p50_tpot_ms']:.1f} ms, failed {lv['failed']}", flush=True)
     print_table(args.label, levels)
-    result = {"label": args.label, "base_url": args.base_url, "max_tokens": args.max_tokens, "levels": levels}
+    # the client's host: on loopback (as run_comparison runs it) also the server's
+    result = {"label": args.label, "base_url": args.base_url, "max_tokens": args.max_tokens, "host": host_cpu(),
+              "levels": levels}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))

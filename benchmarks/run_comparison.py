@@ -6,15 +6,20 @@ Servers, one at a time, on loopback:
   hf-reference    the authors' way (transformers + per-expert loop + generate, one at a time)
 Each is measured with bench_serving.py (streamed chat completions, 256 new tokens, ignore_eos)
 at 1 and 16 concurrent streams; peak memory (VmHWM) of each server process is recorded.
-Then a long-context check (64 concurrent ~1k-token sequences on pesc-serve, KV usage from
-/metrics) and bench_moe_layer.py.  Writes benchmarks/results/{*.json,serving.png,summary.json}.
+Then a long-context check (64 concurrent ~1k-token sequences on pesc-serve, each prompt distinct
+from its first token so the prefix cache cannot fold them into one; KV usage, running requests,
+preemptions and prefix-cache hits from /metrics) and bench_moe_layer.py.
+Writes benchmarks/results/{*.json,serving.png,summary.json}; every result records the host CPU
+(benchmarks/host_info.py).  `--only long-context` runs the long-context check alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -22,6 +27,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from benchmarks.host_info import host_cpu
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -73,8 +80,9 @@ def bench(label: str, port: int, concurrency: str, max_tokens: int, num_prompts:
     return json.loads(out.read_text())
 
 
-def serve_and_bench(label: str, cmd: list[str], port: int, concurrency: str, max_tokens: int, num_prompts: int = 0,
-                    health: str = "/health", extra=None, env: dict[str, str] | None = None) -> dict:
+@contextlib.contextmanager
+def serving(label: str, cmd: list[str], port: int, health: str = "/health", env: dict[str, str] | None = None):
+    """Start a server (log in results/<label>.log), wait until healthy, yield it, then SIGTERM it."""
     log = open(RESULTS / f"{label}.log", "w")
     # Each server keeps its own OpenMP defaults: a PASSIVE wait policy forced on all of them
     # (as earlier versions of this script did) cut llama.cpp to a third of its speed.
@@ -82,65 +90,173 @@ def serve_and_bench(label: str, cmd: list[str], port: int, concurrency: str, max
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**clean, **(env or {})})
     try:
         wait_healthy(f"http://127.0.0.1:{port}{health}", proc)
+        yield proc
+    finally:
+        stop(proc)
+        log.close()
+
+
+def serve_and_bench(label: str, cmd: list[str], port: int, concurrency: str, max_tokens: int, num_prompts: int = 0,
+                    health: str = "/health", extra=None, env: dict[str, str] | None = None) -> dict:
+    with serving(label, cmd, port, health, env) as proc:
         result = bench(label, port, concurrency, max_tokens, num_prompts)
         if extra is not None:
             result.update(extra(port))
         result["peak_rss_mib"] = peak_rss_mib(proc.pid)
-    finally:
-        stop(proc)
-        log.close()
+    result.setdefault("host", host_cpu())
     (RESULTS / f"{label}.json").write_text(json.dumps(result, indent=2))
     return result
 
 
-def long_context_check(port: int) -> dict:
-    """64 concurrent sequences of ~1k tokens; report success and the peak KV usage seen."""
+def llama_cpp_build_flags() -> list[str]:
+    """The ggml options the llama-server in use was built with (its build_flags.txt)."""
+    flags = LLAMA_SERVER.resolve().parent / "build_flags.txt"
+    try:
+        return [line for line in flags.read_text().splitlines() if line.startswith("-D")]
+    except OSError:
+        return []
+
+
+# Words the long-context prompts are drawn from (common English, mostly one token each).
+_WORDS = (
+    "time year people way day man thing woman life child world school state family student group country "
+    "problem hand part place case week company system program question work government number night point "
+    "home water room mother area money story fact month lot right study book eye job word business issue "
+    "side kind head house service friend father power hour game line end member law car city community name "
+    "president team minute idea kid body information back parent face others level office door health person "
+    "art war history party result change morning reason research girl guy moment air teacher force education "
+    "foot boy age policy process music market sense nation plan college interest death experience effect use "
+    "class control care field development role effort rate heart drug show leader light voice wife police mind "
+    "price report decision son view relationship town road arm difference value building action model season "
+    "society tax director position player record paper space ground form event official matter center couple "
+    "site project activity star table need court oil situation cost industry figure street image phone data "
+    "picture practice piece land product doctor wall patient worker news test movie north love support "
+    "technology step baby computer type attention film tree source organization hair window evidence "
+    "population river garden stone bridge island mountain forest engine signal letter window summer winter"
+).split()
+LONG_CONTEXT_REQUESTS = 64
+LONG_CONTEXT_WORDS = 860  # ~900 prompt tokens with the chat template, ~960 with the 64-token reply
+
+
+def long_context_prompts(n: int = LONG_CONTEXT_REQUESTS, words: int = LONG_CONTEXT_WORDS, seed: int = 0) -> list[str]:
+    """n prompts that differ from their first word on (a seeded random word sequence each).
+
+    Identical prompts would share every KV block through the prefix cache, so 64 of them would
+    test neither KV capacity nor preemption.  The first words are drawn without replacement, so
+    no two prompts share a first token; only the chat template's fixed preamble is common.
+    """
+    vocab = sorted(set(_WORDS))
+    if n > len(vocab):
+        raise ValueError(f"at most {len(vocab)} distinct long-context prompts")
+    firsts = random.Random(seed).sample(vocab, n)
+    prompts = []
+    for i, first in enumerate(firsts):
+        rng = random.Random(seed * 1_000_003 + i + 1)
+        prompts.append(" ".join([first.capitalize()] + rng.choices(vocab, k=words - 1)) + ".\nSummarise the text above.")
+    return prompts
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Unlabelled samples of a Prometheus text exposition, by metric name ("_total" kept as sent)."""
+    values = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#") or "{" in line:
+            continue
+        name, _, value = line.partition(" ")
+        try:
+            values[name] = float(value.split()[0])
+        except (ValueError, IndexError):
+            continue
+    return values
+
+
+def _metric(values: dict[str, float], name: str) -> float | None:
+    for key in (name, name + "_total"):
+        if key in values:
+            return values[key]
+    return None
+
+
+def long_context_check(port: int, n: int = LONG_CONTEXT_REQUESTS, max_tokens: int = 64) -> dict:
+    """n concurrent distinct ~1k-token sequences: success, KV peak, preemptions, prefix-cache hits."""
     import asyncio
 
-    filler = " ".join(f"word{i % 97}" for i in range(300))  # ~900-token prompts, ~1k with the reply
-    body = {"messages": [{"role": "user", "content": "Summarise: " + filler}], "max_tokens": 64,
-            "temperature": 0, "ignore_eos": True}
+    base = f"http://127.0.0.1:{port}"
+    prompts = long_context_prompts(n)
     peak = {"kv": 0.0, "running": 0}
 
-    async def run() -> list[int]:
-        async with httpx.AsyncClient(timeout=1800) as client:
-            async def one() -> int:
-                r = await client.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body)
-                return r.json()["usage"]["total_tokens"] if r.status_code == 200 else -r.status_code
+    def counters(values: dict[str, float]) -> dict[str, float | None]:
+        return {k: _metric(values, f"pesc:{k}") for k in ("num_preemptions", "prefix_cache_queries", "prefix_cache_hits")}
+
+    async def run() -> tuple[list[dict | int], dict, dict]:
+        async with httpx.AsyncClient(timeout=1800, limits=httpx.Limits(max_connections=n + 4)) as client:
+            async def scrape() -> dict[str, float]:
+                return parse_metrics((await client.get(f"{base}/metrics")).text)
+
+            async def one(prompt: str) -> dict | int:
+                body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+                        "temperature": 0, "ignore_eos": True}
+                r = await client.post(f"{base}/v1/chat/completions", json=body)
+                return r.json()["usage"] if r.status_code == 200 else r.status_code
 
             async def watch() -> None:
                 while True:
-                    text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
-                    for line in text.splitlines():
-                        if line.startswith("pesc:kv_cache_usage_perc "):
-                            peak["kv"] = max(peak["kv"], float(line.split()[1]))
-                        if line.startswith("pesc:num_requests_running "):
-                            peak["running"] = max(peak["running"], int(float(line.split()[1])))
+                    values = await scrape()
+                    peak["kv"] = max(peak["kv"], _metric(values, "pesc:kv_cache_usage_perc") or 0.0)
+                    peak["running"] = max(peak["running"], int(_metric(values, "pesc:num_requests_running") or 0))
                     await asyncio.sleep(0.5)
 
+            before = counters(await scrape())
             w = asyncio.create_task(watch())
-            totals = await asyncio.gather(*(one() for _ in range(64)))
+            outcomes = await asyncio.gather(*(one(p) for p in prompts))
             w.cancel()
-            return list(totals)
+            after = counters(await scrape())
+            return list(outcomes), before, after
 
     start = time.perf_counter()
-    totals = asyncio.run(run())
-    return {"long_context": {"requests": 64, "ok": sum(t > 0 for t in totals), "tokens_per_sequence": max(totals),
-                             "peak_kv_cache_usage": peak["kv"], "peak_running": peak["running"],
-                             "duration_s": time.perf_counter() - start}}
+    outcomes, before, after = asyncio.run(run())
+    duration = time.perf_counter() - start
+    ok = [u for u in outcomes if isinstance(u, dict)]
+    delta = {k: (after[k] - before[k]) if after[k] is not None and before[k] is not None else None for k in after}
+    return {"long_context": {
+        "requests": n, "distinct_prompts": len(set(prompts)), "ok": len(ok),
+        "errors": sorted({f"HTTP {u}" for u in outcomes if not isinstance(u, dict)}),
+        "max_tokens": max_tokens,
+        "tokens_per_sequence": max((u["total_tokens"] for u in ok), default=0),
+        "prompt_tokens_min_max": [min((u["prompt_tokens"] for u in ok), default=0),
+                                  max((u["prompt_tokens"] for u in ok), default=0)],
+        "peak_kv_cache_usage": peak["kv"], "peak_running": peak["running"],
+        # counters over this check alone (the server's totals after it minus before it)
+        "preemptions": delta["num_preemptions"],
+        "prefix_cache_queries": delta["prefix_cache_queries"],
+        "prefix_cache_hits": delta["prefix_cache_hits"],
+        "duration_s": duration}}
+
+
+PESC_SERVE = [PY, "-m", "pesc_serve", "--model", "camelidae", "--port", "8200"]  # default flags
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--skip", default="", help="comma list of: llama.cpp,hf-reference,long-context,moe-layer")
+    ap.add_argument("--only", choices=("long-context",), default=None,
+                    help="run just this check on its own pesc-serve server; writes results/long_context.json")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     RESULTS.mkdir(parents=True, exist_ok=True)
+    host = host_cpu()  # every result carries the CPU it ran on: figures from other hosts are not comparable
+    if args.only == "long-context":
+        with serving("pesc-serve-long-context", PESC_SERVE, 8200) as proc:
+            result = {"label": "pesc-serve", "host": host, **long_context_check(8200),
+                      "peak_rss_mib": peak_rss_mib(proc.pid)}
+        (RESULTS / "long_context.json").write_text(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2))
+        return
     env_threads = str(os.cpu_count() or 2)
     results = []
     ours = serve_and_bench(
-        "pesc-serve", [PY, "-m", "pesc_serve", "--model", "camelidae", "--port", "8200"], 8200, "1,16", args.max_tokens,
+        "pesc-serve", PESC_SERVE, 8200, "1,16", args.max_tokens,
         extra=None if "long-context" in skip else long_context_check,
     )
     results.append(ours)
@@ -150,7 +266,8 @@ def main() -> None:
 
         results.append(serve_and_bench(
             "llama.cpp", [str(LLAMA_SERVER), "-m", str(smollm2_gguf_path()), "--port", "8201", "-t", env_threads,
-                          "-np", "16", "-c", str(16 * 1024), "--no-warmup"], 8201, "1,16", args.max_tokens))
+                          "-np", "16", "-c", str(16 * 1024), "--no-warmup"], 8201, "1,16", args.max_tokens,
+            extra=lambda port: {"ggml_build_flags": llama_cpp_build_flags()}))
     if "hf-reference" not in skip:
         results.append(serve_and_bench(
             "hf-reference", [PY, "benchmarks/peers/hf_reference_server.py", "--model", "camelidae", "--port", "8202"],
@@ -158,11 +275,12 @@ def main() -> None:
             env={"GOMP_SPINCOUNT": PESC_SERVE_SPINCOUNT}))  # the OpenMP setting pesc-serve's CLI uses
     subprocess.run([PY, "-m", "benchmarks.compare", *[str(RESULTS / f"{r['label']}.json") for r in results],
                     "--png", str(RESULTS / "serving.png")], check=True, cwd=ROOT)
-    summary = {"max_tokens": args.max_tokens}
+    summary = {"host": host, "max_tokens": args.max_tokens}
     by = {r["label"]: {lv["concurrency"]: lv["output_throughput"] for lv in r["levels"]} for r in results}
     summary["tok_s"] = by
     summary["peak_rss_mib"] = {r["label"]: r.get("peak_rss_mib") for r in results}
     if "llama.cpp" in by:
+        summary["llama_cpp_ggml_build_flags"] = llama_cpp_build_flags()
         summary["single_stream_vs_llama_cpp"] = by["pesc-serve"][1] / by["llama.cpp"][1]
         summary["16_streams_vs_llama_cpp"] = by["pesc-serve"][16] / by["llama.cpp"][16]
     if "hf-reference" in by:
@@ -175,6 +293,8 @@ def main() -> None:
         (RESULTS / "moe_layer.txt").write_text(layer.stdout)
         last = json.loads(layer.stdout.strip().splitlines()[-1])
         summary.update({k: last[k] for k in ("grouped_vs_naive", "moe_vs_dense_ffn") if k in last})
+        if last.get("host") not in (None, host):
+            summary["moe_layer_host"] = last["host"]  # should not happen: same machine, same run
     (RESULTS / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
 

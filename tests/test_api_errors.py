@@ -128,14 +128,15 @@ def test_invalid_json_bodies_are_400(server, content):
 
 def test_prompt_longer_than_context_names_both_lengths(server):
     ids = list(range(3, 3 + MAX_MODEL_LEN + 10))
-    err = _assert_error(_post(server, "/completions", json={"prompt": ids, "max_tokens": 1}), 400)
+    err = _assert_error(_post(server, "/completions", json={"prompt": ids, "max_tokens": 1}), 400, "prompt")
     assert str(MAX_MODEL_LEN) in err["message"] and str(len(ids)) in err["message"]
     # prompt fits but prompt + max_tokens does not: both numbers again
-    err = _assert_error(_post(server, "/completions", json={"prompt": [5] * 100, "max_tokens": 100}), 400)
+    err = _assert_error(_post(server, "/completions", json={"prompt": [5] * 100, "max_tokens": 100}), 400, "max_tokens")
     assert str(MAX_MODEL_LEN) in err["message"] and "100" in err["message"]
     long_chat = [{"role": "user", "content": "the quick brown fox " * 200}]
-    err = _assert_error(_post(server, "/chat/completions", json={"messages": long_chat}), 400)
+    err = _assert_error(_post(server, "/chat/completions", json={"messages": long_chat}), 400, "messages")
     assert str(MAX_MODEL_LEN) in err["message"] and "prompt has" in err["message"]
+    err = _assert_error(_post(server, "/completions", json={"prompt": [10**6]}), 400, "prompt")
 
 
 def test_unknown_model_is_404(server):

@@ -283,10 +283,12 @@ def test_train_cli_reports_bad_data(tmp_path, crafted_dir, capsys):
 # --- evaluation ------------------------------------------------------------------------------
 
 
-def test_eval_writes_table_json_and_heatmap(dense_dir, crafted_dir, tmp_path):
+@pytest.mark.parametrize("serving", ["defaults", "offline"])
+def test_eval_writes_table_json_and_heatmap(dense_dir, crafted_dir, tmp_path, serving):
+    """Through a real pesc-serve with its default flags (routing from its metrics), and offline."""
     from training.evaluate import EvalConfig, run_eval
 
-    cfg = EvalConfig(dtype="float32", limit=2, batch_size=4)
+    cfg = EvalConfig(serving=serving, dtype="float32", limit=2, batch_size=4)
     results = run_eval([("base", str(dense_dir)), ("pesc", str(crafted_dir))], tmp_path, cfg, log=lambda s: None)
     assert [r.label for r in results] == ["base", "pesc"]
     # The crafted model is the base: identical replies, identical scores.

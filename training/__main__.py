@@ -71,8 +71,11 @@ def _add_eval(sub) -> None:
     e.add_argument("--labels", default=None, help="comma-separated names for baselines..., model (table order)")
     e.add_argument("--out", type=Path, default=Path("training/results"))
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--dtype", default="float32", help="float32 keeps greedy answers independent of batching")
-    e.add_argument("--quantization", default="none", help="none (weights as trained) or a server mode, e.g. auto")
+    e.add_argument("--serving", default="defaults", choices=("defaults", "exact", "offline"),
+                   help="defaults: through `python -m pesc_serve` with its default flags (what users get); "
+                        "exact: the same server in float32, unquantized, PyTorch path; offline: in-process loop")
+    e.add_argument("--dtype", default="float32", help="offline only: float32 keeps greedy answers independent of batching")
+    e.add_argument("--quantization", default="none", help="offline only: none (weights as trained) or e.g. auto")
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--limit", type=int, default=None, help="at most N items per suite (quick look)")
     e.add_argument("--suites", default=None, help="comma-separated subset of: " + ", ".join(SUITE_ORDER))
@@ -118,8 +121,8 @@ def _run(args) -> None:
         if len(labels) != len(names):
             raise ValueError(f"--labels names {len(labels)} models but there are {len(names)} (baselines..., model)")
         suites = tuple(args.suites.split(",")) if args.suites else SUITE_ORDER
-        cfg = EvalConfig(seed=args.seed, dtype=args.dtype, quantization=args.quantization, batch_size=args.batch_size,
-                         limit=args.limit, suites=suites)
+        cfg = EvalConfig(seed=args.seed, serving=args.serving, dtype=args.dtype, quantization=args.quantization,
+                         batch_size=args.batch_size, limit=args.limit, suites=suites)
         run_eval(list(zip(labels, names)), args.out, cfg)
         print((args.out / "eval_table.md").read_text())
 

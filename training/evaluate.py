@@ -1,7 +1,10 @@
 """Held-out evaluation per domain for several models side by side, plus routing statistics.
 
-Every model is loaded exactly as the server loads it (``resolve_model`` + ``load_model``,
-so a delta is merged at load time) and answers greedily.  Writes ``eval.json`` (scores and
+By default every model answers through the serving path: a real ``python -m pesc_serve``
+with its default flags (``serving="defaults"``; training/served.py), or the same server in
+exact float32 (``"exact"``).  ``"offline"`` is the in-process greedy loop over the loaded model
+(``dtype``/``quantization`` apply there only), which also records routing per domain with
+hooks; served runs read the router load from the server's metrics.  Answers are greedy.  Writes ``eval.json`` (scores and
 every reply), ``eval_table.md`` (models as rows, suites and domains as columns) and, for
 each PESC model, ``routing_<label>.json`` and a ``routing_<label>.png`` heat map.
 """
@@ -23,6 +26,7 @@ from pesc_serve.registry import resolve_model
 from training.data import encode_prompt
 from training.generate import greedy_generate, stop_ids_for
 from training.routing import RoutingRecorder, plot_heatmap, summary
+from training.served import SERVING_FLAGS, ServedModel, ServedRouting, describe_profile
 from training.tasks import arithmetic, code, general
 from training.tasks.items import EvalItem, score
 
@@ -33,8 +37,9 @@ DOMAINS = ("maths", "code", "general")
 @dataclass(frozen=True)
 class EvalConfig:
     seed: int = 0
-    dtype: str = "float32"  # bf16 answers of a 135M model flip with batch composition
-    quantization: str = "none"  # the weights as trained; "auto" = the server's CPU default
+    serving: str = "defaults"  # defaults | exact (a pesc-serve process) | offline (in-process loop)
+    dtype: str = "float32"  # offline only: bf16 answers of a 135M model flip with batch composition
+    quantization: str = "none"  # offline only: the weights as trained; "auto" = the server's CPU default
     batch_size: int = 16
     arithmetic_per_op: int = 30
     word_per_op: int = 8
@@ -75,6 +80,51 @@ class ModelResult:
 
 
 def evaluate_model(label: str, name: str, items: list[EvalItem], cfg: EvalConfig) -> ModelResult:
+    if cfg.serving == "offline":
+        return _evaluate_offline(label, name, items, cfg)
+    if cfg.serving not in SERVING_FLAGS:
+        raise ValueError(f"serving must be offline or one of {', '.join(SERVING_FLAGS)}, got {cfg.serving!r}")
+    start = time.time()
+    source = resolve_model(name)
+    tok = load_tokenizer(source)
+    result = ModelResult(label, name)
+    with ServedModel(name, cfg.serving) as served:
+        recorder = ServedRouting(served, int(source.config.get("topk") or 0)) if source.config.get("num_experts") else None
+        for suite in SUITE_ORDER:
+            group = [it for it in items if it.suite == suite]
+            if not group:
+                continue
+            prompts = [encode_prompt(tok, [{"role": "user", "content": it.prompt}]) for it in group]
+
+            def run(prompts=prompts, n=group[0].max_new_tokens) -> list[str]:
+                return served.complete(prompts, n)
+
+            replies = recorder.measure(group[0].domain, run) if recorder is not None else run()
+            _score_suite(result, suite, group, replies)
+    _finish(result, recorder, start)
+    return result
+
+
+def _score_suite(result: ModelResult, suite: str, group: list[EvalItem], replies: list[str]) -> None:
+    correct = [score(it, r) for it, r in zip(group, replies)]
+    result.suites[suite] = {"domain": group[0].domain, "correct": sum(correct), "total": len(group),
+                            "accuracy": round(100.0 * sum(correct) / len(group), 1)}
+    result.replies += [{"suite": suite, "prompt": it.prompt, "expected": it.answer, "reply": r, "correct": c}
+                       for it, r, c in zip(group, replies, correct)]
+
+
+def _finish(result: ModelResult, recorder, start: float) -> None:
+    for domain in DOMAINS:
+        s = [v for v in result.suites.values() if v["domain"] == domain]
+        if s:
+            c, t = sum(v["correct"] for v in s), sum(v["total"] for v in s)
+            result.domains[domain] = {"correct": c, "total": t, "accuracy": round(100.0 * c / t, 1)}
+    if recorder is not None and recorder.counts:
+        result.routing = summary(recorder)
+    result.seconds = round(time.time() - start, 1)
+
+
+def _evaluate_offline(label: str, name: str, items: list[EvalItem], cfg: EvalConfig) -> ModelResult:
     start = time.time()
     source = resolve_model(name)
     load = LoadConfig(model=name, dtype=cfg.dtype, device="cpu", quantization=cfg.quantization)
@@ -93,21 +143,10 @@ def evaluate_model(label: str, name: str, items: list[EvalItem], cfg: EvalConfig
                 outs = greedy_generate(lm.model, prompts, group[0].max_new_tokens, stop, cfg.batch_size)
         else:
             outs = greedy_generate(lm.model, prompts, group[0].max_new_tokens, stop, cfg.batch_size)
-        replies = [tok.decode(o, skip_special_tokens=True) for o in outs]
-        correct = [score(it, r) for it, r in zip(group, replies)]
-        result.suites[suite] = {"domain": group[0].domain, "correct": sum(correct), "total": len(group),
-                                "accuracy": round(100.0 * sum(correct) / len(group), 1)}
-        result.replies += [{"suite": suite, "prompt": it.prompt, "expected": it.answer, "reply": r, "correct": c}
-                           for it, r, c in zip(group, replies, correct)]
-    for domain in DOMAINS:
-        s = [v for v in result.suites.values() if v["domain"] == domain]
-        if s:
-            c, t = sum(v["correct"] for v in s), sum(v["total"] for v in s)
-            result.domains[domain] = {"correct": c, "total": t, "accuracy": round(100.0 * c / t, 1)}
+        _score_suite(result, suite, group, [tok.decode(o, skip_special_tokens=True) for o in outs])
+    _finish(result, recorder, start)
     if recorder is not None:
-        result.routing = summary(recorder)
         recorder.close()
-    result.seconds = round(time.time() - start, 1)
     return result
 
 
@@ -145,7 +184,8 @@ def run_eval(models: list[tuple[str, str]], out_dir: Path, cfg: EvalConfig, log=
             log(f"  routing: min expert share in middle layers {100 * r.routing['min_share_middle_layers']:.1f}%")
         results.append(r)
     report = {
-        "config": {**cfg.__dict__, "suites": list(cfg.suites)},
+        "config": {**cfg.__dict__, "suites": list(cfg.suites),
+                   "served_as": None if cfg.serving == "offline" else describe_profile(cfg.serving)},
         "items": {s: sum(1 for it in items if it.suite == s) for s in SUITE_ORDER},
         "models": [{"label": r.label, "model": r.model, "suites": r.suites, "domains": r.domains,
                     "seconds": r.seconds, "routing_min_share_middle_layers":

@@ -570,8 +570,46 @@ std::vector<torch::Tensor> routed_adapters(const torch::Tensor& x, const torch::
   return {f.scalar_type() == at::kFloat ? y : y.to(f.scalar_type()), ids};
 }
 
+// y [M, N] += (x [M, K] A^T) B^T for an unmerged LoRA (A [r, K], B [N, r]; scaling folded in B).
+// Row by row with the same loops for every row, instead of ATen's matmul, whose blocking (and so
+// its rounding) changes with M: a row's update, and through the int8 activation rounding and the
+// router its whole continuation, must not depend on what else is in the batch.
+void lora_add(torch::Tensor& y, const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& b) {
+  TORCH_CHECK(y.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && y.is_contiguous(), "lora_add: float32");
+  const int64_t M = x.size(0), K = x.size(1), R = a.size(0), N = b.size(0);
+  TORCH_CHECK(a.size(1) == K && b.size(1) == R && y.size(0) == M && y.size(1) == N, "lora_add: shapes do not fit");
+  const torch::Tensor xc = x.contiguous();
+  const float* xp = xc.data_ptr<float>();
+  const float* ap = a.data_ptr<float>();
+  const float* bp = b.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    std::vector<float> u(R);
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* xr = xp + m * K;
+      for (int64_t r = 0; r < R; ++r) {
+        const float* ar = ap + r * K;
+        float s = 0.f;
+        for (int64_t k = 0; k < K; ++k) s += xr[k] * ar[k];
+        u[r] = s;
+      }
+      float* yr = yp + m * N;
+      for (int64_t n = 0; n < N; ++n) {
+        const float* br = bp + n * R;
+        float s = 0.f;
+        for (int64_t r = 0; r < R; ++r) s += u[r] * br[r];
+        yr[n] += s;
+      }
+    }
+  });
+}
+
 constexpr int64_t kGemvMaxRows = 4;
-constexpr int64_t kMinChunk = 64;  // context positions per attention chunk, at least
+// Context positions per attention chunk.  A sequence's context is split by its length alone,
+// never by the batch size or the thread count, so its numbers (and a seeded request's text) do
+// not depend on what else runs in the step; the chunks also keep both threads busy when few
+// sequences with long contexts decode.
+constexpr int64_t kChunkPositions = 256;
 
 // A linear layer as the Python loader built it: a weight-only kernel for small batches and,
 // optionally, dense weights for batches above max_rows.  Kernels run in kernel_dtype.
@@ -616,7 +654,10 @@ struct Linear {
     }
     if (y.scalar_type() != at::kFloat) y = y.to(at::kFloat);
     if (present(bias)) y.add_(bias);
-    if (present(lora_a)) y.addmm_(at::mm(x, lora_a.t()), lora_b.t());
+    if (present(lora_a)) {
+      y = y.contiguous();
+      lora_add(y, x, lora_a, lora_b);
+    }
     return y;
   }
 };
@@ -943,7 +984,6 @@ class DecodeModel {
     const int64_t D = d_, q_size = hq_ * D, kv_size = hkv_ * D, row_w = q_size + 2 * kv_size;
     const int64_t G = hq_ / hkv_;
     const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-    const int64_t want = 4 * at::get_num_threads();  // tasks that keep every thread busy
     // (b * hkv + kvh, first position, count, chunk index, chunks of this head)
     thread_local std::vector<std::array<int64_t, 5>> tasks;
     tasks.clear();
@@ -951,7 +991,7 @@ class DecodeModel {
       const int64_t last = pos[b];
       const int64_t first = window_ > 0 ? std::max<int64_t>(0, last - window_ + 1) : 0;
       const int64_t n = last - first + 1;
-      const int64_t chunks = B * hkv_ >= want ? 1 : std::clamp<int64_t>(n / kMinChunk, 1, (want + B * hkv_ - 1) / (B * hkv_));
+      const int64_t chunks = (n + kChunkPositions - 1) / kChunkPositions;
       for (int64_t kvh = 0; kvh < hkv_; ++kvh) {
         for (int64_t c = 0; c < chunks; ++c) {
           const int64_t c0 = first + c * n / chunks, c1 = first + (c + 1) * n / chunks;
@@ -1106,6 +1146,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         lin.lora_a = a.to(at::kFloat).contiguous();
         lin.lora_b = b.to(at::kFloat).contiguous();
       }, "run y += (x A^T) B^T beside the weight (an unmerged LoRA)");
+  m.def("lora_add", [](torch::Tensor y, torch::Tensor x, torch::Tensor a, torch::Tensor b) { lora_add(y, x, a, b); },
+        "y += (x A^T) B^T in place, row by row (the same numbers whatever the batch)",
+        py::call_guard<py::gil_scoped_release>());
   m.def("bf16_linear", &bf16_linear, "x [M, K] float32 @ W^T with W packed by PackedBf16",
         py::call_guard<py::gil_scoped_release>());
   m.def("have_bf16_gemm", &have_bf16_gemm, "whether this build has the AVX512-BF16 GEMM");

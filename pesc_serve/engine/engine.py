@@ -15,7 +15,7 @@ from pesc_serve.config import EngineConfig, resolve_kv_cache_dtype
 from pesc_serve.engine.detokenizer import IncrementalDetokenizer
 from pesc_serve.engine.kv_cache import KVCacheManager
 from pesc_serve.engine.model_runner import ModelRunner, kv_bytes_per_token
-from pesc_serve.engine.request import FinishReason, Request, RequestOutput, SamplingParams, TokenLogprob
+from pesc_serve.engine.request import FinishReason, Request, RequestError, RequestOutput, SamplingParams, TokenLogprob
 from pesc_serve.engine.scheduler import Scheduler
 from pesc_serve.engine.structured_output import StructuredOutputFactory
 from pesc_serve.models.cpu_decode import try_build
@@ -113,21 +113,23 @@ class LLMEngine:
     def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError for a prompt the engine cannot serve (the HTTP layer maps it to 400)."""
         if not prompt_token_ids:
-            raise ValueError("the prompt is empty")
+            raise RequestError("the prompt is empty", "prompt")
         bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
         if bad:
-            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
+            raise RequestError(f"prompt token id {bad[0]} is outside the vocabulary (size {self.vocab_size})", "prompt")
         n = len(prompt_token_ids)
         if n >= self.max_model_len:
-            raise ValueError(
+            raise RequestError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt "
-                f"has {n} tokens, which leaves no room for a completion. Please shorten the prompt."
+                f"has {n} tokens, which leaves no room for a completion. Please shorten the prompt.",
+                "prompt",
             )
         if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
-            raise ValueError(
+            raise RequestError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
                 f"{n + params.max_tokens} tokens ({n} in the prompt, {params.max_tokens} for the completion). "
-                f"Please reduce the prompt or max_tokens."
+                f"Please reduce the prompt or max_tokens.",
+                "max_tokens",
             )
         params.validate(self.vocab_size)
 

@@ -11,6 +11,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+class RequestError(ValueError):
+    """A request the engine cannot serve; ``param`` names the field at fault (the HTTP 400's)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class FinishReason(str, enum.Enum):
     STOP = "stop"  # EOS, a stop token id or a stop string
     LENGTH = "length"  # max_tokens or the context limit
@@ -45,8 +53,8 @@ class SamplingParams:
     MAX_LOGPROBS = 20
 
     def validate(self, vocab_size: int | None = None) -> None:
-        def bad(name: str, why: str) -> ValueError:
-            return ValueError(f"{name} {why}")
+        def bad(name: str, why: str) -> RequestError:
+            return RequestError(f"{name} {why}", name if name.isidentifier() else None)
 
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
             raise bad("max_tokens", f"must be at least 1, got {self.max_tokens}")

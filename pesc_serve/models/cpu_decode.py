@@ -148,7 +148,8 @@ def _low_bit_packing(ext: ModuleType, module: nn.Module) -> tuple[object, object
 def install_packed_kernels(model: nn.Module, ext: ModuleType) -> int:
     """Repack CPU weights for the extension's kernels, in place of their plain layout (one
     copy serves both the PyTorch path and the decode step): int4 and int8 layers for the
-    VNNI kernels, bf16 dense copies for the bf16 GEMM.  Returns the count."""
+    VNNI kernels, bf16 dense copies for the bf16 GEMM.  Unmerged LoRA updates get the same
+    row-by-row kernel as the decode step (not counted).  Returns the count."""
     count = 0
     vnni, bf16 = ext.have_vnni(), ext.have_bf16_gemm()
     for module in model.modules():
@@ -157,6 +158,8 @@ def install_packed_kernels(model: nn.Module, ext: ModuleType) -> int:
             if found is not None:
                 module.use_packed(*found)
                 count += 1
+        if isinstance(module, LoRALinear) and module.lora_a.device.type == "cpu" and module.lora_a.dtype == torch.float32:
+            module.kernel = ext.lora_add
         if bf16 and isinstance(module, HybridLinear) and isinstance(module.large, DenseLinear):
             dense = module.large
             if dense.packed is None and dense.weight.dtype == torch.bfloat16 and dense.weight.device.type == "cpu":

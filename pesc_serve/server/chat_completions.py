@@ -26,7 +26,7 @@ async def create_chat_completion(serving: OpenAIServing, req: ChatCompletionRequ
     except ChatTemplateError as exc:
         raise APIError(500, str(exc), code="chat_template_error") from None
     prompt_ids = serving.formatter.encode(text)
-    choices = serving.start([prompt_ids], params, req.n, new_id("chatcmpl"))
+    choices = serving.start([prompt_ids], params, req.n, new_id("chatcmpl"), prompt_param="messages")
     obj_id = choices[0].stream.request_id.rsplit("-", 1)[0]
     if req.stream:
         return serving.sse(_chat_events(serving, obj_id, choices, req))

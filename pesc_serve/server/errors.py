@@ -116,9 +116,14 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return msg, param
 
 
-def param_of(message: str) -> str | None:
-    """The field a plain-text error names in first position ("top_p must be ..."), if any."""
-    first = message.split(" ", 1)[0]
+def param_of(error: str | Exception) -> str | None:
+    """The field an error names: an engine RequestError's ``param``, else a plain-text message's
+    first word when it is a field name ("top_p must be ...")."""
+    if isinstance(error, Exception):
+        if hasattr(error, "param"):
+            return error.param
+        error = str(error)
+    first = error.split(" ", 1)[0]
     return first if first.isidentifier() else None
 
 

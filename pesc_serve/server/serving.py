@@ -83,8 +83,11 @@ class OpenAIServing:
         if model and model != self.model_name:  # absent or empty: the one served model
             raise APIError(404, f"The model `{model}` does not exist.", "model", "model_not_found")
 
-    def start(self, prompts: list[list[int]], params: SamplingParams, n: int, base_id: str) -> list[Choice]:
-        """Open one engine stream per (prompt, choice); all-or-nothing."""
+    def start(
+        self, prompts: list[list[int]], params: SamplingParams, n: int, base_id: str, prompt_param: str = "prompt"
+    ) -> list[Choice]:
+        """Open one engine stream per (prompt, choice); all-or-nothing.  ``prompt_param`` is the
+        request field a bad prompt is blamed on (``messages`` for chat)."""
         choices: list[Choice] = []
         try:
             for p, ids in enumerate(prompts):
@@ -104,7 +107,8 @@ class OpenAIServing:
             raise APIError(503, str(exc), code="shutting_down", headers={"Retry-After": RETRY_AFTER_S}) from None
         except ValueError as exc:
             self._close(choices)
-            raise APIError(400, str(exc), param_of(str(exc)), "invalid_value") from None
+            param = param_of(exc)
+            raise APIError(400, str(exc), prompt_param if param == "prompt" else param, "invalid_value") from None
         for c in choices:
             self._metric("on_start", c.stream.request_id)
         return choices
@@ -235,7 +239,7 @@ def request_params(req: ChatCompletionRequest | CompletionRequest) -> SamplingPa
     try:
         return req.sampling_params()
     except ValueError as exc:
-        raise APIError(400, str(exc), param_of(str(exc)), "invalid_value") from None
+        raise APIError(400, str(exc), param_of(exc), "invalid_value") from None
 def usage_of(states: list[ChoiceState], n: int) -> dict:
     """Prompt tokens count once per prompt (not per choice), as OpenAI bills them."""
     prompt = sum(s.num_prompt_tokens for s in states if s.index % n == 0)

@@ -25,8 +25,8 @@ def _dequantized(q: nn.Module) -> torch.Tensor:
     if isinstance(q, Int8WeightOnlyLinear):
         return q.weight.float() * q.scale.float()[:, None]
     nib = torch.stack([q.qweight & 15, q.qweight >> 4], dim=-1).view(q.out_features, q.in_features).float()
-    scale, zero = (t.t().repeat_interleave(q.group_size, 1) for t in q.scales_zeros.float().unbind(-1))
-    return (nib - 8) * scale + zero
+    scale, minimum = (t.t().repeat_interleave(q.group_size, 1) for t in q.scale_min.float().unbind(-1))
+    return nib * scale + minimum
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -42,7 +42,7 @@ def test_kernel_matches_the_dequantized_weights(ext, kind, n, k, rows):
     torch.manual_seed(n + k + rows)
     q = kind(nn.Linear(k, n, bias=False), torch.bfloat16)
     w = _dequantized(q)
-    packed = ext.PackedInt4(q.qweight, q.scales_zeros) if kind is Int4WeightOnlyLinear else ext.PackedInt8(q.weight, q.scale)
+    packed = ext.PackedInt4(q.qweight, q.scale_min) if kind is Int4WeightOnlyLinear else ext.PackedInt8(q.weight, q.scale)
     run = ext.int4_linear if kind is Int4WeightOnlyLinear else ext.int8_linear
     x = torch.randn(rows, k) * torch.linspace(0.1, 3, k)  # uneven magnitudes across groups
     got = run(x, packed)
@@ -53,12 +53,12 @@ def test_kernel_matches_the_dequantized_weights(ext, kind, n, k, rows):
 
 def test_int4_kernel_is_exact_on_integer_activations(ext):
     """Activations already on the int8 grid of every group lose nothing: the integer dot
-    products and the zero-point correction are exact."""
+    products and the min correction are exact."""
     torch.manual_seed(3)
     q = Int4WeightOnlyLinear(nn.Linear(64, 32, bias=False), torch.bfloat16)
     x = torch.randint(-127, 128, (3, 64)).float()
     x[:, ::32] = 127  # each group's largest magnitude is 127: its scale is exactly 1
-    got = ext.int4_linear(x, ext.PackedInt4(q.qweight, q.scales_zeros))
+    got = ext.int4_linear(x, ext.PackedInt4(q.qweight, q.scale_min))
     assert torch.allclose(got, x @ _dequantized(q).t(), rtol=1e-5, atol=1e-3)
 
 

@@ -38,12 +38,14 @@ def test_quantized_linear_close_to_float(linear, make, tol):
 
 
 def test_int4_reproduces_weights_already_on_a_4bit_grid():
-    """A Q4_1-style block (scale * q + min, q spanning 0..15) survives int4 exactly."""
+    """A Q4_1-style block (scale * q + min, q spanning 0..15, scale and min float16 as in a
+    GGUF file) survives int4 exactly."""
     torch.manual_seed(1)
     q = torch.randint(0, 16, (64, 64)).float()
     q[:, ::32] = 0
     q[:, 1::32] = 15
-    w = q * 0.01 - 0.07
+    scale, minimum = torch.tensor(0.01).half().float(), torch.tensor(-0.07).half().float()
+    w = q * scale + minimum
     lin = torch.nn.Linear(64, 64, bias=False)
     lin.weight.data = w
     x = torch.randn(3, 64)
@@ -78,11 +80,11 @@ def test_int4_keeps_nibbles_until_a_kernel_packs_them():
 
 
 def _dequantize_int4(q: Int4WeightOnlyLinear) -> torch.Tensor:
-    """(q - 8) * scale + zero from the module's own buffers."""
+    """q * scale + min from the module's own buffers."""
     nib = torch.stack([q.qweight & 15, q.qweight >> 4], dim=-1).view(q.out_features, q.in_features).float()
-    scale, zero = q.scales_zeros.float().unbind(-1)  # [G, N] each
+    scale, minimum = q.scale_min.float().unbind(-1)  # [G, N] each
     g = q.group_size
-    return (nib - 8) * scale.t().repeat_interleave(g, 1) + zero.t().repeat_interleave(g, 1)
+    return nib * scale.t().repeat_interleave(g, 1) + minimum.t().repeat_interleave(g, 1)
 
 
 def test_hybrid_uses_quantized_weights_only_for_small_batches(linear):

@@ -199,8 +199,9 @@ bool have_bf16_gemm() {
 // 64 multiply-adds of u8 weights x s8 activations into int32.  The weights are repacked once
 // so that one 64-byte load holds 16 output rows x 4 (int8) or 8 (int4) consecutive features.
 //
-// int4 (w = (q - 8) * scale + zero per 32-feature group, q in 0..15, ATen's convention):
-//   y = sum_g scale_g * d_g * (sum q * xq - 8 * sum xq) + zero_g * sum_g x
+// int4 (w = q * scale + min per 32-feature group, q in 0..15: llama.cpp's Q4_1 blocks exactly,
+// scale and min kept in float16 as the GGUF file has them):
+//   y = sum_g scale_g * d_g * (sum q * xq - 8 * sum xq) + (min_g + 8 * scale_g) * sum_g x
 // int8 (w = q * scale per output row, stored as q + 128 so it can be the unsigned operand):
 //   y = scale * sum_g d_g * (sum (q + 128) * xq - 128 * sum xq)
 
@@ -222,7 +223,7 @@ bool have_vnni() {
 struct PackedInt4 {
   torch::Tensor data;    // uint8 [N/16, G, 256]: per group, 4 chunks of (16 rows x 4 bytes); a byte's
                          // low nibble is feature 8c + j, its high nibble feature 8c + 4 + j
-  torch::Tensor scales;  // bf16 [N/16, G, 2, 16]: scale then zero of the 16 rows
+  torch::Tensor scales;  // float16 [N/16, G, 2, 16]: scale then min of the 16 rows
   int64_t n = 0, k = 0;
 };
 
@@ -234,7 +235,8 @@ struct PackedInt8 {
 
 // qweight: uint8 [N, K/2], feature 2i in the low nibble of byte i, 2i+1 in the high one;
 // scales_zeros: [K/32, N, 2] (the layout ATen's int4 kernel takes).
-PackedInt4 pack_int4(const torch::Tensor& qweight, const torch::Tensor& scales_zeros) {
+// qweight uint8 [N, K/2] (feature 2i in the low nibble); scale_min [G, N, 2]: w = q * scale + min.
+PackedInt4 pack_int4(const torch::Tensor& qweight, const torch::Tensor& scale_min) {
   PackedInt4 p;
   p.n = qweight.size(0);
   p.k = qweight.size(1) * 2;
@@ -243,7 +245,7 @@ PackedInt4 pack_int4(const torch::Tensor& qweight, const torch::Tensor& scales_z
   torch::Tensor q = torch::stack({qweight.bitwise_and(15), qweight.bitwise_right_shift(4)}, -1).view({nb, kQRows, g, 4, 2, 4});
   torch::Tensor bytes = q.select(4, 0).bitwise_or(q.select(4, 1).bitwise_left_shift(4));  // [nb, 16, g, 4, 4]
   p.data = bytes.permute({0, 2, 3, 1, 4}).contiguous().view({nb, g, kInt4GroupBytes});
-  p.scales = scales_zeros.to(at::kBFloat16).view({g, nb, kQRows, 2}).permute({1, 0, 3, 2}).contiguous();
+  p.scales = scale_min.to(at::kHalf).view({g, nb, kQRows, 2}).permute({1, 0, 3, 2}).contiguous();
   return p;
 }
 
@@ -289,15 +291,14 @@ void quantize_rows(const float* x, int64_t M, int64_t K, QuantizedRows& out) {
   }
 }
 
-inline __m512 load_bf16x16(const at::BFloat16* p) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+inline __m512 load_f16x16(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
 // 16 output rows x MB activation rows.  Two int32 accumulators per row halve the dependency
 // chain of VNNI instructions; the float accumulators carry the per-group scales.
 template <int MB>
-inline void int4_block(const uint8_t* w, const at::BFloat16* sz, int64_t G, const QuantizedRows& xq, int64_t m0,
+inline void int4_block(const uint8_t* w, const at::Half* sz, int64_t G, const QuantizedRows& xq, int64_t m0,
                        int64_t K, float* y, int64_t ldy) {
   const __m512i low = _mm512_set1_epi8(0x0F);
   __m512 acc[MB];
@@ -320,8 +321,10 @@ inline void int4_block(const uint8_t* w, const at::BFloat16* sz, int64_t G, cons
         hi_acc[m] = _mm512_dpbusd_epi32(hi_acc[m], hi, _mm512_set1_epi32(xr[1]));
       }
     }
-    const __m512 scale = load_bf16x16(sz + g * 2 * kQRows);
-    const __m512 zero = load_bf16x16(sz + g * 2 * kQRows + kQRows);
+    const __m512 scale = load_f16x16(sz + g * 2 * kQRows);
+    // w = (q - 8) * scale + zero with zero = min + 8 * scale (exact in float32 for float16 inputs):
+    // the centred q multiplies the activations' rounding error by at most 8 steps, not 15.
+    const __m512 zero = _mm512_fmadd_ps(_mm512_set1_ps(8.f), scale, load_f16x16(sz + g * 2 * kQRows + kQRows));
 #pragma GCC unroll 4
     for (int m = 0; m < MB; ++m) {
       const int64_t i = (m0 + m) * G + g;
@@ -389,10 +392,10 @@ torch::Tensor low_bit_linear(const torch::Tensor& x, const Packed& p) {
   torch::Tensor y = torch::empty({M, p.n}, xc.options());
   float* yp = y.data_ptr<float>();
   const uint8_t* wp = p.data.template data_ptr<uint8_t>();
-  const at::BFloat16* sz = nullptr;  // int4: per-group scales and zeros
+  const at::Half* sz = nullptr;  // int4: per-group scales and mins
   const float* scale = nullptr;      // int8: per-row scales
   if constexpr (kInt4) {
-    sz = p.scales.template data_ptr<at::BFloat16>();
+    sz = p.scales.template data_ptr<at::Half>();
   } else {
     scale = p.scale.template data_ptr<float>();
   }
@@ -1108,7 +1111,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // `dense` is the large-batch weight; `packed` (a PackedBf16 or None) is it already packed.
   // A bf16 `dense` without one is packed here when the CPU has the bf16 GEMM.
   py::class_<PackedInt4>(m, "PackedInt4")
-      .def(py::init(&pack_int4), "pack qweight uint8 [N, K/2] (low nibble first) and scales_zeros [K/32, N, 2]")
+      .def(py::init(&pack_int4), "pack qweight uint8 [N, K/2] (low nibble first) and scale_min [K/32, N, 2] (w = q * scale + min)")
       .def_readonly("data", &PackedInt4::data)
       .def_readonly("scales", &PackedInt4::scales)
       .def_readonly("out_features", &PackedInt4::n)

@@ -89,54 +89,83 @@ class Int8WeightOnlyLinear(_CastingLinear):
 
 
 class AtenInt4Packing:
-    """An int4 weight in the layout of ATen's CPU kernel (``_weight_int4pack_mm_for_cpu``)."""
+    """An int4 weight in the layout of ATen's CPU kernel (``_weight_int4pack_mm_for_cpu``), with
+    the scales in its convention and dtype."""
 
-    def __init__(self, qweight: torch.Tensor, in_features: int) -> None:
+    def __init__(self, qweight: torch.Tensor, in_features: int, scales_zeros: torch.Tensor) -> None:
         q = torch.stack([qweight & 15, qweight >> 4], dim=-1).view(qweight.shape[0], in_features)
         self.data = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+        self.scales_zeros = scales_zeros
 
 
 class Int4WeightOnlyLinear(_CastingLinear):
-    """Group-wise asymmetric int4 weights: w = (q - 8) * scale + zero, q in 0..15, per 32 inputs.
+    """Group-wise asymmetric int4 weights: w = q * scale + min, q in 0..15, per 32 inputs.
 
-    ``qweight`` holds two 4-bit values per byte (feature 2i in the low nibble) until a kernel
-    repacks it: the C++ kernel of models/cpu_decode.py when installed, else ATen's CPU int4
-    kernel on first use.
+    That is llama.cpp's Q4_1 block exactly, with ``scale`` and ``min`` in float16 as a GGUF file
+    stores them, so a Q4_1 checkpoint loads bit for bit (:meth:`from_blocks`, no float round
+    trip); float weights are quantized to the same form (min/max per group).  ``qweight`` holds
+    two 4-bit values per byte (feature 2i in the low nibble) until a kernel repacks it: the C++
+    kernel of models/cpu_decode.py when installed, else ATen's CPU int4 kernel on first use
+    (which wants bf16 scales in its own zero-point convention, derived then).
     """
 
     weight_buffer = "qweight"
 
     def __init__(self, linear: nn.Linear, kernel_dtype: torch.dtype | None = None, group_size: int = INT4_GROUP_SIZE) -> None:
-        super().__init__()
         w = linear.weight.detach().float()
-        self.out_features, self.in_features = w.shape
-        if self.in_features % group_size:
-            raise ValueError(f"int4 quantization needs in_features divisible by {group_size}, got {self.in_features}")
-        self.kernel_dtype = kernel_dtype or linear.weight.dtype
-        groups = w.view(self.out_features, -1, group_size)
+        out_features, in_features = w.shape
+        if in_features % group_size:
+            raise ValueError(f"int4 quantization needs in_features divisible by {group_size}, got {in_features}")
+        groups = w.view(out_features, -1, group_size)
         w_min, w_max = groups.amin(-1), groups.amax(-1)
-        scale = ((w_max - w_min) / 15).clamp(min=1e-6)
-        q = torch.round((groups - w_min.unsqueeze(-1)) / scale.unsqueeze(-1)).clamp(0, 15).to(torch.uint8)
-        q = q.view(self.out_features, -1)
-        self.register_buffer("qweight", q[:, 0::2] | (q[:, 1::2] << 4))
-        # (q - 8) * scale + zero = w_min + q * scale, so zero = w_min + 8 * scale.
-        zero = w_min + 8 * scale
-        scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # [G, N, 2]
-        self.register_buffer("scales_zeros", scales_zeros.to(self.kernel_dtype))
+        scale = ((w_max - w_min) / 15).clamp(min=1e-6).half().float()  # as stored, so q fits it
+        minimum = w_min.half().float()
+        q = torch.round((groups - minimum.unsqueeze(-1)) / scale.unsqueeze(-1)).clamp(0, 15).to(torch.uint8)
+        q = q.view(out_features, -1)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        self._setup(q[:, 0::2] | (q[:, 1::2] << 4), scale, minimum, kernel_dtype or linear.weight.dtype, bias, group_size)
+
+    @classmethod
+    def from_blocks(cls, qweight: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, kernel_dtype: torch.dtype,
+                    bias: torch.Tensor | None = None) -> "Int4WeightOnlyLinear":
+        """From Q4_1-style blocks: qweight uint8 [N, K/2], scale and min [N, K/32] (float16 values)."""
+        module = cls.__new__(cls)
+        module._setup(qweight, scale.float(), minimum.float(), kernel_dtype, bias, INT4_GROUP_SIZE)
+        return module
+
+    def _setup(self, qweight: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, kernel_dtype: torch.dtype,
+               bias: torch.Tensor | None, group_size: int) -> None:
+        super().__init__()
+        self.out_features, self.in_features = qweight.shape[0], qweight.shape[1] * 2
+        self.kernel_dtype = kernel_dtype
         self.group_size = group_size
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.register_buffer("qweight", qweight.contiguous())
+        scale_min = torch.stack([scale, minimum], dim=-1).transpose(0, 1).to(torch.float16).contiguous()  # [G, N, 2]
+        self.register_buffer("scale_min", scale_min)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight [N, K] these blocks stand for (only while ``qweight`` is unpacked)."""
+        q = torch.stack([self.qweight & 15, self.qweight >> 4], dim=-1).view(self.out_features, -1, self.group_size)
+        scale, minimum = self.scale_min.float().transpose(0, 1).unbind(-1)  # [N, G] each
+        return (q.float() * scale.unsqueeze(-1) + minimum.unsqueeze(-1)).view(self.out_features, self.in_features)
+
+    def aten_scales_zeros(self) -> torch.Tensor:
+        """ATen's [G, N, 2] (scale, zero) for w = (q - 8) * scale + zero, in the kernel dtype."""
+        scale, minimum = self.scale_min.float().unbind(-1)
+        return torch.stack([scale, minimum + 8 * scale], dim=-1).to(self.kernel_dtype).contiguous()
 
     def aten_packing(self) -> AtenInt4Packing:
         """Repack for ATen's kernel (once); fails if another kernel's layout already took over."""
         if self.packed is None:
-            self.use_packed(AtenInt4Packing(self.qweight, self.in_features), self._run_aten)
+            self.use_packed(AtenInt4Packing(self.qweight, self.in_features, self.aten_scales_zeros()), self._run_aten)
         if not isinstance(self.packed, AtenInt4Packing):
             raise RuntimeError(f"this int4 layer is packed for {type(self.packed).__name__}")
         return self.packed
 
     def _run_aten(self, x2: torch.Tensor, packed: AtenInt4Packing) -> torch.Tensor:
         x2 = x2 if x2.dtype == self.kernel_dtype else x2.to(self.kernel_dtype)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed.data, self.group_size, self.scales_zeros)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed.data, self.group_size, packed.scales_zeros)
 
     def _run(self, x2: torch.Tensor) -> torch.Tensor:
         return self._run_aten(x2, self.aten_packing())

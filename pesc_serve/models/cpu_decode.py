@@ -121,7 +121,8 @@ def _linear(ext: ModuleType, module: nn.Module) -> object:
         if isinstance(module.packed, ext.PackedInt4):
             return ext.Linear(INT4, module.qweight, _EMPTY, module.group_size, max_rows, dense, bias,
                               module.out_features, packed, module.packed)
-        return ext.Linear(INT4, module.aten_packing().data, module.scales_zeros, module.group_size, max_rows, dense,
+        aten = module.aten_packing()
+        return ext.Linear(INT4, aten.data, aten.scales_zeros, module.group_size, max_rows, dense,
                           bias, module.out_features, packed, None)
     if isinstance(module, DenseLinear):
         if module.packed is not None:
@@ -139,7 +140,7 @@ def _low_bit_packing(ext: ModuleType, module: nn.Module) -> tuple[object, object
     if module.out_features % LOW_BIT_ROWS or module.in_features % LOW_BIT_GROUP:
         return None
     if isinstance(module, Int4WeightOnlyLinear) and module.group_size == LOW_BIT_GROUP:
-        return ext.PackedInt4(module.qweight, module.scales_zeros), ext.int4_linear
+        return ext.PackedInt4(module.qweight, module.scale_min), ext.int4_linear
     if isinstance(module, Int8WeightOnlyLinear):
         return ext.PackedInt8(module.weight, module.scale), ext.int8_linear
     return None

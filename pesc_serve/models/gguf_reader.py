@@ -1,13 +1,16 @@
-"""Read a GGUF file (llama.cpp's format) as a Hugging Face config dict + dequantized tensors.
+"""Read a GGUF file (llama.cpp's format) as a Hugging Face config dict + tensors.
 
 Only dense Llama/Mistral/Qwen2 GGUFs are meaningful here (the PESC bases).  Tensors are
-dequantized with the ``gguf`` package and renamed to Hugging Face names; llama.cpp's
-converter permutes Llama Q/K rows for its interleaved RoPE, which we undo.
+renamed to Hugging Face names; llama.cpp's converter permutes Llama Q/K rows for its
+interleaved RoPE, which we undo.  Q4_1 tensors can come as their blocks (:class:`Q4Blocks`),
+which the int4 kernels take as they are: bit for bit the file's weights, and no float round
+trip at start-up.  Everything else is dequantized with the ``gguf`` package.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -27,6 +30,45 @@ _LAYER_NAMES = {
 }
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _ARCH_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+Q4_1_BLOCK, Q4_1_BYTES = 32, 20  # weights per block; bytes: float16 d, float16 m, 16 bytes of nibbles
+
+
+@dataclass
+class Q4Blocks:
+    """A Q4_1 weight as its blocks: w[n, 32 g + j] = q * scale[n, g] + min[n, g].
+
+    ``qweight`` is uint8 [N, K/2] with feature 2i in the low nibble (the int4 layer's layout);
+    ``scale`` and ``minimum`` are [N, K/32] float16, as the file stores them.
+    """
+
+    qweight: torch.Tensor
+    scale: torch.Tensor
+    minimum: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.qweight.shape[0], self.qweight.shape[1] * 2
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.shape
+        q = torch.stack([self.qweight & 15, self.qweight >> 4], dim=-1).view(n, k // Q4_1_BLOCK, Q4_1_BLOCK)
+        w = q.float() * self.scale.float().unsqueeze(-1) + self.minimum.float().unsqueeze(-1)
+        return w.view(n, k)
+
+    def rows(self, order: torch.Tensor) -> "Q4Blocks":
+        return Q4Blocks(self.qweight[order], self.scale[order], self.minimum[order])
+
+
+def q4_1_blocks(raw: np.ndarray, rows: int) -> Q4Blocks:
+    """Q4_1 bytes [rows, K/32 * 20] -> blocks (ggml: a byte's low nibble is element j, its high
+    nibble element j + 16 of the 32)."""
+    blocks = np.ascontiguousarray(raw).reshape(rows, -1, Q4_1_BYTES)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0]
+    m = blocks[..., 2:4].copy().view(np.float16)[..., 0]
+    qs = blocks[..., 4:]
+    q = np.concatenate([qs & 15, qs >> 4], axis=-1).reshape(rows, -1)  # element order within each block
+    qweight = q[:, 0::2] | (q[:, 1::2] << 4)
+    return Q4Blocks(torch.from_numpy(np.ascontiguousarray(qweight)), torch.from_numpy(d), torch.from_numpy(m))
 
 
 class GGUFCheckpoint:
@@ -75,8 +117,10 @@ class GGUFCheckpoint:
             "eos_token_id": eos,
         }
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (Hugging Face name, float32 tensor) pairs, dequantizing one at a time."""
+    def tensors(self, q4_blocks: bool = False) -> Iterator[tuple[str, "torch.Tensor | Q4Blocks"]]:
+        """Yield (Hugging Face name, tensor) pairs one at a time: float32, or with ``q4_blocks``
+        the Q4_1 weights as :class:`Q4Blocks`."""
+        from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
 
         cfg = self.hf_config()
@@ -84,10 +128,17 @@ class GGUFCheckpoint:
             name = _hf_name(t.name)
             if name is None:
                 raise ValueError(f"{self.path}: unexpected GGUF tensor {t.name!r}")
+            rope_rows = self.arch in ("llama", "mistral") and (".q_proj." in name or ".k_proj." in name)
+            n_head = cfg["num_attention_heads"] if ".q_proj." in name else cfg["num_key_value_heads"]
+            if q4_blocks and t.tensor_type == GGMLQuantizationType.Q4_1 and len(t.shape) == 2:
+                blocks = q4_1_blocks(np.asarray(t.data), int(t.shape[1]))
+                if rope_rows:
+                    blocks = blocks.rows(_unpermute_rope(torch.arange(blocks.shape[0]), n_head))
+                yield name, blocks
+                continue
             data = dequantize(t.data, t.tensor_type)
             w = torch.from_numpy(np.array(data, dtype=np.float32, copy=True))
-            if self.arch in ("llama", "mistral") and (".q_proj." in name or ".k_proj." in name):
-                n_head = cfg["num_attention_heads"] if ".q_proj." in name else cfg["num_key_value_heads"]
+            if rope_rows:
                 w = _unpermute_rope(w, n_head)
             yield name, w
 

@@ -24,11 +24,18 @@ from torch import nn
 
 from pesc_serve.config import LoadConfig, ModelConfig, resolve_device, resolve_dtype
 from pesc_serve.layers.lora import LoRALinear, LoRAPart, fuse_parts, merge_into
-from pesc_serve.layers.quant import quantize_modules
+from pesc_serve.layers.quant import (
+    INT4_GROUP_SIZE,
+    INT4_PACK_ROWS,
+    DenseLinear,
+    HybridLinear,
+    Int4WeightOnlyLinear,
+    quantize_modules,
+)
 from pesc_serve.models.checkpoint_files import iter_tensors, weight_files
 from pesc_serve.models.cpu_decode import cpu_has_vnni
 from pesc_serve.models.decoder import PescForCausalLM
-from pesc_serve.models.gguf_reader import GGUFCheckpoint
+from pesc_serve.models.gguf_reader import GGUFCheckpoint, Q4Blocks
 from pesc_serve.registry import ModelSource
 
 _EXPERT_KEY = re.compile(r"\.experts\.(?:expert_)?(\d+)\.")
@@ -113,18 +120,34 @@ def _materialize(model: nn.Module, dtype: torch.dtype, device: torch.device) -> 
 
 
 class _Assigner:
-    """Copies checkpoint tensors into their targets and remembers what it has seen."""
+    """Copies checkpoint tensors into their targets and remembers what it has seen.
 
-    def __init__(self, targets: dict[str, Target], tied: bool) -> None:
+    Q4_1 blocks aimed at a linear module the plan makes int4 are kept as they are (``blocks``,
+    per module: the parts of a fused layer with their output rows); any other is dequantized.
+    """
+
+    def __init__(self, targets: dict[str, Target], tied: bool, model: nn.Module, int4_modules: set[str]) -> None:
         self.targets = targets
         self.tied = tied
         self.seen: set[str] = set()
         self.lora: dict[str, dict[str, torch.Tensor]] = {}
+        self.module_of = {id(m.weight): name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+        self.int4_modules = int4_modules
+        self.blocks: dict[str, list[tuple[slice, Q4Blocks, str]]] = {}
 
-    def assign(self, raw_name: str, tensor: torch.Tensor, origin: Path, allow_lora: bool = False) -> None:
+    def assign(self, raw_name: str, tensor: "torch.Tensor | Q4Blocks", origin: Path, allow_lora: bool = False) -> None:
         name = canonical_name(raw_name)
         if _IGNORED.search(name) or (self.tied and name == "lm_head.weight"):
             return
+        if isinstance(tensor, Q4Blocks):
+            target = self.targets.get(name)
+            module = self.module_of.get(id(target.param)) if target is not None else None
+            if module in self.int4_modules and tuple(tensor.shape) == target.shape and name not in self.seen:
+                rows = target.index[0] if target.index else slice(0, target.shape[0])
+                self.blocks.setdefault(module, []).append((rows, tensor, name))
+                self.seen.add(name)
+                return
+            tensor = tensor.dequantize()
         lora = _LORA_KEY.match(name) if allow_lora else None
         if lora is not None:
             self.lora.setdefault(lora.group(1) + ".weight", {})[lora.group(2)] = tensor
@@ -144,9 +167,9 @@ class _Assigner:
             target.view().copy_(value)
         self.seen.add(name)
 
-    def lora_parts(self, model: nn.Module, origin: Path) -> dict[str, list[LoRAPart]]:
+    def lora_parts(self, origin: Path) -> dict[str, list[LoRAPart]]:
         """The delta's LoRA pairs, checked, grouped by the (fused) linear module they update."""
-        module_of = {id(m.weight): name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+        module_of = self.module_of
         parts: dict[str, list[LoRAPart]] = {}
         for name, pair in self.lora.items():
             if set(pair) != {"A", "B"}:
@@ -174,9 +197,9 @@ class _Assigner:
             raise ValueError(f"{what}: checkpoint is missing tensor(s) {shown}")
 
 
-def _source_tensors(source: ModelSource) -> Iterator[tuple[str, torch.Tensor, Path]]:
+def _source_tensors(source: ModelSource, q4_blocks: bool = False) -> Iterator[tuple[str, "torch.Tensor | Q4Blocks", Path]]:
     if source.kind == "gguf":
-        for name, tensor in GGUFCheckpoint(source.path).tensors():
+        for name, tensor in GGUFCheckpoint(source.path).tensors(q4_blocks=q4_blocks):
             yield name, tensor, source.path
         return
     for path in weight_files(source.path):
@@ -260,23 +283,26 @@ def load_model(source: ModelSource, load: LoadConfig, max_positions: int | None 
         model = PescForCausalLM(cfg, dispatch=load.dispatch, max_positions=max_positions)
     _materialize(model, dtype, device)
     model.rotary.build_tables(device)
-    assigner = _Assigner(build_targets(model, cfg), tied=cfg.tie_word_embeddings)
+    quant = resolve_quantization(load.quantization, device, dtype, vnni=device.type == "cpu" and cpu_has_vnni())
+    int4_modules = {name for name, m in model.named_modules()
+                    if isinstance(m, nn.Linear) and quant.method_for(name) == "int4" and device.type == "cpu"}
+    assigner = _Assigner(build_targets(model, cfg), cfg.tie_word_embeddings, model, int4_modules)
     lora: dict[str, list[LoRAPart]] = {}
     if load.load_format == "dummy":
         _fill_random(assigner)
     elif source.kind == "delta":
         assert source.base is not None
-        for name, tensor, origin in _source_tensors(source.base):
+        for name, tensor, origin in _source_tensors(source.base, q4_blocks=bool(int4_modules)):
             assigner.assign(name, tensor, origin)
         delta_file = source.path / "adapter_model.safetensors"
         for name, tensor in iter_tensors(delta_file):
             assigner.assign(name, tensor, delta_file, allow_lora=True)
-        lora = assigner.lora_parts(model, delta_file)
+        lora = assigner.lora_parts(delta_file)
     else:
-        for name, tensor, origin in _source_tensors(source):
+        for name, tensor, origin in _source_tensors(source, q4_blocks=bool(int4_modules)):
             assigner.assign(name, tensor, origin)
     assigner.check_complete(str(source.path))
-    quant = resolve_quantization(load.quantization, device, dtype, vnni=device.type == "cpu" and cpu_has_vnni())
+    _install_blocks(model, assigner, quant, dtype)
     scaling = _lora_scaling(source.delta) if source.kind == "delta" else 1.0
     unmerged = {name: parts for name, parts in lora.items() if quant.method_for(name) != "none"}
     for name, parts in lora.items():
@@ -292,6 +318,40 @@ def load_model(source: ModelSource, load: LoadConfig, max_positions: int | None 
     model.eval()
     weight_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     return LoadedModel(model, cfg, source, dtype, device, quant, cfg.num_parameters, weight_bytes)
+
+
+def _install_blocks(model: nn.Module, assigner: _Assigner, plan: QuantPlan, dtype: torch.dtype) -> None:
+    """Build the int4 layers whose weights arrived as Q4_1 blocks straight from them (bit for bit
+    the file's weights, no float round trip).  A fused layer with a part that came in another
+    format, or a shape the int4 kernel cannot take, gets its blocks dequantized instead and is
+    quantized like any float weight."""
+    kernel_dtype = plan.kernel_dtype or dtype
+    for name, parts in assigner.blocks.items():
+        linear = model.get_submodule(name)
+        parts.sort(key=lambda p: p[0].start)
+        covered = [p[0] for p in parts]
+        whole = covered[0].start == 0 and covered[-1].stop == linear.out_features and all(
+            a.stop == b.start for a, b in zip(covered, covered[1:]))
+        fits = linear.out_features % INT4_PACK_ROWS == 0 and linear.in_features % INT4_GROUP_SIZE == 0
+        if not (whole and fits):
+            with torch.no_grad():
+                for rows, blocks, _ in parts:
+                    linear.weight[rows].copy_(blocks.dequantize())
+            continue
+        qweight = torch.cat([b.qweight for _, b, _ in parts])
+        scale = torch.cat([b.scale for _, b, _ in parts])
+        minimum = torch.cat([b.minimum for _, b, _ in parts])
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        layer: nn.Module = Int4WeightOnlyLinear.from_blocks(qweight, scale, minimum, kernel_dtype, bias)
+        if plan.hybrid_max_rows is not None:  # CPUs without VNNI: dense copies for big batches
+            shell = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
+            with torch.no_grad():
+                shell.weight.copy_(layer.dequantize())
+                if linear.bias is not None:
+                    shell.bias.copy_(linear.bias)
+            layer = HybridLinear(DenseLinear(shell, kernel_dtype), layer, plan.hybrid_max_rows)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, layer)
 
 
 def _attach_lora(model: nn.Module, name: str, parts: list[LoRAPart], scaling: float, dtype: torch.dtype) -> None:

@@ -1,0 +1,61 @@
+"""A GGUF's Q4_1 blocks go straight into the int4 layers: bit for bit the file's weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pesc_serve.config import LoadConfig
+from pesc_serve.layers.quant import Int4WeightOnlyLinear
+from pesc_serve.models.gguf_reader import GGUFCheckpoint, Q4Blocks, q4_1_blocks
+from pesc_serve.models.loader import load_model
+from pesc_serve.registry import resolve_model
+
+
+def test_q4_1_blocks_unpack_as_ggml_lays_them_out():
+    """One block by hand: d, m as float16, byte j holding elements j (low) and j + 16 (high)."""
+    q = np.arange(32) % 16
+    d, m = np.float16(0.0123), np.float16(-0.25)
+    packed = (q[:16] | (q[16:] << 4)).astype(np.uint8)
+    raw = np.concatenate([np.frombuffer(d.tobytes(), np.uint8), np.frombuffer(m.tobytes(), np.uint8), packed])
+    blocks = q4_1_blocks(raw[None, :], 1)
+    expected = torch.tensor(q, dtype=torch.float32) * float(d) + float(m)
+    assert torch.equal(blocks.dequantize()[0], expected)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    src = resolve_model("smollm2")
+    return src, load_model(src, LoadConfig("smollm2", "auto", "cpu", "auto"))
+
+
+def test_the_served_int4_weights_are_the_files(smollm2):
+    src, lm = smollm2
+    if lm.quantization.ffn != "int4":
+        pytest.skip("the plan on this host is not int4")
+    file = {name: t for name, t in GGUFCheckpoint(src.path).tensors(q4_blocks=True)}
+    assert sum(isinstance(t, Q4Blocks) for t in file.values()) == 7 * lm.config.num_layers
+    for i in (0, lm.config.num_layers - 1):
+        layer, p = lm.model.layers[i], f"model.layers.{i}."
+        fused = {
+            layer.self_attn.qkv_proj: ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            layer.self_attn.o_proj: ("self_attn.o_proj",),
+            layer.mlp.gate_up_proj: ("mlp.gate_proj", "mlp.up_proj"),
+            layer.mlp.down_proj: ("mlp.down_proj",),
+        }
+        for module, parts in fused.items():
+            assert isinstance(module, Int4WeightOnlyLinear), type(module)
+            expected = torch.cat([file[p + part + ".weight"].dequantize() for part in parts])
+            assert torch.equal(module.dequantize(), expected), parts
+
+
+def test_the_blocks_dequantize_like_the_gguf_package(smollm2):
+    src, _ = smollm2
+    plain = dict(GGUFCheckpoint(src.path).tensors())
+    checked = 0
+    for name, t in GGUFCheckpoint(src.path).tensors(q4_blocks=True):
+        if isinstance(t, Q4Blocks) and ".layers.1." in name:
+            assert torch.equal(t.dequantize(), plain[name]), name  # q/k rows un-permuted alike
+            checked += 1
+    assert checked == 7

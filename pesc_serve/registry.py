@@ -36,6 +36,9 @@ class ModelSource:
     base: "ModelSource | None" = None
     delta: dict[str, Any] = field(default_factory=dict)
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # A GGUF file already opened to read its config (parsing its metadata takes seconds): the
+    # loader reads the tensors from the same reader instead of opening the file again.
+    gguf: Any = field(default=None, repr=False, compare=False)
 
     @property
     def tokenizer_source(self) -> "ModelSource":
@@ -85,8 +88,8 @@ def resolve_model(name: str, relative_to: Path | None = None) -> ModelSource:
 def _gguf_source(path: Path, display: str | None = None) -> ModelSource:
     from pesc_serve.models.gguf_reader import GGUFCheckpoint
 
-    config = GGUFCheckpoint(path).hf_config()
-    return ModelSource(name=display or path.stem, kind="gguf", path=path, config=config)
+    checkpoint = GGUFCheckpoint(path)
+    return ModelSource(name=display or path.stem, kind="gguf", path=path, config=checkpoint.hf_config(), gguf=checkpoint)
 
 
 def _read_config(directory: Path) -> dict[str, Any]:

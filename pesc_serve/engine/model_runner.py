@@ -19,6 +19,17 @@ from pesc_serve.layers.sampler import SamplerOutput, SamplingBatch, sample
 from pesc_serve.models.decoder import PescForCausalLM
 
 
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zeroed KV cache.  On CPU from calloc'd memory (numpy's zeros): the OS hands out zero
+    pages as they are first written, so a 4 GiB cache costs no start-up time and resident memory
+    grows with use, where torch.zeros would write every byte first (seconds)."""
+    if device.type == "cpu" and dtype in (torch.float32, torch.float16):
+        import numpy as np
+
+        return torch.from_numpy(np.zeros(shape, dtype=np.float32 if dtype == torch.float32 else np.float16))
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
     return cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
 
@@ -50,9 +61,7 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.eos_token_ids = eos_token_ids
-        self.kv_caches = torch.zeros(
-            cfg.num_layers, 2, num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim, dtype=kv_dtype, device=device
-        )
+        self.kv_caches = _zeros((cfg.num_layers, 2, num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim), kv_dtype, device)
         self._generators: dict[str, torch.Generator] = {}
         self._block_offsets = torch.arange(block_size, device=device)
 

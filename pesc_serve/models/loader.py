@@ -199,7 +199,7 @@ class _Assigner:
 
 def _source_tensors(source: ModelSource, q4_blocks: bool = False) -> Iterator[tuple[str, "torch.Tensor | Q4Blocks", Path]]:
     if source.kind == "gguf":
-        for name, tensor in GGUFCheckpoint(source.path).tensors(q4_blocks=q4_blocks):
+        for name, tensor in (source.gguf or GGUFCheckpoint(source.path)).tensors(q4_blocks=q4_blocks):
             yield name, tensor, source.path
         return
     for path in weight_files(source.path):

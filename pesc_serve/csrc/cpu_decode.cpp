@@ -573,35 +573,41 @@ std::vector<torch::Tensor> routed_adapters(const torch::Tensor& x, const torch::
   return {f.scalar_type() == at::kFloat ? y : y.to(f.scalar_type()), ids};
 }
 
-// y [M, N] += (x [M, K] A^T) B^T for an unmerged LoRA (A [r, K], B [N, r]; scaling folded in B).
-// Row by row with the same loops for every row, instead of ATen's matmul, whose blocking (and so
-// its rounding) changes with M: a row's update, and through the int8 activation rounding and the
-// router its whole continuation, must not depend on what else is in the batch.
-void lora_add(torch::Tensor& y, const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& b) {
+// y [M, N] += (x [M, K] A^T) B^T for an unmerged LoRA (A [r, K]; B given transposed, bt [r, N],
+// scaling folded in).  Row by row with the same loops for every row, instead of ATen's matmul,
+// whose blocking (and so its rounding) changes with M: a row's update, and through the int8
+// activation rounding and the router its whole continuation, must not depend on the batch.
+// Both loops run over contiguous memory (a dot product over K, then r AXPYs over N) and vectorise.
+void lora_add(torch::Tensor& y, const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& bt) {
   TORCH_CHECK(y.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && y.is_contiguous(), "lora_add: float32");
-  const int64_t M = x.size(0), K = x.size(1), R = a.size(0), N = b.size(0);
-  TORCH_CHECK(a.size(1) == K && b.size(1) == R && y.size(0) == M && y.size(1) == N, "lora_add: shapes do not fit");
+  const int64_t M = x.size(0), K = x.size(1), R = a.size(0), N = bt.size(1);
+  TORCH_CHECK(a.size(1) == K && bt.size(0) == R && y.size(0) == M && y.size(1) == N, "lora_add: shapes do not fit");
   const torch::Tensor xc = x.contiguous();
   const float* xp = xc.data_ptr<float>();
   const float* ap = a.data_ptr<float>();
-  const float* bp = b.data_ptr<float>();
+  const float* bp = bt.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
-    std::vector<float> u(R);
-    for (int64_t m = m0; m < m1; ++m) {
-      const float* xr = xp + m * K;
-      for (int64_t r = 0; r < R; ++r) {
-        const float* ar = ap + r * K;
-        float s = 0.f;
-        for (int64_t k = 0; k < K; ++k) s += xr[k] * ar[k];
-        u[r] = s;
+  constexpr int64_t kRows = 4;  // rows sharing each pass over B (every row's own sums stay in order)
+  at::parallel_for(0, (M + kRows - 1) / kRows, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> u(kRows * R);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t m0 = blk * kRows, rows = std::min(kRows, M - m0);
+      for (int64_t i = 0; i < rows; ++i) {
+        const float* xr = xp + (m0 + i) * K;
+        for (int64_t r = 0; r < R; ++r) {
+          const float* ar = ap + r * K;
+          float s = 0.f;
+          for (int64_t k = 0; k < K; ++k) s += xr[k] * ar[k];
+          u[i * R + r] = s;
+        }
       }
-      float* yr = yp + m * N;
-      for (int64_t n = 0; n < N; ++n) {
-        const float* br = bp + n * R;
-        float s = 0.f;
-        for (int64_t r = 0; r < R; ++r) s += u[r] * br[r];
-        yr[n] += s;
+      for (int64_t r = 0; r < R; ++r) {
+        const float* br = bp + r * N;
+        for (int64_t i = 0; i < rows; ++i) {
+          const float ur = u[i * R + r];
+          float* yr = yp + (m0 + i) * N;
+          for (int64_t n = 0; n < N; ++n) yr[n] += ur * br[n];
+        }
       }
     }
   });
@@ -632,7 +638,7 @@ struct Linear {
   PackedInt4 int4;          // INT4 weights for int4_linear (when `a` is that packing's data)
   PackedInt8 int8;          // INT8 weights for int8_linear (likewise)
   torch::Tensor lora_a;     // unmerged LoRA beside the weight: A [r, K] float32 (undefined: none) ...
-  torch::Tensor lora_b;     // ... and B [N, r] float32, scaling folded in (layers/lora.py)
+  torch::Tensor lora_bt;    // ... and B transposed, [r, N] float32, scaling folded in (layers/lora.py)
 
   torch::Tensor run_small(const torch::Tensor& x) const {
     if (present(int4.data)) return int4_linear(x, int4);
@@ -659,7 +665,7 @@ struct Linear {
     if (present(bias)) y.add_(bias);
     if (present(lora_a)) {
       y = y.contiguous();
-      lora_add(y, x, lora_a, lora_b);
+      lora_add(y, x, lora_a, lora_bt);
     }
     return y;
   }
@@ -1147,10 +1153,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(0) == b.size(1) && b.size(0) == lin.out_features,
                     "LoRA A [r, K] and B [N, r] must fit the layer");
         lin.lora_a = a.to(at::kFloat).contiguous();
-        lin.lora_b = b.to(at::kFloat).contiguous();
+        lin.lora_bt = b.to(at::kFloat).t().contiguous();
       }, "run y += (x A^T) B^T beside the weight (an unmerged LoRA)");
-  m.def("lora_add", [](torch::Tensor y, torch::Tensor x, torch::Tensor a, torch::Tensor b) { lora_add(y, x, a, b); },
-        "y += (x A^T) B^T in place, row by row (the same numbers whatever the batch)",
+  m.def("lora_add", [](torch::Tensor y, torch::Tensor x, torch::Tensor a, torch::Tensor bt) { lora_add(y, x, a, bt); },
+        "y += (x A^T) B^T in place for bt = B^T [r, N], row by row (the same numbers whatever the batch)",
         py::call_guard<py::gil_scoped_release>());
   m.def("bf16_linear", &bf16_linear, "x [M, K] float32 @ W^T with W packed by PackedBf16",
         py::call_guard<py::gil_scoped_release>());

@@ -49,8 +49,9 @@ class LoRALinear(nn.Module):
         self.base = base
         self.register_buffer("lora_a", lora_a, persistent=False)
         self.register_buffer("lora_b", lora_b, persistent=False)
+        self.register_buffer("lora_b_t", lora_b.t().contiguous(), persistent=False)  # [r, N], the kernel's
         self.out_features = lora_b.shape[0]
-        # (y, x, A, B) -> None adding the update in place, row by row: the C++ kernel the CPU
+        # (y, x, A, B^T) -> None adding the update in place, row by row: the C++ kernel the CPU
         # decode step also runs (models/cpu_decode.py installs it), so both paths agree and a
         # row's numbers never depend on the batch.  None: matmuls (e.g. on CUDA).
         self.kernel = None
@@ -60,7 +61,7 @@ class LoRALinear(nn.Module):
         if self.kernel is not None and y.dtype == torch.float32 and x.dtype == torch.float32:
             shape = y.shape
             y2 = y.reshape(-1, shape[-1]).contiguous()
-            self.kernel(y2, x.reshape(-1, x.shape[-1]), self.lora_a, self.lora_b)
+            self.kernel(y2, x.reshape(-1, x.shape[-1]), self.lora_a, self.lora_b_t)
             return y2.view(shape)
         update = (x.to(self.lora_a.dtype) @ self.lora_a.t()) @ self.lora_b.t()
         return y + update.to(y.dtype)

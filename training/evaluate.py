@@ -38,6 +38,7 @@ DOMAINS = ("maths", "code", "general")
 class EvalConfig:
     seed: int = 0
     serving: str = "defaults"  # defaults | exact (a pesc-serve process) | offline (in-process loop)
+    concurrency: int = 16  # served: requests in flight at once (1: the same batches every run)
     dtype: str = "float32"  # offline only: bf16 answers of a 135M model flip with batch composition
     quantization: str = "none"  # offline only: the weights as trained; "auto" = the server's CPU default
     batch_size: int = 16
@@ -88,7 +89,7 @@ def evaluate_model(label: str, name: str, items: list[EvalItem], cfg: EvalConfig
     source = resolve_model(name)
     tok = load_tokenizer(source)
     result = ModelResult(label, name)
-    with ServedModel(name, cfg.serving) as served:
+    with ServedModel(name, cfg.serving, cfg.concurrency) as served:
         recorder = ServedRouting(served, int(source.config.get("topk") or 0)) if source.config.get("num_experts") else None
         for suite in SUITE_ORDER:
             group = [it for it in items if it.suite == suite]

@@ -211,8 +211,10 @@ class ModelRunner:
         and the prefill chunks beside it through PyTorch: a decode's numbers never depend on
         whether a neighbour's prefill shares its step (seeded requests reproduce in any mix).
         """
-        cpp = [c for c in out.chunks if self.decode_model is not None and _is_cpp_decode(c)]
-        rest = [c for c in out.chunks if not (self.decode_model is not None and _is_cpp_decode(c))]
+        cpp: list[ScheduledChunk] = []
+        rest: list[ScheduledChunk] = []
+        for c in out.chunks:
+            (cpp if self.decode_model is not None and _is_cpp_decode(c) else rest).append(c)
         logits: list[torch.Tensor] = []
         reqs: list[Request] = []
         choices = None

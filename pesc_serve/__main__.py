@@ -41,6 +41,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None, help="name clients use in 'model' (default: the model's name)")
+    p.add_argument("--adapters", nargs="+", default=[], metavar="NAME=PATH",
+                   help="deltas served beside --model under NAME: a PESC delta or PEFT LoRA directory, or a "
+                        "delta alias (camelidae, ...); requests pick one with 'model'")
+    p.add_argument("--max-loaded-adapters", type=int, default=None,
+                   help="deltas resident at once (least recently used ones are evicted and re-read on demand; "
+                        "default: all)")
+    p.add_argument("--enable-runtime-adapters", action="store_true",
+                   help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (behind --api-key)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--quantization", default="auto", choices=("auto",) + QUANTIZATION_CHOICES,
@@ -73,7 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def configs_from_args(args: argparse.Namespace) -> tuple[LoadConfig, EngineConfig, ServerConfig]:
     """The validated configs the CLI flags describe (raises ValueError with the flag's name)."""
-    load = LoadConfig(args.model, args.dtype, args.device, args.quantization, args.dispatch, args.load_format)
+    load = LoadConfig(args.model, args.dtype, args.device, args.quantization, args.dispatch, args.load_format,
+                      adapters=tuple(parse_adapter(a) for a in args.adapters))
     engine_cfg = EngineConfig(
         max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len,
@@ -85,6 +94,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[LoadConfig, EngineConfi
         seed=args.seed,
         cpu_kernels=args.cpu_kernels,
         kv_cache_dtype=args.kv_cache_dtype,
+        max_loaded_adapters=args.max_loaded_adapters,
     )
     server_cfg = ServerConfig(
         host=args.host,
@@ -93,8 +103,15 @@ def configs_from_args(args: argparse.Namespace) -> tuple[LoadConfig, EngineConfi
         api_key=args.api_key,
         request_timeout_s=args.request_timeout,
         shutdown_timeout_s=args.shutdown_timeout,
+        enable_runtime_adapters=args.enable_runtime_adapters,
     )
     return load, engine_cfg, server_cfg
+
+
+def parse_adapter(value: str) -> tuple[str, str]:
+    """``NAME=PATH`` (PATH a delta directory or alias), or a bare alias served under its own name."""
+    name, sep, path = value.partition("=")
+    return (name.strip(), path.strip()) if sep else (value.strip(), value.strip())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -127,13 +127,7 @@ class ModelConfig:
         if heads % kv_heads:
             raise ValueError(f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
         head_dim = cfg.get("head_dim") or hidden // heads
-        num_experts = int(cfg.get("num_experts") or 0)
-        topk = int(cfg.get("topk") or cfg.get("num_experts_per_tok") or 0)
-        adapter_dim = int(cfg.get("adapter_dim") or 0)
-        if num_experts:
-            if not 1 <= topk <= num_experts:
-                raise ValueError(f"{source}: topk must be in [1, num_experts={num_experts}], got {topk}")
-            _positive_int(adapter_dim, "adapter_dim", source)
+        num_experts, topk, adapter_dim, moe_scaling = expert_geometry(cfg, source)
         rope_theta = float(cfg.get("rope_theta", 10000.0))
         if uses_camelidae_code(cfg):
             rope_theta = CAMELIDAE_ROPE_THETA
@@ -174,10 +168,33 @@ class ModelConfig:
             num_experts=num_experts,
             topk=topk if num_experts else 0,
             adapter_dim=adapter_dim if num_experts else 0,
-            moe_scaling=float(cfg.get("moe_scaling", 1.0)) if num_experts else 1.0,
+            moe_scaling=moe_scaling,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
         )
+
+
+MAX_EXPERTS = 64  # per delta and layer (the C++ router's limit)
+
+
+def expert_geometry(cfg: dict[str, Any], source: str) -> tuple[int, int, int, float]:
+    """(num_experts, topk, adapter_dim, moe_scaling) of a PESC config (zeros when dense): the
+    one parser for full checkpoints and deltas alike."""
+    try:
+        num_experts = int(cfg.get("num_experts") or 0)
+        topk = int(cfg.get("topk") or cfg.get("num_experts_per_tok") or 0)
+        adapter_dim = int(cfg.get("adapter_dim") or 0)
+        moe_scaling = float(cfg.get("moe_scaling", 1.0))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{source}: num_experts, topk, adapter_dim and moe_scaling must be numbers ({exc})") from None
+    if not num_experts:
+        return 0, 0, 0, 1.0
+    if not 1 <= num_experts <= MAX_EXPERTS:
+        raise ValueError(f"{source}: num_experts must be in [1, {MAX_EXPERTS}], got {num_experts}")
+    if not 1 <= topk <= num_experts:
+        raise ValueError(f"{source}: topk must be in [1, num_experts={num_experts}], got {topk}")
+    _positive_int(adapter_dim, "adapter_dim", source)
+    return num_experts, topk, adapter_dim, moe_scaling
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -224,8 +241,16 @@ class LoadConfig:
     quantization: str = "none"
     dispatch: str = "auto"
     load_format: str = "auto"  # "dummy": random weights from config.json alone (benchmarks)
+    adapters: tuple[tuple[str, str], ...] = ()  # --adapters NAME=PATH: deltas served beside the model
 
     def __post_init__(self) -> None:
+        names = [name for name, _ in self.adapters]
+        for name, path in self.adapters:
+            if not name or not path or not name.strip():
+                raise ValueError(f"--adapters takes NAME=PATH (or a delta alias), got {name!r}={path!r}")
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"--adapters: the name {dupes[0]!r} is given twice")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"--load-format must be auto or dummy, got {self.load_format!r}")
         if self.dtype not in DTYPE_CHOICES:
@@ -251,6 +276,7 @@ class EngineConfig:
     seed: int = 0
     cpu_kernels: str = "off"  # auto|on|off: the C++ decode step on CPU (the CLI asks for auto)
     kv_cache_dtype: str = "model"  # see resolve_kv_cache_dtype (the CLI asks for auto)
+    max_loaded_adapters: int | None = None  # deltas resident at once beside the --model (None: all)
 
     def __post_init__(self) -> None:
         if self.cpu_kernels not in ("auto", "on", "off"):
@@ -266,6 +292,9 @@ class EngineConfig:
             raise ValueError(f"--max-model-len must be positive, got {self.max_model_len}")
         if self.kv_cache_memory_gb is not None and self.kv_cache_memory_gb <= 0:
             raise ValueError(f"--kv-cache-memory must be positive, got {self.kv_cache_memory_gb}")
+        if self.max_loaded_adapters is not None and (isinstance(self.max_loaded_adapters, bool) or not isinstance(
+                self.max_loaded_adapters, int) or self.max_loaded_adapters < 1):
+            raise ValueError(f"--max-loaded-adapters must be a positive integer, got {self.max_loaded_adapters!r}")
 
 
 @dataclass(frozen=True)
@@ -279,6 +308,7 @@ class ServerConfig:
     request_timeout_s: float | None = None
     shutdown_timeout_s: float = 30.0  # on SIGTERM, running requests get this long to finish
     max_body_bytes: int = 8 * 1024 * 1024
+    enable_runtime_adapters: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -13,9 +13,10 @@ from pesc_serve.config import EngineConfig, LoadConfig, ServerConfig
 from pesc_serve.engine.async_engine import AsyncEngine
 from pesc_serve.engine.engine import LLMEngine
 from pesc_serve.engine.engine_thread import EngineThread
-from pesc_serve.models.loader import LoadedModel, load_model
+from pesc_serve.deltas.delta import find_delta
+from pesc_serve.models.loader import LoadedModel, load_delta, load_model
 from pesc_serve.models.tokenizer import load_tokenizer
-from pesc_serve.registry import resolve_model
+from pesc_serve.registry import resolve_delta_path, resolve_model
 from pesc_serve.server.app import create_app
 from pesc_serve.server.chat import ChatFormatter
 from pesc_serve.server.metrics import ServerMetrics
@@ -31,12 +32,19 @@ class Server:
     model_name: str
 
 
-def build_engine(load: LoadConfig, engine_cfg: EngineConfig) -> LLMEngine:
+def build_engine(load: LoadConfig, engine_cfg: EngineConfig, served_name: str | None = None) -> LLMEngine:
+    """The base (and its own delta), then each ``--adapters`` delta read and checked against it."""
     source = resolve_model(load.model)
     max_positions = engine_cfg.max_model_len
     loaded = load_model(source, load, max_positions=max_positions)
     tokenizer = load_tokenizer(source)
-    return LLMEngine(loaded, tokenizer, engine_cfg)
+    engine = LLMEngine(loaded, tokenizer, engine_cfg, model_name=served_name or source.name)
+    for name, value in load.adapters:
+        if name in engine.models.models:
+            raise ValueError(f"--adapters: {name!r} is already the name of a served model")
+        delta_source = find_delta(name, resolve_delta_path(value))
+        engine.models.add(delta_source, load_delta(loaded, delta_source))
+    return engine
 
 
 def describe(engine: LLMEngine) -> list[str]:
@@ -48,13 +56,11 @@ def describe(engine: LLMEngine) -> list[str]:
         f"{cfg.num_parameters / 1e6:.1f}M parameters, {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
         f"heads {cfg.num_heads}/{cfg.num_kv_heads} kv",
     ]
-    if cfg.is_pesc:
-        lines.append(
-            f"PESC: {cfg.num_experts} adapter experts, top-{cfg.topk}, adapter dim {cfg.adapter_dim}, "
-            f"moe_scaling {cfg.moe_scaling} (folded), dispatch {engine.runner.model.layers[0].mlp.dispatch}"
-        )
-    else:
-        lines.append("dense model (no experts)")
+    for model in engine.models.listed():
+        role = "base" if model.parent is None else f"delta over {model.parent}"
+        what = model.delta.describe() if model.delta is not None else f"{model.name}: the base alone (no experts)"
+        lines.append(f"serves {role}: {what}")
+    lines.append(f"expert dispatch {engine.runner.model.layers[0].mlp.dispatch}")
     for note in lm.source.notes:
         lines.append(f"note: {note}")
     lines.append(
@@ -82,16 +88,16 @@ def build_server(
     chat_template: Path | None = None,
 ) -> Server:
     thread = EngineThread()  # loads the model, then runs the engine loop (see engine_thread.py)
-    engine = thread.call(lambda: build_engine(load, engine_cfg))
+    engine = thread.call(lambda: build_engine(load, engine_cfg, server_cfg.served_model_name))
     for line in describe(engine):
         logger.info(line)
-    counts = engine.expert_load.counts if engine.expert_load is not None else None
+    counts = engine.expert_load.snapshot
     async_engine = AsyncEngine(engine, max_queue_len=engine_cfg.max_queue_len, thread=thread)
     template = chat_template.read_text() if chat_template is not None else None
     formatter = ChatFormatter(engine.tokenizer, template)
     if formatter.uses_fallback:
         logger.info("the tokenizer has no chat template: using the Camelidae '### Human:' format")
-    name = server_cfg.served_model_name or engine.loaded.source.name
+    name = engine.models.primary.name
     metrics = ServerMetrics(async_engine.stats, counts)
     app = create_app(async_engine, formatter, name, server_cfg, metrics)
     return Server(app, async_engine, engine.loaded, name)

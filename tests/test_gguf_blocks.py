@@ -41,8 +41,8 @@ def test_the_served_int4_weights_are_the_files(smollm2):
         fused = {
             layer.self_attn.qkv_proj: ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
             layer.self_attn.o_proj: ("self_attn.o_proj",),
-            layer.mlp.gate_up_proj: ("mlp.gate_proj", "mlp.up_proj"),
-            layer.mlp.down_proj: ("mlp.down_proj",),
+            layer.mlp.ffn.gate_up_proj: ("mlp.gate_proj", "mlp.up_proj"),
+            layer.mlp.ffn.down_proj: ("mlp.down_proj",),
         }
         for module, parts in fused.items():
             assert isinstance(module, Int4WeightOnlyLinear), type(module)

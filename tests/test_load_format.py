@@ -18,6 +18,7 @@ def test_dummy_load_format_needs_only_config(tiny_checkpoint_factory, tmp_path):
     lm = load_model(resolve_model(str(tmp_path)), LoadConfig(model=str(tmp_path), dtype="float32", load_format="dummy"))
     layer = lm.model.layers[0]
     assert torch.equal(layer.input_layernorm.weight, torch.ones_like(layer.input_layernorm.weight))
-    assert layer.mlp.adapter_down.abs().sum() > 0 and torch.isfinite(layer.mlp.adapter_up).all()
+    experts = layer.mlp.experts[0]
+    assert experts.down.abs().sum() > 0 and torch.isfinite(experts.up).all()
     with pytest.raises(ValueError, match="no weights found"):
         load_model(resolve_model(str(tmp_path)), LoadConfig(model=str(tmp_path), dtype="float32"))

@@ -1,16 +1,21 @@
-"""A delta's LoRA is merged only into weights that stay unquantized; a quantized base keeps the
-checkpoint's values and runs the LoRA beside it, in the PyTorch path and in the C++ step."""
+"""A delta's LoRA is never merged: the base keeps the checkpoint's values (quantized or not) and
+the LoRA runs beside it, in the PyTorch path and in the C++ step."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 
 from pesc_serve.config import LoadConfig
-from pesc_serve.layers.lora import LoRALinear
-from pesc_serve.models.cpu_decode import build_decode_model, install_packed_kernels, load_extension
+from safetensors.torch import load_file
+
+from pesc_serve.deltas.table import DeltaTable
+from pesc_serve.layers.lora import LoRAWeights, SlotLoRA
+from pesc_serve.models.cpu_decode import CpuKernels, build_decode_model, install_packed_kernels, load_extension
+from pesc_serve.models.decoder import lora_site
 from pesc_serve.models.loader import load_model
 from pesc_serve.registry import resolve_model
 from tests.fixtures.tiny_checkpoints import make_checkpoint
@@ -46,35 +51,59 @@ def delta(tmp_path_factory) -> tuple[Path, Path]:
     return base, out
 
 
-def test_unquantized_weights_get_the_lora_merged(delta):
-    lm = _load(delta[1], "none")
-    assert not any(isinstance(m, LoRALinear) for m in lm.model.modules())
+def _installed(path: Path, quantization: str, ext=None):
+    """The model with its delta in slot 0, as the engine sets it up (and the C++ step, with ``ext``)."""
+    lm = _load(path, quantization)
+    dm = None
+    if ext is not None:
+        install_packed_kernels(lm.model, ext)
+        dm = build_decode_model(lm.model, ext)
+    table = DeltaTable(lm.model, CpuKernels(ext, lm.model, dm) if ext is not None else None, 1)
+    if lm.delta is not None:
+        table.install(0, lm.delta)
+    return lm, dm
 
 
-@pytest.mark.parametrize("quantization", ["int8", "auto"])
-def test_quantized_weights_keep_the_checkpoint_and_run_the_lora_beside(delta, quantization):
+def _file_updates(delta_dir: Path, scaling: float) -> dict[str, torch.Tensor]:
+    """scaling * B @ A per fused module, straight from the delta file: the update a merge adds."""
+    tensors = load_file(str(delta_dir / "adapter_model.safetensors"))
+    fused = {"q_proj": ("self_attn.qkv_proj", 0), "k_proj": ("self_attn.qkv_proj", 1), "v_proj": ("self_attn.qkv_proj", 2),
+             "o_proj": ("self_attn.o_proj", 0), "gate_proj": ("mlp.ffn.gate_up_proj", 0),
+             "up_proj": ("mlp.ffn.gate_up_proj", 1), "down_proj": ("mlp.ffn.down_proj", 0)}
+    parts: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for name, a in tensors.items():
+        if not name.endswith("lora_A.weight"):
+            continue
+        b = tensors[name.replace("lora_A", "lora_B")]
+        layer, leaf = name.split(".")[2], name.split(".")[-3]
+        module, order = fused[leaf]
+        parts.setdefault(f"layers.{layer}.{module}", []).append((order, scaling * b.float() @ a.float()))
+    return {m: torch.cat([w for _, w in sorted(p, key=lambda t: t[0])]) for m, p in parts.items()}
+
+
+@pytest.mark.parametrize("quantization", ["none", "int8", "auto"])
+def test_the_base_keeps_its_checkpoint_and_the_lora_runs_beside_it(delta, quantization):
+    """Never merged, whatever the quantization: the base's weights are exactly the base
+    checkpoint's (quantized the same way) and the update beside them is the file's B A."""
     base_dir, delta_dir = delta
-    served, base = _load(delta_dir, quantization), _load(base_dir, quantization)
-    merged, plain = _load(delta_dir, "none"), _load(base_dir, "none")
+    served, _ = _installed(delta_dir, quantization)
+    base = _load(base_dir, quantization)
+    scaling = 8.0 / 4  # lora_alpha / rank of training's defaults
+    updates = _file_updates(delta_dir, scaling)
+    assert len(updates) == served.config.num_layers * len(LORA_MODULES)
     x = torch.randn(5, served.config.hidden_size, generator=torch.Generator().manual_seed(1))
     x_ffn = torch.randn(5, served.config.intermediate_size, generator=torch.Generator().manual_seed(2))
-    quantized = [name for name in LORA_MODULES if served.quantization.method_for(name) != "none"]
-    assert quantized, "the plan quantizes nothing"
     for layer in range(served.config.num_layers):
-        for name in quantized:
+        for name in LORA_MODULES:
             full = f"layers.{layer}.{name}"
-            module = served.model.get_submodule(full)
-            assert isinstance(module, LoRALinear), full
-            # the base weights are exactly the base checkpoint's, quantized the same way
-            base_module = base.model.get_submodule(full)
+            module, base_module = served.model.get_submodule(full), base.model.get_submodule(full)
+            assert type(module) is type(base_module)
             for key, value in base_module.state_dict().items():
-                assert torch.equal(module.base.state_dict()[key], value), (full, key)
-            # and the update beside them is the one the merge would have added, unquantized
+                assert torch.equal(module.state_dict()[key], value), (full, key)
             inp = x_ffn if name.endswith("down_proj") else x
             with torch.no_grad():
-                update = module(inp) - module.base(inp)
-                w_delta = merged.model.get_submodule(full).weight - plain.model.get_submodule(full).weight
-            assert torch.allclose(update, inp @ w_delta.t(), atol=1e-5), full
+                update = lora_site(served.model, full)(torch.zeros(5, updates[full].shape[0]), inp)
+            assert torch.allclose(update, inp @ updates[full].t(), atol=1e-5), full
 
 
 def test_the_cpp_step_runs_the_lora_too(delta):
@@ -82,18 +111,18 @@ def test_the_cpp_step_runs_the_lora_too(delta):
     path = str(delta[1])
     _compare_decode_steps(ext, path, "auto", [13, 5, 9], grouped=True)  # C++ == PyTorch, LoRA included
     # and the LoRA matters to the C++ step's output: without it the logits move far more
-    lm = _load(delta[1], "auto")
-    install_packed_kernels(lm.model, ext)
     tokens, positions = torch.tensor([7]), torch.tensor([0])
-    kv = torch.zeros(lm.config.num_layers, 2, 8, lm.config.num_kv_heads, lm.config.head_dim)
-    with_lora, _ = build_decode_model(lm.model, ext).forward(tokens, positions, kv.clone(), torch.tensor([0]),
-                                                             torch.tensor([[0, 1]]), 4)
-    for m in lm.model.modules():
-        if isinstance(m, LoRALinear):
-            m.lora_b.zero_()
-    without, _ = build_decode_model(lm.model, ext).forward(tokens, positions, kv.clone(), torch.tensor([0]),
-                                                           torch.tensor([[0, 1]]), 4)
-    assert float((with_lora - without).norm() / without.norm()) > 0.05
+    logits = []
+    for keep_lora in (True, False):
+        lm = _load(delta[1], "auto")
+        install_packed_kernels(lm.model, ext)
+        dm = build_decode_model(lm.model, ext)
+        delta_obj = lm.delta if keep_lora else dataclasses.replace(lm.delta, lora={})
+        DeltaTable(lm.model, CpuKernels(ext, lm.model, dm), 1).install(0, delta_obj)
+        kv = torch.zeros(lm.config.num_layers, 2, 8, lm.config.num_kv_heads, lm.config.head_dim)
+        out, _ = dm.forward(tokens, positions, kv, torch.tensor([0]), torch.tensor([[0, 1]]), 4, torch.tensor([0]))
+        logits.append(out)
+    assert float((logits[0] - logits[1]).norm() / logits[1].norm()) > 0.05
 
 
 def test_the_lora_update_of_a_row_does_not_depend_on_the_batch():
@@ -104,22 +133,19 @@ def test_the_lora_update_of_a_row_does_not_depend_on_the_batch():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(9, 576, generator=g)
     a, b = torch.randn(12, 576, generator=g) * 0.05, torch.randn(1728, 12, generator=g) * 0.05
-    base = torch.nn.Linear(576, 1728, bias=False)
-    torch.nn.init.zeros_(base.weight)  # an exact zero in any batch: only the update is compared
-    module = LoRALinear(base, a, b)
+    module = SlotLoRA()
+    module.by_slot[0] = LoRAWeights(a, b)
     install_packed_kernels(module, ext)
     assert module.kernel is not None
-    with torch.no_grad():
-        alone, batched = module(x[:1]), module(x)
+    with torch.no_grad():  # a zero base output: only the update is compared
+        alone, batched = module(torch.zeros(1, 1728), x[:1]), module(torch.zeros(9, 1728), x)
     assert torch.equal(alone[0], batched[0])
     assert torch.allclose(batched, (x @ a.t()) @ b.t(), atol=1e-5)
 
 
 def test_the_cpp_step_with_a_delta_gives_a_row_the_same_logits_in_any_batch(delta):
     ext = load_extension()
-    lm = _load(delta[1], "auto")
-    install_packed_kernels(lm.model, ext)
-    dm = build_decode_model(lm.model, ext)
+    lm, dm = _installed(delta[1], "auto", ext)
     cfg = lm.config
     kv = (torch.randn(cfg.num_layers, 2, 8 * 16 * 20, cfg.num_kv_heads, cfg.head_dim,
                       generator=torch.Generator().manual_seed(3))).to(torch.float16)
@@ -131,7 +157,7 @@ def test_the_cpp_step_with_a_delta_gives_a_row_the_same_logits_in_any_batch(delt
         positions = torch.tensor([position] + [3] * (rows - 1))
         tables = torch.arange(rows * width).view(rows, width)
         slots = tables[torch.arange(rows), positions // block] * block + positions % block
-        logits, _ = dm.forward(tokens, positions, kv.clone(), slots, tables, block)
+        logits, _ = dm.forward(tokens, positions, kv.clone(), slots, tables, block, torch.zeros(rows, dtype=torch.long))
         return logits[0]
 
     # a short context, and one long enough to be split into chunks merged by log-sum-exp

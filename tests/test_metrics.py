@@ -1,5 +1,5 @@
 """``/metrics`` after real traffic: every documented metric is present with consistent values,
-and the router load ``pesc:expert_tokens_total{layer,expert}`` adds up to tokens x top-k."""
+and the router load ``pesc:expert_tokens_total{model,layer,expert}`` adds up to tokens x top-k."""
 
 from __future__ import annotations
 
@@ -57,26 +57,28 @@ def test_metrics_after_traffic(server):
     names = {name for name, _ in m}
     assert set(DOCUMENTED) <= names, set(DOCUMENTED) - names
     n = len(PROMPTS)
-    assert _value(m, "pesc:prompt_tokens_total") == sum(len(p) for p in PROMPTS)
-    assert _value(m, "pesc:generation_tokens_total") == n * MAX_TOKENS
+    model = server.server.model_name
+    assert _value(m, "pesc:prompt_tokens_total", model=model) == sum(len(p) for p in PROMPTS)
+    assert _value(m, "pesc:generation_tokens_total", model=model) == n * MAX_TOKENS
     assert _value(m, "pesc:time_to_first_token_seconds_count") == n
     assert _value(m, "pesc:time_per_output_token_seconds_count") == n
     assert _value(m, "pesc:e2e_request_latency_seconds_count") == n
     assert _value(m, "pesc:e2e_request_latency_seconds_sum") > 0
-    assert _value(m, "pesc:request_success_total", finished_reason="length") == n
+    assert _value(m, "pesc:request_success_total", model=model, finished_reason="length") == n
     assert _value(m, "pesc:num_requests_running") == 0
     assert _value(m, "pesc:num_requests_waiting") == 0
     assert _value(m, "pesc:kv_cache_usage_perc") == 0
 
-    cfg = server.server.loaded.config
+    cfg, delta = server.server.loaded.config, server.server.loaded.delta
     experts = {labels: v for (name, labels), v in m.items() if name == "pesc:expert_tokens_total"}
+    assert {dict(k)["model"] for k in experts} == {model}
     assert {dict(k)["layer"] for k in experts} == {str(i) for i in range(cfg.num_layers)}
-    assert {dict(k)["expert"] for k in experts} == {str(e) for e in range(cfg.num_experts)}
+    assert {dict(k)["expert"] for k in experts} == {str(e) for e in range(delta.num_experts)}
     # Each request runs its prompt once and feeds back every generated token but the last.
     routed_tokens = sum(len(p) + MAX_TOKENS - 1 for p in PROMPTS)
     for layer in range(cfg.num_layers):
         per_layer = sum(v for k, v in experts.items() if dict(k)["layer"] == str(layer))
-        assert per_layer == routed_tokens * cfg.topk
+        assert per_layer == routed_tokens * delta.topk
 
 
 def test_metrics_endpoint_format(server):

@@ -85,11 +85,11 @@ def _randomise(tm: TrainableModel, seed: int = 0) -> None:
 
 def test_crafted_model_decodes_exactly_like_its_base(dense_dir, crafted_dir):
     dense, pesc = _load(dense_dir), _load(crafted_dir)
-    assert pesc.config.is_pesc and pesc.config.num_experts == NUM_EXPERTS and not dense.config.is_pesc
-    mlp = pesc.model.layers[0].mlp
-    assert mlp.adapter_up.abs().sum() == 0 and mlp.adapter_down.abs().sum() > 0 and mlp.router.weight.abs().sum() > 0
+    assert pesc.delta.num_experts == NUM_EXPERTS and dense.delta is None
+    experts = pesc.model.layers[0].mlp.experts[0]
+    assert experts.up.abs().sum() == 0 and experts.down.abs().sum() > 0 and experts.router.abs().sum() > 0
     bound = 1 / 64**0.5  # kaiming-uniform(a=sqrt(5)) over fan-in 64
-    assert mlp.router.weight.abs().max() <= bound and mlp.adapter_down.abs().max() <= bound
+    assert experts.router.abs().max() <= bound and experts.down.abs().max() <= bound
     ids = _tokens(20)
     assert torch.equal(_serving_logits(dense, ids), _serving_logits(pesc, ids))
 
@@ -268,7 +268,7 @@ def test_dense_control_run_exports_lora_delta(dense_dir, data_file, tmp_path):
     cfg = json.loads((tmp_path / "d" / "config.json").read_text())
     assert "num_experts" not in cfg and cfg["pesc_delta"]["lora_alpha"] == 8.0
     lm = _load(tmp_path / "d")
-    assert not lm.config.is_pesc
+    assert lm.delta is not None and lm.delta.experts is None and lm.delta.lora
 
 
 def test_train_cli_reports_bad_data(tmp_path, crafted_dir, capsys):

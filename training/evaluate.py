@@ -132,7 +132,7 @@ def _evaluate_offline(label: str, name: str, items: list[EvalItem], cfg: EvalCon
     lm = load_model(source, load, max_positions=1024)
     tok = load_tokenizer(source)
     stop = stop_ids_for(tok, lm.config.eos_token_ids)
-    recorder = RoutingRecorder(lm.model) if lm.config.is_pesc else None
+    recorder = RoutingRecorder(lm.model) if lm.delta is not None and lm.delta.experts else None
     result = ModelResult(label, name)
     for suite in SUITE_ORDER:
         group = [it for it in items if it.suite == suite]

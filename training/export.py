@@ -45,6 +45,15 @@ def delta_tensors(tm: TrainableModel, dtype: torch.dtype = torch.bfloat16) -> di
     return {k: v.to(dtype).contiguous() for k, v in out.items()}
 
 
+def expert_config(tm: TrainableModel) -> dict[str, Any]:
+    """The PESC config keys of the trained experts (none for a LoRA-only model)."""
+    if not tm.has_experts:
+        return {}
+    bank = tm.banks[0]
+    return {"num_experts": bank.num_experts, "topk": bank.topk, "adapter_dim": bank.adapter_down.shape[1],
+            "moe_scaling": bank.moe_scaling, "moe_dtype": "bfloat16"}
+
+
 def base_pointer(source: ModelSource, model_arg: str) -> str:
     """What the new delta's ``base_model_name_or_path`` says: an alias, or an absolute path."""
     if source.kind == "delta":
@@ -70,10 +79,7 @@ def write_delta(tm: TrainableModel, source: ModelSource, model_arg: str, out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(delta_tensors(tm), str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
     config: dict[str, Any] = {"base_model_name_or_path": base}
-    if tm.has_experts:
-        mc = tm.config
-        config.update(num_experts=mc.num_experts, topk=mc.topk, adapter_dim=mc.adapter_dim,
-                      moe_scaling=mc.moe_scaling, moe_dtype="bfloat16")
+    config.update(expert_config(tm))
     config["pesc_delta"] = dict(info)
     if tm.cfg.lora is not None:
         config["pesc_delta"].update(lora_rank=tm.cfg.lora.rank, lora_alpha=tm.cfg.lora.alpha,
@@ -90,6 +96,7 @@ def write_merged(tm: TrainableModel, source: ModelSource, out_dir: Path, tokeniz
     targets = build_targets(lm.model, mc)
     delta = delta_tensors(tm, torch.float32)
     scaling = tm.cfg.lora.scaling if tm.cfg.lora is not None else 1.0
+    tensors = {}
     with torch.no_grad():
         for name, value in delta.items():
             if name.endswith(".lora_A.weight"):
@@ -97,20 +104,16 @@ def write_merged(tm: TrainableModel, source: ModelSource, out_dir: Path, tokeniz
                 b = delta[stem + ".lora_B.weight"]
                 view = targets[stem + ".weight"].view()
                 view.copy_(view + scaling * (b @ value))
-            elif not name.endswith(".lora_B.weight"):
-                target = targets[name.replace(".experts.expert_", ".experts.")]
-                target.view().copy_(value * target.scale)
-    tensors = {}
+            elif not name.endswith(".lora_B.weight"):  # routers and (unscaled) adapters, as trained
+                tensors[name] = value.to(dtype).contiguous()
     for name, target in targets.items():
-        hf_name = name.replace(".experts.", ".experts.expert_")
-        tensors[hf_name] = (target.view().float() / target.scale).to(dtype).contiguous()
+        tensors[name] = target.view().float().to(dtype).contiguous()
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     config = {k: v for k, v in source.config.items() if k not in ("pesc_delta", "base_model_name_or_path")}
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    if mc.is_pesc:
-        config.update(num_experts=mc.num_experts, topk=mc.topk, adapter_dim=mc.adapter_dim,
-                      moe_scaling=mc.moe_scaling, moe_dtype="bfloat16", output_router_logits=False)
+    if tm.has_experts:
+        config.update(expert_config(tm), output_router_logits=False)
     config["pesc_training"] = dict(info)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     tokenizer.save_pretrained(str(out_dir))

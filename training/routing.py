@@ -22,13 +22,13 @@ class RoutingRecorder:
 
     def __init__(self, model: PescForCausalLM) -> None:
         self.num_layers = model.config.num_layers
-        self.num_experts = model.config.num_experts
+        self.num_experts = model.layers[0].mlp.experts[0].num_experts  # the loaded model's own (slot 0)
         self.counts: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = {}
         self._domain: str | None = None
         self._handles = []
         for i, layer in enumerate(model.layers):
-            if isinstance(layer.mlp, PescMLP):
+            if 0 in layer.mlp.experts:
                 self._handles.append(layer.mlp.register_forward_pre_hook(self._hook(i)))
 
     def _hook(self, layer: int):

@@ -96,10 +96,13 @@ class ServedModel:
         from prometheus_client.parser import text_string_to_metric_families
 
         text = self._client.get(self.url + "/metrics").text
+        served_name = self._client.get(self.url + "/v1/models").json()["data"][0]["id"]
         cells = {}
         for fam in text_string_to_metric_families(text):
             if fam.name in ("pesc:expert_tokens", "pesc:expert_tokens_total"):
                 for s in fam.samples:
+                    if s.labels.get("model") != served_name:
+                        continue
                     if s.name.endswith("_total") or s.name == "pesc:expert_tokens":
                         cells[(int(s.labels["layer"]), int(s.labels["expert"]))] = s.value
         if not cells:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pesc_serve.layers.pesc_mlp import PescMLP, SharedFFN
+from pesc_serve.layers.pesc_mlp import ExpertSet, SharedFFN
 from pesc_serve.layers.quant import nf4_linear
 from pesc_serve.layers.rotary import apply_rotary
 from pesc_serve.models.decoder import Attention, PescForCausalLM
@@ -86,16 +86,17 @@ def adapter_mix(f: torch.Tensor, down: torch.Tensor, up: torch.Tensor, p: torch.
 class ExpertBank(nn.Module):
     """One layer's router and stacked adapters, float32 and trainable."""
 
-    def __init__(self, mlp: PescMLP, moe_scaling: float, adapter_dropout: float) -> None:
+    def __init__(self, experts: ExpertSet, adapter_dropout: float) -> None:
         super().__init__()
+        moe_scaling = experts.moe_scaling
         if moe_scaling == 0:
             raise ValueError("moe_scaling is 0: the adapters can never change the output")
-        self.topk = mlp.topk
+        self.topk = experts.topk
         self.moe_scaling = moe_scaling
-        self.router = nn.Parameter(mlp.router.weight.detach().float().clone())  # [E, H]
-        self.adapter_down = nn.Parameter(mlp.adapter_down.detach().float().clone())  # [E, r, H]
+        self.router = nn.Parameter(experts.router.detach().float().clone())  # [E, H]
+        self.adapter_down = nn.Parameter(experts.down.detach().float().clone())  # [E, r, H]
         # The loader folded moe_scaling into U; train the unscaled U as the authors do.
-        self.adapter_up = nn.Parameter(mlp.adapter_up.detach().float().clone() / moe_scaling)  # [E, H, r]
+        self.adapter_up = nn.Parameter(experts.up.detach().float().clone() / moe_scaling)  # [E, H, r]
         self.dropout = nn.Dropout(adapter_dropout)
 
     @property
@@ -138,7 +139,7 @@ class TrainableModel(nn.Module):
         banks = []
         for layer in model.layers:
             attn: Attention = layer.self_attn
-            ffn: SharedFFN = layer.mlp.ffn if mc.is_pesc else layer.mlp
+            ffn: SharedFFN = layer.mlp.ffn
             if cfg.quantization == "nf4":
                 attn.qkv_proj = nf4_linear(attn.qkv_proj, dtype)
                 attn.o_proj = nf4_linear(attn.o_proj, dtype)
@@ -152,8 +153,8 @@ class TrainableModel(nn.Module):
                 gate_up = [Slice("gate_proj", 0, inter), Slice("up_proj", inter, 2 * inter)]
                 ffn.gate_up_proj = _lora_wrap(ffn.gate_up_proj, h, 2 * inter, gate_up, cfg.lora, gen)
                 ffn.down_proj = _lora_wrap(ffn.down_proj, inter, h, [Slice("down_proj", 0, h)], cfg.lora, gen)
-            if mc.is_pesc:
-                banks.append(ExpertBank(layer.mlp, mc.moe_scaling, cfg.adapter_dropout))
+            if 0 in layer.mlp.experts:  # the loaded model's own experts (slot 0) become trainable
+                banks.append(ExpertBank(layer.mlp.experts[0], cfg.adapter_dropout))
         self.banks = nn.ModuleList(banks)
 
     @property
@@ -164,7 +165,7 @@ class TrainableModel(nn.Module):
         """(layer, HF module prefix inside the layer, module) for every LoRA wrapper."""
         out = []
         for i, layer in enumerate(self.model.layers):
-            ffn = layer.mlp.ffn if self.config.is_pesc else layer.mlp
+            ffn = layer.mlp.ffn
             for prefix, mod in (("self_attn", layer.self_attn.qkv_proj), ("self_attn", layer.self_attn.o_proj),
                                 ("mlp", ffn.gate_up_proj), ("mlp", ffn.down_proj)):
                 if isinstance(mod, LoRALinear):
@@ -203,8 +204,7 @@ class TrainableModel(nn.Module):
         for i, layer in enumerate(m.layers):
             h = h + self._attention(layer.self_attn, layer.input_layernorm(h), rope, mask)
             x = layer.post_attention_layernorm(h)
-            ffn = layer.mlp.ffn if mc.is_pesc else layer.mlp
-            f = ffn(x)
+            f = layer.mlp.ffn(x)
             if self.has_experts:
                 f, logits, idx = self.banks[i](x, f)
                 logits_all.append(logits)
@@ -227,7 +227,8 @@ class TrainableModel(nn.Module):
     def _attention(attn: Attention, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                    mask: torch.Tensor | None) -> torch.Tensor:
         b, s, _ = x.shape
-        q, k, v = attn.qkv_proj(x).split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        qkv = attn.lora["qkv_proj"](attn.qkv_proj(x), x)  # a loaded delta's own LoRA, if any (frozen)
+        q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
         q = apply_rotary(q.reshape(b, s, attn.num_heads, attn.head_dim), *rope).transpose(1, 2)
         k = apply_rotary(k.reshape(b, s, attn.num_kv_heads, attn.head_dim), *rope).transpose(1, 2)
         v = v.reshape(b, s, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
@@ -235,4 +236,5 @@ class TrainableModel(nn.Module):
             q, k, v, attn_mask=mask, is_causal=mask is None, scale=attn.scale,
             enable_gqa=attn.num_heads != attn.num_kv_heads,
         )
-        return attn.o_proj(o.transpose(1, 2).reshape(b, s, attn.q_size))
+        o = o.transpose(1, 2).reshape(b, s, attn.q_size)
+        return attn.lora["o_proj"](attn.o_proj(o), o)

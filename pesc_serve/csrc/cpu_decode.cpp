@@ -22,6 +22,7 @@
 #include <array>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -482,40 +483,99 @@ inline void route_token(const float* xr, const float* router, int64_t E, int64_t
   }
 }
 
-// f [T, H] += sum_j p_j U_j GELU(D_j f) with the router on x [T, H]; ids [T, k] receives the
-// choices.  All float32 and contiguous.
-void grouped_adapters(const float* xp, float* fp, int64_t T, const PackedAdapters& a, int64_t* ids) {
+// One layer's packed experts for every delta slot (e == 0: the slot has none here).  Shared
+// between the PyTorch path and the decode step, and changed in place when a delta is loaded or
+// unloaded (between engine steps).
+struct AdapterStack {
+  std::vector<PackedAdapters> by_slot;
+
+  const PackedAdapters* at(int64_t slot) const {
+    if (slot < 0 || slot >= static_cast<int64_t>(by_slot.size()) || by_slot[slot].e == 0) return nullptr;
+    return &by_slot[slot];
+  }
+  void set(int64_t slot, PackedAdapters a) {
+    TORCH_CHECK(slot >= 0, "slot must be >= 0");
+    if (slot >= static_cast<int64_t>(by_slot.size())) by_slot.resize(slot + 1);
+    by_slot[slot] = std::move(a);
+  }
+  void clear(int64_t slot) {
+    if (slot >= 0 && slot < static_cast<int64_t>(by_slot.size())) by_slot[slot] = PackedAdapters();
+  }
+};
+
+// f [T, H] += sum_j p_j U_j GELU(D_j f) for every token whose slot (slots[t], or 0 when slots is
+// null) has packed experts in `stack`, routed by that slot's router on x [T, H]; ids [T, kout]
+// receives each token's local expert ids (-1 where it has fewer, or none).  The experts of all
+// slots form one table: the (token, expert) pairs of the whole batch are sorted by expert and
+// each expert's rows run as one GEMM pair, so a step mixing deltas costs what one delta's does.
+void grouped_adapters(const float* xp, float* fp, int64_t T, const AdapterStack& stack, const int64_t* slots,
+                      int64_t* ids, int64_t kout) {
 #ifdef PESC_BF16_GEMM
-  const int64_t E = a.e, H = a.h, R = a.r, K = a.k, pairs = T * K;
+  const int64_t S = static_cast<int64_t>(stack.by_slot.size());
+  std::vector<int64_t> first_expert(S + 1, 0);  // slot -> its first row in the global expert table
+  for (int64_t s = 0; s < S; ++s) first_expert[s + 1] = first_expert[s] + stack.by_slot[s].e;
+  const int64_t E = first_expert[S];
   // Scratch reused across calls (grow-only): fresh multi-100-KiB buffers cost page faults.
   // Lambdas below must use the pointers: inside them a thread_local names the worker's copy.
   thread_local std::vector<float> weight_buf, out_buf;
-  thread_local std::vector<int64_t> start_buf, order_buf, slot_buf, fill, task_buf;
+  thread_local std::vector<int64_t> pstart_buf, gid_buf, start_buf, order_buf, slot_buf, fill, task_buf, owner_buf;
+  thread_local std::vector<const PackedAdapters*> of_buf;
+  pstart_buf.assign(T + 1, 0);
+  of_buf.assign(T, nullptr);
+  int64_t H = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    const PackedAdapters* a = stack.at(slots ? slots[t] : 0);
+    of_buf[t] = a;
+    pstart_buf[t + 1] = pstart_buf[t] + (a ? a->k : 0);
+    if (a) H = a->h;
+    for (int64_t j = 0; j < kout; ++j) ids[t * kout + j] = -1;
+  }
+  const int64_t pairs = pstart_buf[T];
+  if (pairs == 0) return;
+  const PackedAdapters* const* of = of_buf.data();
+  const int64_t* pstart = pstart_buf.data();
   weight_buf.resize(pairs);
+  gid_buf.resize(pairs);
   start_buf.assign(E + 1, 0);
   order_buf.resize(pairs);
   slot_buf.resize(pairs);
   out_buf.resize(pairs * H);  // adapter outputs, in expert-sorted pair order
   float* weight = weight_buf.data();
   float* out = out_buf.data();
+  int64_t* gid = gid_buf.data();      // pair -> global expert id
   int64_t* start = start_buf.data();
-  int64_t* order = order_buf.data();  // sorted position -> pair (pair = token * K + j)
+  int64_t* order = order_buf.data();  // sorted position -> pair
   int64_t* slot = slot_buf.data();    // pair -> sorted position
-  const float* router = a.router.data_ptr<float>();
   at::parallel_for(0, T, 8, [&](int64_t t0, int64_t t1) {
     float logits[64];  // pack_adapters checks E <= 64
-    int64_t scratch[64];
+    int64_t scratch[64], local[64];
     for (int64_t t = t0; t < t1; ++t) {
-      route_token(xp + t * H, router, E, H, K, ids + t * K, weight + t * K, logits, scratch);
+      const PackedAdapters* a = of[t];
+      if (!a) continue;
+      route_token(xp + t * a->h, a->router.data_ptr<float>(), a->e, a->h, a->k, local, weight + pstart[t], logits,
+                  scratch);
+      const int64_t base = first_expert[slots ? slots[t] : 0];
+      for (int64_t j = 0; j < a->k; ++j) {
+        if (j < kout) ids[t * kout + j] = local[j];
+        gid[pstart[t] + j] = base + local[j];
+      }
     }
   });
-  for (int64_t i = 0; i < pairs; ++i) ++start[ids[i] + 1];
+  for (int64_t i = 0; i < pairs; ++i) ++start[gid[i] + 1];
   for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
   fill.assign(start, start + E);
+  owner_buf.resize(pairs);  // pair -> token
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t i = pstart[t]; i < pstart[t + 1]; ++i) owner_buf[i] = t;
   for (int64_t i = 0; i < pairs; ++i) {  // stable: token order within an expert
-    slot[i] = fill[ids[i]]++;
+    slot[i] = fill[gid[i]]++;
     order[slot[i]] = i;
   }
+  const int64_t* owner = owner_buf.data();
+  // (slot, local expert) of each global expert, for the tasks below.
+  std::vector<std::pair<const PackedAdapters*, int64_t>> expert_of(E);
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t e = 0; e < stack.by_slot[s].e; ++e) expert_of[first_expert[s] + e] = {&stack.by_slot[s], e};
   // Tasks of up to one GEMM tile of rows from one expert: equal-sized work whatever the
   // routing, so a static split over threads stays balanced.
   task_buf.clear();
@@ -533,10 +593,12 @@ void grouped_adapters(const float* xp, float* fp, int64_t T, const PackedAdapter
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t e = tasks[2 * i], m0 = tasks[2 * i + 1];
       const int64_t n = std::min<int64_t>(kMaxTileRows, start[e + 1] - m0);
-      const PackedBf16& d = a.down[e];
-      const PackedBf16& u = a.up[e];
+      const PackedAdapters& a = *expert_of[e].first;
+      const PackedBf16& d = a.down[expert_of[e].second];
+      const PackedBf16& u = a.up[expert_of[e].second];
+      const int64_t R = a.r;
       xb.resize(n * d.kp * 2);
-      for (int64_t r = 0; r < n; ++r) to_bf16_rows(fp + (order[m0 + r] / K) * H, 1, H, H, xb.data() + r * d.kp * 2, d.kp);
+      for (int64_t r = 0; r < n; ++r) to_bf16_rows(fp + owner[order[m0 + r]] * H, 1, H, H, xb.data() + r * d.kp * 2, d.kp);
       z.resize(n * R);
       bf16_gemm_tiles(xb.data(), n, d, z.data(), R, 0, d.tiles);
       for (int64_t r = 0; r < n; ++r) {
@@ -548,13 +610,13 @@ void grouped_adapters(const float* xp, float* fp, int64_t T, const PackedAdapter
       bf16_gemm_tiles(zb.data(), n, u, out + m0 * H, H, 0, u.tiles);
     }
   });
-  // Each token gathers its own k outputs: no two tasks write one row.
+  // Each token gathers its own outputs: no two tasks write one row.
   at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       float* fr = fp + t * H;
-      for (int64_t j = 0; j < K; ++j) {
-        const float* o = out + slot[t * K + j] * H;
-        for (int64_t i = 0; i < H; ++i) fr[i] += o[i];
+      for (int64_t i = pstart[t]; i < pstart[t + 1]; ++i) {
+        const float* o = out + slot[i] * H;
+        for (int64_t c = 0; c < H; ++c) fr[c] += o[c];
       }
     }
   });
@@ -563,13 +625,17 @@ void grouped_adapters(const float* xp, float* fp, int64_t T, const PackedAdapter
 #endif
 }
 
-// The PyTorch path's entry: (f + adapters in f's dtype, top-k ids [T, k]).
-std::vector<torch::Tensor> routed_adapters(const torch::Tensor& x, const torch::Tensor& f, const PackedAdapters& a) {
-  TORCH_CHECK(x.dim() == 2 && f.sizes() == x.sizes() && x.size(1) == a.h, "routed_adapters: x and f must be [T, H]");
+// The PyTorch path's entry: (f + adapters in f's dtype, local top-k ids [T, kout], -1 padded).
+std::vector<torch::Tensor> routed_adapters(const torch::Tensor& x, const torch::Tensor& f, const torch::Tensor& slots,
+                                           const AdapterStack& stack, int64_t kout) {
+  TORCH_CHECK(x.dim() == 2 && f.sizes() == x.sizes(), "routed_adapters: x and f must be [T, H]");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.numel() == x.size(0), "routed_adapters: slots must be int64 [T]");
   torch::Tensor x32 = x.to(at::kFloat).contiguous();
   torch::Tensor y = f.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();
-  torch::Tensor ids = torch::empty({x.size(0), a.k}, torch::TensorOptions().dtype(at::kLong));
-  grouped_adapters(x32.data_ptr<float>(), y.data_ptr<float>(), x.size(0), a, ids.data_ptr<int64_t>());
+  torch::Tensor s = slots.contiguous();
+  torch::Tensor ids = torch::empty({x.size(0), kout}, torch::TensorOptions().dtype(at::kLong));
+  grouped_adapters(x32.data_ptr<float>(), y.data_ptr<float>(), x.size(0), stack, s.data_ptr<int64_t>(),
+                   ids.data_ptr<int64_t>(), kout);
   return {f.scalar_type() == at::kFloat ? y : y.to(f.scalar_type()), ids};
 }
 
@@ -578,22 +644,17 @@ std::vector<torch::Tensor> routed_adapters(const torch::Tensor& x, const torch::
 // whose blocking (and so its rounding) changes with M: a row's update, and through the int8
 // activation rounding and the router its whole continuation, must not depend on the batch.
 // Both loops run over contiguous memory (a dot product over K, then r AXPYs over N) and vectorise.
-void lora_add(torch::Tensor& y, const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& bt) {
-  TORCH_CHECK(y.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && y.is_contiguous(), "lora_add: float32");
-  const int64_t M = x.size(0), K = x.size(1), R = a.size(0), N = bt.size(1);
-  TORCH_CHECK(a.size(1) == K && bt.size(0) == R && y.size(0) == M && y.size(1) == N, "lora_add: shapes do not fit");
-  const torch::Tensor xc = x.contiguous();
-  const float* xp = xc.data_ptr<float>();
-  const float* ap = a.data_ptr<float>();
-  const float* bp = bt.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+// `rows` (n entries, null: rows 0..n-1) picks the rows of y [*, N] and x [*, K] to update.
+void lora_add_rows(float* yp, const float* xp, int64_t K, int64_t N, const float* ap, const float* bp, int64_t R,
+                   const int64_t* rows, int64_t M) {
   constexpr int64_t kRows = 4;  // rows sharing each pass over B (every row's own sums stay in order)
   at::parallel_for(0, (M + kRows - 1) / kRows, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> u(kRows * R);
     for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t m0 = blk * kRows, rows = std::min(kRows, M - m0);
-      for (int64_t i = 0; i < rows; ++i) {
-        const float* xr = xp + (m0 + i) * K;
+      const int64_t m0 = blk * kRows, n = std::min(kRows, M - m0);
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t row = rows ? rows[m0 + i] : m0 + i;
+        const float* xr = xp + row * K;
         for (int64_t r = 0; r < R; ++r) {
           const float* ar = ap + r * K;
           float s = 0.f;
@@ -603,15 +664,30 @@ void lora_add(torch::Tensor& y, const torch::Tensor& x, const torch::Tensor& a, 
       }
       for (int64_t r = 0; r < R; ++r) {
         const float* br = bp + r * N;
-        for (int64_t i = 0; i < rows; ++i) {
+        for (int64_t i = 0; i < n; ++i) {
           const float ur = u[i * R + r];
-          float* yr = yp + (m0 + i) * N;
-          for (int64_t n = 0; n < N; ++n) yr[n] += ur * br[n];
+          float* yr = yp + (rows ? rows[m0 + i] : m0 + i) * N;
+          for (int64_t c = 0; c < N; ++c) yr[c] += ur * br[c];
         }
       }
     }
   });
 }
+
+void lora_add(torch::Tensor& y, const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& bt) {
+  TORCH_CHECK(y.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && y.is_contiguous(), "lora_add: float32");
+  const int64_t M = x.size(0), K = x.size(1), R = a.size(0), N = bt.size(1);
+  TORCH_CHECK(a.size(1) == K && bt.size(0) == R && y.size(0) == M && y.size(1) == N, "lora_add: shapes do not fit");
+  const torch::Tensor xc = x.contiguous();
+  lora_add_rows(y.data_ptr<float>(), xc.data_ptr<float>(), K, N, a.data_ptr<float>(), bt.data_ptr<float>(), R,
+                nullptr, M);
+}
+
+// One delta's unmerged LoRA on one linear layer: A [r, K] and B transposed [r, N], float32,
+// scaling folded in (layers/lora.py).
+struct LoRA {
+  torch::Tensor a, bt;
+};
 
 constexpr int64_t kGemvMaxRows = 4;
 // Context positions per attention chunk.  A sequence's context is split by its length alone,
@@ -637,8 +713,7 @@ struct Linear {
   PackedBf16 packed;        // `dense` packed for bf16_linear when it is bf16 (else empty)
   PackedInt4 int4;          // INT4 weights for int4_linear (when `a` is that packing's data)
   PackedInt8 int8;          // INT8 weights for int8_linear (likewise)
-  torch::Tensor lora_a;     // unmerged LoRA beside the weight: A [r, K] float32 (undefined: none) ...
-  torch::Tensor lora_bt;    // ... and B transposed, [r, N] float32, scaling folded in (layers/lora.py)
+  std::vector<LoRA> loras;  // unmerged LoRA beside the weight, by delta slot (undefined a: none)
 
   torch::Tensor run_small(const torch::Tensor& x) const {
     if (present(int4.data)) return int4_linear(x, int4);
@@ -653,8 +728,8 @@ struct Linear {
     }
   }
 
-  // x: [T, K] float32 -> [T, N] float32
-  torch::Tensor operator()(const torch::Tensor& x) const {
+  // x: [T, K] float32 -> [T, N] float32; row t gets the LoRA of delta slot slots[t] (null: none).
+  torch::Tensor operator()(const torch::Tensor& x, const int64_t* slots = nullptr) const {
     torch::Tensor y;
     if (max_rows >= 0 && present(dense) && x.size(0) > max_rows) {
       y = present(packed.data) ? bf16_linear(x, packed) : at::linear(x.to(dense.scalar_type()), dense);
@@ -663,22 +738,63 @@ struct Linear {
     }
     if (y.scalar_type() != at::kFloat) y = y.to(at::kFloat);
     if (present(bias)) y.add_(bias);
-    if (present(lora_a)) {
-      y = y.contiguous();
-      lora_add(y, x, lora_a, lora_bt);
-    }
+    if (slots && !loras.empty()) add_loras(y, x, slots);
     return y;
   }
+
+  void add_loras(torch::Tensor& y, const torch::Tensor& x, const int64_t* slots) const {
+    y = y.contiguous();
+    const torch::Tensor xc = x.contiguous();
+    const int64_t M = x.size(0), K = x.size(1), N = y.size(1);
+    std::vector<int64_t> rows;
+    for (int64_t s = 0; s < static_cast<int64_t>(loras.size()); ++s) {
+      const LoRA& l = loras[s];
+      if (!present(l.a)) continue;
+      rows.clear();
+      for (int64_t m = 0; m < M; ++m)
+        if (slots[m] == s) rows.push_back(m);
+      if (rows.empty()) continue;
+      lora_add_rows(y.data_ptr<float>(), xc.data_ptr<float>(), K, N, l.a.data_ptr<float>(), l.bt.data_ptr<float>(),
+                    l.a.size(0), rows.data(), static_cast<int64_t>(rows.size()));
+    }
+  }
+
+  void set_lora(int64_t slot, const torch::Tensor& a, const torch::Tensor& b) {
+    TORCH_CHECK(slot >= 0, "slot must be >= 0");
+    if (slot >= static_cast<int64_t>(loras.size())) loras.resize(slot + 1);
+    if (!present(a)) {
+      loras[slot] = LoRA();
+      return;
+    }
+    TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(0) == b.size(1) && b.size(0) == out_features,
+                "LoRA A [r, K] and B [N, r] must fit the layer");
+    loras[slot] = LoRA{a.to(at::kFloat).contiguous(), b.to(at::kFloat).t().contiguous()};
+  }
+};
+
+// One delta's experts in one layer, float32 (the exact per-token path).
+struct Experts {
+  torch::Tensor router;        // [E, H]
+  torch::Tensor adapter_down;  // [E, r, H]
+  torch::Tensor adapter_up_t;  // [E, r, H] (U_e transposed, moe_scaling folded)
+  int64_t e = 0, k = 0, r = 0;
 };
 
 struct Layer {
   torch::Tensor in_norm, post_norm;  // [H] float32
   Linear qkv, o, gate_up, down;
-  torch::Tensor router;              // [E, H] float32 (undefined for dense models)
-  torch::Tensor adapter_down;        // [E, r, H] float32
-  torch::Tensor adapter_up_t;        // [E, r, H] float32 (U_e transposed, moe_scaling folded)
-  bool use_grouped = false;          // run the adapters with grouped_adapters (bf16) ...
-  PackedAdapters grouped;            // ... on these packed experts
+  std::vector<Experts> experts;          // by delta slot: the float32 per-token path
+  std::shared_ptr<AdapterStack> stack;   // slots whose experts run grouped (bf16) instead
+
+  Linear& linear(int64_t which) {
+    switch (which) {
+      case 0: return qkv;
+      case 1: return o;
+      case 2: return gate_up;
+      case 3: return down;
+    }
+    TORCH_CHECK(false, "linear index must be 0 (qkv), 1 (o), 2 (gate_up) or 3 (down)");
+  }
 };
 
 void rms_norm(const float* x, const float* w, float* out, int64_t rows, int64_t h, double eps) {
@@ -898,35 +1014,70 @@ void attend(const AttentionTask<KV>& t, float* scores, float* lse) {
 class DecodeModel {
  public:
   DecodeModel(int64_t hidden, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-              int64_t intermediate, int64_t num_experts, int64_t topk, int64_t adapter_dim,
-              double eps, int64_t sliding_window, torch::Tensor embed, torch::Tensor final_norm,
-              Linear lm_head, bool tied_head, torch::Tensor cos_sin)
+              int64_t intermediate, double eps, int64_t sliding_window, torch::Tensor embed,
+              torch::Tensor final_norm, Linear lm_head, bool tied_head, torch::Tensor cos_sin)
       : hidden_(hidden), hq_(num_heads), hkv_(num_kv_heads), d_(head_dim), inter_(intermediate),
-        e_(num_experts), k_(topk), r_(adapter_dim), eps_(eps), window_(sliding_window),
+        eps_(eps), window_(sliding_window),
         embed_(std::move(embed)), final_norm_(std::move(final_norm)), lm_head_(std::move(lm_head)),
         tied_head_(tied_head), cos_sin_(std::move(cos_sin)) {}
 
   void add_layer(Layer layer) { layers_.push_back(std::move(layer)); }
 
-  // input_ids, positions, slot_mapping: [B] int64; block_tables: [B, max_blocks] int64;
-  // kv_cache: [L, 2, S, Hkv, D] float32 or float16.  Token b sees positions 0..positions[b] of its
-  // sequence (its own K/V included).  Returns (logits [B, V] float32, top-k ids [L, B, k]).
+  // A delta's pieces, per layer and slot (empty tensors clear them).  Called between steps.
+  void set_lora(int64_t layer, int64_t which, int64_t slot, const torch::Tensor& a, const torch::Tensor& b) {
+    TORCH_CHECK(layer >= 0 && layer < static_cast<int64_t>(layers_.size()), "layer out of range");
+    layers_[layer].linear(which).set_lora(slot, a, b);
+  }
+
+  void set_experts(int64_t layer, int64_t slot, const torch::Tensor& router, const torch::Tensor& down,
+                   const torch::Tensor& up_t, int64_t topk) {
+    TORCH_CHECK(layer >= 0 && layer < static_cast<int64_t>(layers_.size()) && slot >= 0, "layer or slot out of range");
+    auto& experts = layers_[layer].experts;
+    if (slot >= static_cast<int64_t>(experts.size())) experts.resize(slot + 1);
+    if (!present(router)) {
+      experts[slot] = Experts();
+      return;
+    }
+    TORCH_CHECK(router.scalar_type() == at::kFloat && down.scalar_type() == at::kFloat &&
+                up_t.scalar_type() == at::kFloat, "experts must be float32");
+    TORCH_CHECK(router.size(0) <= 64 && topk >= 1 && topk <= router.size(0), "up to 64 experts and 1 <= k <= E");
+    experts[slot] = Experts{router.contiguous(), down.contiguous(), up_t.contiguous(), router.size(0), topk,
+                            down.size(1)};
+    kout_ = std::max(kout_, topk);
+  }
+
+  void use_adapter_stack(int64_t layer, std::shared_ptr<AdapterStack> stack) {
+    TORCH_CHECK(layer >= 0 && layer < static_cast<int64_t>(layers_.size()), "layer out of range");
+    layers_[layer].stack = std::move(stack);
+  }
+
+  // Width of the top-k ids forward returns: the largest k of any delta set so far.
+  void reserve_topk(int64_t k) { kout_ = std::max(kout_, k); }
+
+  // input_ids, positions, slot_mapping, delta_slots: [B] int64; block_tables: [B, max_blocks]
+  // int64; kv_cache: [L, 2, S, Hkv, D] float32 or float16.  Token b sees positions 0..positions[b]
+  // of its sequence (its own K/V included) and runs the delta in slot delta_slots[b].  Returns
+  // (logits [B, V] float32, local top-k ids [L, B, k], -1 where a token has fewer experts).
   std::vector<torch::Tensor> forward(const torch::Tensor& input_ids, const torch::Tensor& positions,
                                      torch::Tensor kv_cache, const torch::Tensor& slot_mapping,
-                                     const torch::Tensor& block_tables, int64_t block_size) {
+                                     const torch::Tensor& block_tables, int64_t block_size,
+                                     const torch::Tensor& delta_slots) {
     TORCH_CHECK(kv_cache.is_contiguous(), "kv_cache must be contiguous");
+    TORCH_CHECK(delta_slots.scalar_type() == at::kLong && delta_slots.numel() == input_ids.numel() &&
+                delta_slots.is_contiguous(), "delta_slots must be contiguous int64 [B]");
     if (kv_cache.scalar_type() == at::kHalf) {
-      return run<at::Half>(input_ids, positions, kv_cache, slot_mapping, block_tables, block_size);
+      return run<at::Half>(input_ids, positions, kv_cache, slot_mapping, block_tables, block_size, delta_slots);
     }
     TORCH_CHECK(kv_cache.scalar_type() == at::kFloat, "kv_cache must be float32 or float16");
-    return run<float>(input_ids, positions, kv_cache, slot_mapping, block_tables, block_size);
+    return run<float>(input_ids, positions, kv_cache, slot_mapping, block_tables, block_size, delta_slots);
   }
 
  private:
   template <typename KV>
   std::vector<torch::Tensor> run(const torch::Tensor& input_ids, const torch::Tensor& positions,
                                  torch::Tensor kv_cache, const torch::Tensor& slot_mapping,
-                                 const torch::Tensor& block_tables, int64_t block_size) {
+                                 const torch::Tensor& block_tables, int64_t block_size,
+                                 const torch::Tensor& delta_slots) {
     const int64_t B = input_ids.size(0);
     const int64_t L = static_cast<int64_t>(layers_.size());
     const int64_t H = hidden_, D = d_;
@@ -937,7 +1088,9 @@ class DecodeModel {
     torch::Tensor h = embed_.index_select(0, input_ids).to(at::kFloat).contiguous();  // [B, H]
     torch::Tensor x = torch::empty({B, H}, f32);
     torch::Tensor attn = torch::empty({B, q_size}, f32);
-    torch::Tensor topk_ids = torch::zeros({L, B, std::max<int64_t>(k_, 1)}, torch::TensorOptions().dtype(at::kLong));
+    const int64_t kout = std::max<int64_t>(kout_, 1);
+    torch::Tensor topk_ids = torch::full({L, B, kout}, -1, torch::TensorOptions().dtype(at::kLong));
+    const int64_t* dslots = delta_slots.data_ptr<int64_t>();
     torch::Tensor cs = cos_sin_.index_select(0, positions).contiguous();  // [B, 2, D]
 
     const int64_t* pos = positions.data_ptr<int64_t>();
@@ -953,7 +1106,7 @@ class DecodeModel {
       KV* vc = cache + (l * 2 + 1) * S * kv_size;
 
       rms_norm(h.data_ptr<float>(), ly.in_norm.data_ptr<float>(), x.data_ptr<float>(), B, H, eps_);
-      torch::Tensor qkv = ly.qkv(x).contiguous();  // [B, q + 2kv]
+      torch::Tensor qkv = ly.qkv(x, dslots).contiguous();  // [B, q + 2kv]
       float* qkvp = qkv.data_ptr<float>();
       for (int64_t b = 0; b < B; ++b) {
         float* row = qkvp + b * (q_size + 2 * kv_size);
@@ -963,17 +1116,15 @@ class DecodeModel {
         store_kv(row + q_size + kv_size, vc + slots[b] * kv_size, kv_size);
       }
       paged_attention(qkvp, kc, vc, pos, tables, table_w, block_size, B, attn.data_ptr<float>());
-      h.add_(ly.o(attn));
+      h.add_(ly.o(attn, dslots));
 
       rms_norm(h.data_ptr<float>(), ly.post_norm.data_ptr<float>(), x.data_ptr<float>(), B, H, eps_);
-      torch::Tensor gu = ly.gate_up(x);  // [B, 2I]
+      torch::Tensor gu = ly.gate_up(x, dslots);  // [B, 2I]
       torch::Tensor act = at::silu(gu.narrow(1, 0, inter_)).mul_(gu.narrow(1, inter_, inter_));  // ATen's vectorised exp
-      torch::Tensor f = ly.down(act).contiguous();  // [B, H]
-      if (e_ > 0 && ly.use_grouped) {
-        grouped_adapters(x.data_ptr<float>(), f.data_ptr<float>(), B, ly.grouped, topk_ids[l].data_ptr<int64_t>());
-      } else if (e_ > 0) {
-        adapters(x, f, ly, topk_ids[l]);
-      }
+      torch::Tensor f = ly.down(act, dslots).contiguous();  // [B, H]
+      int64_t* ids = topk_ids[l].data_ptr<int64_t>();
+      if (ly.stack) grouped_adapters(x.data_ptr<float>(), f.data_ptr<float>(), B, *ly.stack, dslots, ids, kout);
+      if (!ly.experts.empty()) adapters(x, f, ly, dslots, ids, kout);
       h.add_(f);
     }
     rms_norm(h.data_ptr<float>(), final_norm_.data_ptr<float>(), x.data_ptr<float>(), B, H, eps_);
@@ -1057,35 +1208,47 @@ class DecodeModel {
     }
   }
 
-  // f += sum_j p_j U_j^T GELU(D_j f) over each token's top-k experts; the router sees x.
-  void adapters(const torch::Tensor& x, torch::Tensor& f, const Layer& ly, torch::Tensor ids_out) const {
+  // f += sum_j p_j U_j^T GELU(D_j f) over each token's top-k experts of its slot's float32
+  // experts (slots the grouped stack serves are skipped); the router sees x.
+  void adapters(const torch::Tensor& x, torch::Tensor& f, const Layer& ly, const int64_t* dslots, int64_t* ids,
+                int64_t kout) const {
     const int64_t B = x.size(0), H = hidden_;
     const float* xp = x.data_ptr<float>();
     float* fp = f.data_ptr<float>();
-    const float* router = ly.router.data_ptr<float>();
-    const float* down = ly.adapter_down.data_ptr<float>();
-    const float* up_t = ly.adapter_up_t.data_ptr<float>();
-    int64_t* ids = ids_out.data_ptr<int64_t>();
+    const int64_t num_slots = static_cast<int64_t>(ly.experts.size());
     // Tokens are independent: one task each (a token's adapters are ~150k multiply-adds).
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> logits(e_), weights(k_), z(r_), delta(H), base(H);
-      std::vector<int64_t> order(e_);
+      std::vector<float> logits, weights, z, delta(H), base(H);
+      std::vector<int64_t> order, local;
       for (int64_t b = begin; b < end; ++b) {
+        const int64_t s = dslots[b];
+        if (s < 0 || s >= num_slots || ly.experts[s].e == 0 || (ly.stack && ly.stack->at(s))) continue;
+        const Experts& ex = ly.experts[s];
+        const int64_t E = ex.e, K = ex.k, R = ex.r;
+        logits.resize(E);
+        order.resize(E);
+        weights.resize(K);
+        local.resize(K);
+        z.resize(R);
         float* fr = fp + b * H;
-        route_token(xp + b * H, router, e_, H, k_, ids + b * k_, weights.data(), logits.data(), order.data());
+        route_token(xp + b * H, ex.router.data_ptr<float>(), E, H, K, local.data(), weights.data(), logits.data(),
+                    order.data());
         std::copy(fr, fr + H, base.begin());  // adapters read the FFN output before it is updated
         std::fill(delta.begin(), delta.end(), 0.f);
-        for (int64_t j = 0; j < k_; ++j) {
-          const int64_t e = ids[b * k_ + j];
+        const float* down = ex.adapter_down.data_ptr<float>();
+        const float* up_t = ex.adapter_up_t.data_ptr<float>();
+        for (int64_t j = 0; j < K; ++j) {
+          const int64_t e = local[j];
+          if (j < kout) ids[b * kout + j] = e;
           const float p = weights[j];
-          const float* de = down + e * r_ * H;
-          const float* ue = up_t + e * r_ * H;
-          for (int64_t rr = 0; rr < r_; ++rr) {
-            float s = 0.f;
-            for (int64_t i = 0; i < H; ++i) s += de[rr * H + i] * base[i];
-            z[rr] = p * gelu_exact(s);
+          const float* de = down + e * R * H;
+          const float* ue = up_t + e * R * H;
+          for (int64_t rr = 0; rr < R; ++rr) {
+            float acc = 0.f;
+            for (int64_t i = 0; i < H; ++i) acc += de[rr * H + i] * base[i];
+            z[rr] = p * gelu_exact(acc);
           }
-          for (int64_t rr = 0; rr < r_; ++rr) {
+          for (int64_t rr = 0; rr < R; ++rr) {
             const float zr = z[rr];
             const float* row = ue + rr * H;
             for (int64_t i = 0; i < H; ++i) delta[i] += zr * row[i];
@@ -1096,7 +1259,8 @@ class DecodeModel {
     });
   }
 
-  int64_t hidden_, hq_, hkv_, d_, inter_, e_, k_, r_;
+  int64_t hidden_, hq_, hkv_, d_, inter_;
+  int64_t kout_ = 0;
   double eps_;
   int64_t window_;
   torch::Tensor embed_, final_norm_;
@@ -1148,13 +1312,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           lin.packed = pack_bf16(dense);
         }
         return lin;
-      }))
-      .def("set_lora", [](Linear& lin, torch::Tensor a, torch::Tensor b) {
-        TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(0) == b.size(1) && b.size(0) == lin.out_features,
-                    "LoRA A [r, K] and B [N, r] must fit the layer");
-        lin.lora_a = a.to(at::kFloat).contiguous();
-        lin.lora_bt = b.to(at::kFloat).t().contiguous();
-      }, "run y += (x A^T) B^T beside the weight (an unmerged LoRA)");
+      }));
   m.def("lora_add", [](torch::Tensor y, torch::Tensor x, torch::Tensor a, torch::Tensor bt) { lora_add(y, x, a, bt); },
         "y += (x A^T) B^T in place for bt = B^T [r, N], row by row (the same numbers whatever the batch)",
         py::call_guard<py::gil_scoped_release>());
@@ -1163,20 +1321,28 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("have_bf16_gemm", &have_bf16_gemm, "whether this build has the AVX512-BF16 GEMM");
   py::class_<Layer>(m, "Layer")
       .def(py::init([](torch::Tensor in_norm, torch::Tensor post_norm, Linear qkv, Linear o, Linear gate_up,
-                       Linear down, torch::Tensor router, torch::Tensor adapter_down, torch::Tensor adapter_up_t) {
-        return Layer{in_norm, post_norm, qkv, o, gate_up, down, router, adapter_down, adapter_up_t};
-      }))
-      .def("use_grouped_adapters", [](Layer& layer, PackedAdapters packed) {
-        layer.grouped = std::move(packed);
-        layer.use_grouped = true;
-      });
+                       Linear down) {
+        return Layer{in_norm, post_norm, qkv, o, gate_up, down, {}, nullptr};
+      }));
   py::class_<PackedAdapters>(m, "PackedAdapters")
-      .def(py::init(&pack_adapters), "router [E, H], adapter_down [E, r, H], adapter_up [E, H, r], topk");
-  m.def("routed_adapters", &routed_adapters, "(f + routed adapters, top-k ids) for x, f [T, H]",
+      .def(py::init(&pack_adapters), "router [E, H], adapter_down [E, r, H], adapter_up [E, H, r], topk")
+      .def_readonly("num_experts", &PackedAdapters::e)
+      .def_readonly("topk", &PackedAdapters::k);
+  py::class_<AdapterStack, std::shared_ptr<AdapterStack>>(m, "AdapterStack")
+      .def(py::init<>())
+      .def("set", &AdapterStack::set, "put a delta's packed experts in a slot")
+      .def("clear", &AdapterStack::clear, "empty a slot")
+      .def("has", [](const AdapterStack& s, int64_t slot) { return s.at(slot) != nullptr; });
+  m.def("routed_adapters", &routed_adapters,
+        "(f + routed adapters, local top-k ids [T, kout]) for x, f [T, H] and delta slots [T]",
         py::call_guard<py::gil_scoped_release>());
   py::class_<DecodeModel>(m, "DecodeModel")
-      .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double, int64_t,
-                    torch::Tensor, torch::Tensor, Linear, bool, torch::Tensor>())
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, int64_t, torch::Tensor, torch::Tensor,
+                    Linear, bool, torch::Tensor>())
       .def("add_layer", &DecodeModel::add_layer)
+      .def("set_lora", &DecodeModel::set_lora, "layer, linear (0 qkv, 1 o, 2 gate_up, 3 down), slot, A [r, K], B [N, r]")
+      .def("set_experts", &DecodeModel::set_experts, "layer, slot, router [E, H], down [E, r, H], up_t [E, r, H], topk")
+      .def("use_adapter_stack", &DecodeModel::use_adapter_stack)
+      .def("reserve_topk", &DecodeModel::reserve_topk)
       .def("forward", &DecodeModel::forward, py::call_guard<py::gil_scoped_release>());
 }

@@ -23,6 +23,7 @@ import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any, Callable
 
 from pesc_serve.engine.engine import EngineStats, LLMEngine
 from pesc_serve.engine.engine_thread import EngineThread
@@ -51,6 +52,15 @@ class _Add:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    model: str | None = None
+
+
+@dataclass
+class _Call:
+    """Run ``fn(engine)`` on the engine thread between steps (delta load/unload)."""
+
+    fn: Callable[[LLMEngine], Any]
+    future: Future
 
 
 @dataclass
@@ -150,30 +160,41 @@ class AsyncEngine:
                 f"the server is at capacity ({len(self._queues)} requests running or queued); retry later"
             )
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> "RequestStream":
-        """Register a request now (raising at once if it cannot be served) and return its stream.
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    model: str | None = None) -> "RequestStream":
+        """Register a request for the served ``model`` now (raising at once if it cannot be
+        served) and return its stream.
 
-        Raises EngineDeadError, EngineDrainingError, EngineOverloadedError, or ValueError for
-        an invalid request.
+        Raises EngineDeadError, EngineDrainingError, EngineOverloadedError, UnknownModelError,
+        or ValueError for an invalid request.
         """
         if not self.is_healthy:
             raise EngineDeadError(f"the engine is not running ({self.dead_error or 'stopped'})")
         if self._draining:
             raise EngineDrainingError("the server is shutting down; retry on another replica or later")
         self.check_capacity()
+        self.engine.models.get(model)
         self.engine.validate_prompt(prompt_token_ids, params)
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
         q: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = q
-        self._inbox.put(_Add(request_id, list(prompt_token_ids), params))
+        self._inbox.put(_Add(request_id, list(prompt_token_ids), params, model))
         return RequestStream(self, request_id, q)
 
+    async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """``fn(engine)`` on the engine thread between two steps; its result or exception."""
+        if not self.is_healthy:
+            raise EngineDeadError(f"the engine is not running ({self.dead_error or 'stopped'})")
+        future: Future = Future()
+        self._inbox.put(_Call(fn, future))
+        return await asyncio.wrap_future(future)
+
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, model: str | None = None
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; closing the iterator early aborts the request."""
-        stream = self.add_request(request_id, prompt_token_ids, params)
+        stream = self.add_request(request_id, prompt_token_ids, params, model)
         try:
             async for out in stream:
                 yield out
@@ -215,9 +236,16 @@ class AsyncEngine:
             block = False
             if msg is None:
                 return outputs
+            if isinstance(msg, _Call):
+                if msg.future.set_running_or_notify_cancel():
+                    try:
+                        msg.future.set_result(msg.fn(self.engine))
+                    except Exception as exc:
+                        msg.future.set_exception(exc)
+                continue
             if isinstance(msg, _Add):
                 try:
-                    self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params)
+                    self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params, msg.model)
                 except Exception as exc:
                     outputs.append(RequestOutput(msg.request_id, finished=True, finish_reason=FinishReason.ERROR, error=str(exc)))
             else:

@@ -6,26 +6,31 @@ only the requests in that step; the engine stays usable.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 from dataclasses import dataclass
 
 import torch
 
 from pesc_serve.config import EngineConfig, resolve_kv_cache_dtype
+from pesc_serve.deltas.served_models import ServedModel, ServedModels
+from pesc_serve.deltas.table import DeltaTable
 from pesc_serve.engine.detokenizer import IncrementalDetokenizer
+from pesc_serve.engine.expert_load import ExpertLoad
 from pesc_serve.engine.kv_cache import KVCacheManager
 from pesc_serve.engine.model_runner import ModelRunner, kv_bytes_per_token
 from pesc_serve.engine.request import FinishReason, Request, RequestError, RequestOutput, SamplingParams, TokenLogprob
 from pesc_serve.engine.scheduler import Scheduler
 from pesc_serve.engine.structured_output import StructuredOutputFactory
 from pesc_serve.models.cpu_decode import try_build
-from pesc_serve.models.decoder import expert_load
-from pesc_serve.models.loader import LoadedModel
+from pesc_serve.models.loader import LoadedModel, load_delta
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_KV_CACHE_GB_CPU = 4.0
 GPU_MEMORY_FRACTION = 0.9
+LOAD_WAIT_S = 0.05  # an idle step waits this long for a delta being read (instead of spinning)
+UNLIMITED_SLOTS = 1 << 16  # --max-loaded-adapters unset: every registered delta stays resident
 
 
 @dataclass
@@ -86,9 +91,13 @@ def eos_token_ids(loaded: LoadedModel, tokenizer) -> tuple[int, ...]:
 
 
 class LLMEngine:
-    """Continuous-batching engine over one loaded model."""
+    """Continuous-batching engine over one loaded base and the deltas served beside it.
 
-    def __init__(self, loaded: LoadedModel, tokenizer, cfg: EngineConfig) -> None:
+    ``models`` maps the served names to deltas; each request runs its own model's delta, in
+    batches that mix models freely.
+    """
+
+    def __init__(self, loaded: LoadedModel, tokenizer, cfg: EngineConfig, model_name: str | None = None) -> None:
         self.loaded = loaded
         self.tokenizer = tokenizer
         self.config = cfg
@@ -97,13 +106,19 @@ class LLMEngine:
         self.eos_token_ids = eos_token_ids(loaded, tokenizer)
         self.kv = KVCacheManager(self.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        kernels = try_build(loaded.model, cfg.cpu_kernels, kv_dtype) if loaded.device.type == "cpu" else None
         self.runner = ModelRunner(
             loaded.model, self.num_blocks, cfg.block_size, loaded.device, kv_dtype, self.eos_token_ids,
-            decode_model=try_build(loaded.model, cfg.cpu_kernels, kv_dtype) if loaded.device.type == "cpu" else None,
+            decode_model=kernels.decode_model if kernels is not None else None,
         )
+        slots = 1 + (cfg.max_loaded_adapters if cfg.max_loaded_adapters is not None else UNLIMITED_SLOTS)
+        self.deltas = DeltaTable(loaded.model, kernels, slots)
+        self.models = ServedModels(model_name or loaded.source.name, loaded.delta, self.deltas,
+                                   lambda source: load_delta(loaded, source))
         self._tracked: dict[str, _Tracked] = {}
+        self._model_of: dict[str, ServedModel] = {}
         self.structured_output = StructuredOutputFactory(tokenizer, self.eos_token_ids)
-        self.expert_load = expert_load(loaded.model)
+        self.expert_load = ExpertLoad(loaded.config.num_layers, self._models_with_experts)
         torch.manual_seed(cfg.seed)
 
     @property
@@ -133,19 +148,27 @@ class LLMEngine:
             )
         params.validate(self.vocab_size)
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    model: str | None = None) -> None:
+        """Queue a request for the served ``model`` (None: the --model); raises UnknownModelError
+        for a name not served, ValueError for a request that cannot be served."""
         if request_id in self._tracked:
             raise ValueError(f"request id {request_id!r} is already in use")
+        served = self.models.get(model)
         self.validate_prompt(prompt_token_ids, params)
         room = self.max_model_len - len(prompt_token_ids)
         max_tokens = min(params.max_tokens, room) if params.max_tokens is not None else room
-        req = Request(request_id, list(prompt_token_ids), params, max_tokens)
+        req = Request(request_id, list(prompt_token_ids), params, max_tokens, model=served.name,
+                      cache_salt=served.cache_salt)
         if params.json_mode:
             req.structured_output = self.structured_output.matcher(params.json_schema)
         detok = IncrementalDetokenizer(
             self.tokenizer, req.prompt_token_ids, params.stop, params.include_stop_str_in_output, params.skip_special_tokens
         )
         self._tracked[request_id] = _Tracked(req, detok)
+        self.models.acquire(served)
+        self._model_of[request_id] = served
+        req.delta_slot = served.slot
         self.scheduler.add_request(req)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -173,13 +196,17 @@ class LLMEngine:
         forward pass and sampling it fails the step's requests, in one request's output
         processing (detokenizer, structured output) only that request, in the expert-load
         metric nobody; the engine keeps serving."""
+        outputs = self._place_loaded_models()
         try:
             out = self.scheduler.schedule()
         except Exception as exc:
             logger.exception("scheduling failed; failing every unfinished request")
-            return self._fail([t.request for t in list(self._tracked.values())], "scheduling", exc)
+            return outputs + self._fail([t.request for t in list(self._tracked.values())], "scheduling", exc)
         if out.is_empty:
-            return []
+            pending = self.models.pending_futures()
+            if pending:  # requests wait for a delta being read: wait for it, do not spin
+                concurrent.futures.wait(pending, LOAD_WAIT_S, concurrent.futures.FIRST_COMPLETED)
+            return outputs
         try:
             result = self.runner.execute(out)
             self.scheduler.advance(out)
@@ -190,9 +217,8 @@ class LLMEngine:
             top_lp = sampled.top_logprobs.tolist() if sampled.top_logprobs is not None else None
         except Exception as exc:
             logger.exception("engine step failed; failing %d request(s)", len(out.chunks))
-            return self._fail([c.request for c in out.chunks], "engine step", exc)
+            return outputs + self._fail([c.request for c in out.chunks], "engine step", exc)
         self._record_expert_load(result.expert_choices)
-        outputs: list[RequestOutput] = []
         for row, req in enumerate(result.requests):
             tracked = self._tracked.get(req.request_id)
             if tracked is None:
@@ -212,12 +238,34 @@ class LLMEngine:
                 outputs.extend(self._fail([req], "output processing", exc))
         return outputs
 
+    def _place_loaded_models(self) -> list[RequestOutput]:
+        """Give the waiting requests of deltas that became resident their slot; fail those of a
+        delta that could not be read."""
+        outputs: list[RequestOutput] = []
+        for model, error in self.models.poll():
+            waiting = [t.request for t in self._tracked.values() if t.request.model == model.name
+                       and t.request.delta_slot is None]
+            if error is None:
+                for req in waiting:
+                    req.delta_slot = model.slot
+            else:
+                logger.error("could not load delta %s: %s", model.name, error)
+                outputs.extend(self._fail(waiting, f"loading model {model.name}", RuntimeError(error)))
+        return outputs
+
+    def _models_with_experts(self) -> list[tuple[str, int]]:
+        return [(m.name, m.delta.num_experts) for m in self.models.listed() if m.delta is not None and m.delta.experts]
+
+    def _slot_owner(self, slot: int) -> tuple[str, int] | None:
+        for model in self.models.models.values():
+            if model.slot == slot and model.delta is not None and model.delta.experts:
+                return model.name, model.delta.num_experts
+        return None
+
     def _record_expert_load(self, choices) -> None:
         """A metric: its failure is logged, never visited on a request."""
-        if self.expert_load is None:
-            return
         try:
-            self.expert_load.record(choices)
+            self.expert_load.record(choices, self._slot_owner)
         except Exception:
             logger.exception("recording the expert load failed (metric only; requests go on)")
 
@@ -245,6 +293,9 @@ class LLMEngine:
     def _finish(self, req: Request, reason: FinishReason, stop_reason: str | int | None = None) -> None:
         self.scheduler.finish(req, reason, stop_reason)
         self.runner.release(req.request_id)
+        served = self._model_of.pop(req.request_id, None)
+        if served is not None:
+            self.models.release(served)
 
     def _output(
         self, tracked: _Tracked, new_ids: list[int], logprobs: list[TokenLogprob], finished: bool

@@ -2,7 +2,8 @@
 
 Pure Python, no tensors: the model runner owns the cache tensor, this module decides which
 block holds which tokens.  A full block is identified by a hash chained over all tokens
-before it, so two requests with the same prompt prefix share the blocks of that prefix.
+before it, rooted in the request's model (its cache salt), so two requests for the same
+model with the same prompt prefix share the blocks of that prefix, and no other model does.
 Freed blocks keep their contents and hash until they are handed out again (least recently
 freed first), so a repeated prompt hits the cache even after its first request finished.
 """
@@ -54,9 +55,9 @@ class KVCacheManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def _chain_keys(self, token_ids: list[int], num_full_blocks: int) -> list[tuple]:
+    def _chain_keys(self, token_ids: list[int], num_full_blocks: int, salt: str = "") -> list[tuple]:
         keys: list[tuple] = []
-        parent: int | None = None
+        parent: int | str | None = salt or None  # the model's namespace roots the chain
         for b in range(num_full_blocks):
             tokens = tuple(token_ids[b * self.block_size : (b + 1) * self.block_size])
             key = (parent, tokens)
@@ -76,7 +77,7 @@ class KVCacheManager:
         num_full = (len(tokens) - 1) // self.block_size
         self.num_queries += 1
         hits: list[int] = []
-        for key in self._chain_keys(tokens, num_full):
+        for key in self._chain_keys(tokens, num_full, request.cache_salt):
             block_id = self.cached.get(key)
             if block_id is None:
                 break
@@ -131,7 +132,7 @@ class KVCacheManager:
         if len(keys) >= num_full:
             return
         tokens = request.all_token_ids
-        parent = hash(keys[-1]) if keys else None
+        parent = hash(keys[-1]) if keys else (request.cache_salt or None)
         for b in range(len(keys), num_full):
             key = (parent, tuple(tokens[b * self.block_size : (b + 1) * self.block_size]))
             keys.append(key)

@@ -7,11 +7,12 @@ computed for the rows that sample (the last token of each chunk that reaches the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from pesc_serve.config import ModelConfig
+from pesc_serve.deltas.batch import DeltaBatch
 from pesc_serve.engine.request import Request, SamplingParams
 from pesc_serve.engine.scheduler import ScheduledChunk, SchedulerOutput
 from pesc_serve.layers.attention import AttentionMetadata, PrefillChunk
@@ -40,7 +41,8 @@ class StepResult:
 
     requests: list[Request]
     sampled: SamplerOutput
-    expert_choices: torch.Tensor | None = None  # [L, T, k] when the step reports them itself
+    # (local expert ids [L, T, k] with -1 pads, delta slot of each row [T]) per part of the step
+    expert_choices: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -185,8 +187,8 @@ class ModelRunner:
 
     # ---- one step ------------------------------------------------------------------------
 
-    def _decode_logits(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and expert choices of single-token decodes, in one call to the C++ step."""
+    def _decode_logits(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Logits and (expert choices, delta slots) of single-token decodes, in one call to the C++ step."""
         bs = self.block_size
         reqs = [c.request for c in chunks]
         ids = torch.tensor([r.all_token_ids[c.start] for r, c in zip(reqs, chunks)])
@@ -194,14 +196,22 @@ class ModelRunner:
         slots = torch.tensor([r.block_ids[c.start // bs] * bs + c.start % bs for r, c in zip(reqs, chunks)])
         width = max(len(r.block_ids) for r in reqs)
         tables = torch.tensor([r.block_ids + [0] * (width - len(r.block_ids)) for r in reqs])
-        return self.decode_model.forward(ids, positions, self.kv_caches, slots, tables, bs)
+        delta_slots = torch.tensor([r.delta_slot for r in reqs])
+        logits, choices = self.decode_model.forward(ids, positions, self.kv_caches, slots, tables, bs, delta_slots)
+        return logits, (choices, delta_slots)
 
-    def _model_logits(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor | None, list[Request]]:
-        """Logits of the sampling rows of ``chunks`` through the PyTorch model."""
+    def _model_logits(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor | None, list[Request], tuple | None]:
+        """Logits of the sampling rows of ``chunks`` through the PyTorch model, and the layers'
+        (expert choices, delta slots)."""
         input_ids, positions, meta, sample_rows = self.prepare(chunks)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        deltas = DeltaBatch.from_runs([(c.request.delta_slot, c.num_new_tokens) for c in chunks], self.device)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta, deltas)
         reqs = [c.request for c in chunks if c.samples]
-        return (self.model.compute_logits(hidden[sample_rows]) if reqs else None), reqs
+        per_layer = [layer.mlp.last_topk for layer in self.model.layers]
+        for layer in self.model.layers:
+            object.__setattr__(layer.mlp, "last_topk", None)  # plain attribute: skip nn.Module's hook
+        choices = (torch.stack(per_layer), deltas.slots) if all(c is not None for c in per_layer) else None
+        return (self.model.compute_logits(hidden[sample_rows]) if reqs else None), reqs, choices
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
@@ -217,16 +227,19 @@ class ModelRunner:
             (cpp if self.decode_model is not None and _is_cpp_decode(c) else rest).append(c)
         logits: list[torch.Tensor] = []
         reqs: list[Request] = []
-        choices = None
+        choices: list[tuple[torch.Tensor, torch.Tensor]] = []
         if cpp:
-            decode_logits, choices = self._decode_logits(cpp)
+            decode_logits, decode_choices = self._decode_logits(cpp)
             logits.append(decode_logits)
             reqs.extend(c.request for c in cpp)
+            choices.append(decode_choices)
         if rest:
-            model_logits, model_reqs = self._model_logits(rest)
+            model_logits, model_reqs, model_choices = self._model_logits(rest)
             if model_logits is not None:
                 logits.append(model_logits)
                 reqs.extend(model_reqs)
+            if model_choices is not None:
+                choices.append(model_choices)
         if not reqs:
             return StepResult([], SamplerOutput(torch.empty(0, dtype=torch.long)), choices)
         batch = logits[0] if len(logits) == 1 else torch.cat(logits)

@@ -147,6 +147,9 @@ class Request:
     stop_reason: str | int | None = None
     num_preemptions: int = 0
     structured_output: Any = None  # an OutputMatcher for response_format requests
+    model: str = ""  # the served model name it asked for
+    delta_slot: int | None = 0  # the slot of that model's delta (None: not resident yet, it waits)
+    cache_salt: str = ""  # the model's prefix-cache namespace (KV is never shared across models)
 
     @property
     def all_token_ids(self) -> list[int]:

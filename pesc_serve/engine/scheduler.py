@@ -92,8 +92,14 @@ class Scheduler:
         return out
 
     def _admit(self, out: SchedulerOutput, budget: int) -> int:
+        """FCFS over the requests whose model is resident; those waiting for their delta to load
+        keep their place without holding up the others."""
+        skipped: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
+            if req.delta_slot is None:
+                skipped.append(self.waiting.popleft())
+                continue
             cached = self.kv.find_cached_prefix(req) if req.num_computed_tokens == 0 else []
             num_cached = len(cached) * self.kv.block_size
             num_new = min(req.num_tokens - max(num_cached, req.num_computed_tokens), budget)
@@ -104,6 +110,7 @@ class Scheduler:
             self.running.append(req)
             out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, num_new))
             budget -= num_new
+        self.waiting.extendleft(reversed(skipped))
         return budget
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:

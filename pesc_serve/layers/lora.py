@@ -2,9 +2,10 @@
 
 Why not merge: a rank-4 update is smaller than one int4 quantization step, so merging it into
 the base weights and re-quantizing rounds most of it away (the bundled camelidae lost half its
-held-out arithmetic that way).  Kept apart, the base stays exactly its checkpoint and the
-update runs in the activation dtype; the C++ decode step runs the same product
-(models/cpu_decode.py hands it ``lora_a``/``lora_b``).
+held-out arithmetic that way).  Kept apart, the base stays exactly its checkpoint, the
+update runs in the activation dtype, and many deltas share one base: each layer holds every
+resident delta's pair by slot and each token gets its own delta's (the C++ decode step runs
+the same product, models/cpu_decode.py hands it the pairs).
 
 Our fused projections (q/k/v in ``qkv_proj``, gate/up in ``gate_up_proj``) get one LoRA over
 all their parts: the parts' A matrices stacked, their B matrices placed block-diagonally at
@@ -13,10 +14,14 @@ the parts' output rows, so one pair of small matmuls serves the fused layer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from pesc_serve.deltas.batch import DeltaBatch
 
 
 @dataclass
@@ -41,34 +46,54 @@ def fuse_parts(parts: list[LoRAPart], out_features: int, scaling: float, dtype: 
     return a, b.to(device=device, dtype=dtype).contiguous()
 
 
-class LoRALinear(nn.Module):
-    """A linear layer plus its unmerged low-rank update (one delta)."""
+@dataclass
+class LoRAWeights:
+    """One delta's update on one (fused) linear layer: A ``[r, in]``, B ``[out, r]`` (scaling in)."""
 
-    def __init__(self, base: nn.Module, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
+    a: torch.Tensor
+    b: torch.Tensor
+    b_t: torch.Tensor = field(init=False)  # [r, out] contiguous: the kernel's layout
+
+    def __post_init__(self) -> None:
+        self.b_t = self.b.t().contiguous()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.a, self.b, self.b_t))
+
+
+class SlotLoRA(nn.Module):
+    """The unmerged LoRA of every resident delta on one linear layer, by delta slot.
+
+    Called with the layer's output and input: each token's row gets its own delta's update
+    (``deltas`` says which); rows of deltas without one here, and of the base, pass unchanged.
+    """
+
+    def __init__(self) -> None:
         super().__init__()
-        self.base = base
-        self.register_buffer("lora_a", lora_a, persistent=False)
-        self.register_buffer("lora_b", lora_b, persistent=False)
-        self.register_buffer("lora_b_t", lora_b.t().contiguous(), persistent=False)  # [r, N], the kernel's
-        self.out_features = lora_b.shape[0]
+        self.by_slot: dict[int, LoRAWeights] = {}
         # (y, x, A, B^T) -> None adding the update in place, row by row: the C++ kernel the CPU
         # decode step also runs (models/cpu_decode.py installs it), so both paths agree and a
         # row's numbers never depend on the batch.  None: matmuls (e.g. on CUDA).
         self.kernel = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        if self.kernel is not None and y.dtype == torch.float32 and x.dtype == torch.float32:
+    def forward(self, y: torch.Tensor, x: torch.Tensor, deltas: DeltaBatch | None = None) -> torch.Tensor:
+        if not self.by_slot:
+            return y
+        for slot, rows in deltas.groups if deltas is not None else [(0, None)]:
+            w = self.by_slot.get(slot)
+            if w is None:
+                continue
+            if rows is None:
+                y = self._add(y, x, w)
+            else:
+                y = y.index_copy(0, rows, self._add(y.index_select(0, rows), x.index_select(0, rows), w))
+        return y
+
+    def _add(self, y: torch.Tensor, x: torch.Tensor, w: LoRAWeights) -> torch.Tensor:
+        if self.kernel is not None and y.dtype == torch.float32 and x.dtype == torch.float32 and w.a.dtype == torch.float32:
             shape = y.shape
-            y2 = y.reshape(-1, shape[-1]).contiguous()
-            self.kernel(y2, x.reshape(-1, x.shape[-1]), self.lora_a, self.lora_b_t)
-            return y2.view(shape)
-        update = (x.to(self.lora_a.dtype) @ self.lora_a.t()) @ self.lora_b.t()
-        return y + update.to(y.dtype)
-
-
-def merge_into(weight: torch.Tensor, part: LoRAPart, scaling: float) -> None:
-    """W[rows] += scaling * B @ A in float32: exact only for an unquantized weight."""
-    with torch.no_grad():
-        view = weight[part.rows]
-        view.copy_(view.float() + scaling * (part.b.float() @ part.a.float()).to(view.device))
+            y = y.reshape(-1, shape[-1]).contiguous()
+            self.kernel(y, x.reshape(-1, x.shape[-1]), w.a, w.b_t)
+            return y.view(shape)
+        return y + ((x.to(w.a.dtype) @ w.a.t()) @ w.b.t()).to(y.dtype)

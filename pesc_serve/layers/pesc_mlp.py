@@ -1,11 +1,12 @@
-"""The PESC MLP: one shared dense FFN per layer plus top-k routed bottleneck adapters.
+"""The PESC MLP: one shared dense FFN per layer plus each delta's top-k routed bottleneck adapters.
 
     F = W_down(silu(W_gate x) * W_up x)            shared FFN, once per token
     p, idx = softmax(topk(W_router x, k))           router sees the FFN input x
     y = F + sum_j p_j * U_idx_j GELU(D_idx_j F)     moe_scaling folded into U at load time
 
-Experts are stacked: ``adapter_down`` is ``[E, r, H]`` and ``adapter_up`` ``[E, H, r]`` (the
-dispatches read a contiguous ``[E, r, H]`` transpose of the latter, derived at load).
+A delta's experts are stacked (:class:`ExpertSet`): ``down`` is ``[E, r, H]`` and ``up``
+``[E, H, r]`` (the dispatches read a contiguous ``[E, r, H]`` transpose of the latter).  One
+layer holds the experts of every resident delta, by slot; each token runs its own delta's.
 Because the top-k weights sum to one, the FFN output is added once instead of being
 replicated k times as the authors' code does.  The adapter part has several dispatch
 strategies with the same maths; :func:`choose_dispatch` picks one per batch size.
@@ -13,27 +14,34 @@ strategies with the same maths; :func:`choose_dispatch` picks one per batch size
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pesc_serve.deltas.batch import DeltaBatch
+from pesc_serve.layers.lora import SlotLoRA
+
 Dispatch = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class SharedFFN(nn.Module):
-    """SwiGLU FFN with fused gate/up projection; its linears are what quantization swaps."""
+    """SwiGLU FFN with fused gate/up projection; its linears are what quantization swaps, and
+    each has the deltas' unmerged LoRA beside it (``lora``)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
         self.intermediate_size = intermediate_size
         self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.lora = nn.ModuleDict({"gate_up_proj": SlotLoRA(), "down_proj": SlotLoRA()})
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, deltas: DeltaBatch | None = None) -> torch.Tensor:
+        gate, up = self.lora["gate_up_proj"](self.gate_up_proj(x), x, deltas).chunk(2, dim=-1)
+        act = F.silu(gate) * up
+        return self.lora["down_proj"](self.down_proj(act), act, deltas)
 
 
 def route(x: torch.Tensor, router_weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,49 +166,93 @@ def choose_dispatch(policy: str, num_tokens: int, num_experts: int, topk: int, o
     return adapters_dense
 
 
-class PescMLP(nn.Module):
-    """Shared FFN + router + stacked adapters. Serving-only: no dropout, no training flags."""
+@dataclass
+class ExpertSet:
+    """One delta's experts in one layer: router ``[E, H]``, ``down [E, r, H]``, ``up [E, H, r]``
+    (moe_scaling folded in) and its top-k."""
 
-    def __init__(
-        self,
-        hidden_size: int,
-        intermediate_size: int,
-        num_experts: int,
-        topk: int,
-        adapter_dim: int,
-        dispatch: str = "auto",
-    ) -> None:
+    router: torch.Tensor
+    down: torch.Tensor
+    up: torch.Tensor
+    topk: int
+    moe_scaling: float = 1.0  # already folded into ``up``; kept for exporters that unfold it
+    up_t: torch.Tensor = field(init=False)  # [E, r, H] contiguous: what the dispatches read
+
+    def __post_init__(self) -> None:
+        self.up_t = self.up.transpose(1, 2).contiguous()
+
+    @property
+    def num_experts(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def adapter_dim(self) -> int:
+        return self.down.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.router, self.down, self.up, self.up_t))
+
+    def apply(self, x: torch.Tensor, f: torch.Tensor, policy: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+        """(f + routed adapters, top-k ids [T, k]) for the FFN input x and output f."""
+        p, idx = route(x, self.router, self.topk)
+        run = choose_dispatch(policy, x.shape[0], self.num_experts, self.topk, x.is_cpu)
+        return run(f, self.down, self.up_t, p, idx), idx
+
+
+class PescMLP(nn.Module):
+    """The shared FFN plus, per delta slot, that delta's routed adapters (none: the dense FFN).
+
+    Each token runs the experts of its own delta (``deltas`` says which); a dense base, or a
+    delta without experts, runs the FFN alone.  Serving-only: no dropout, no training flags.
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, dispatch: str = "auto") -> None:
         super().__init__()
-        self.num_experts = num_experts
-        self.topk = topk
         self.dispatch = dispatch
         self.ffn = SharedFFN(hidden_size, intermediate_size)
-        self.router = nn.Linear(hidden_size, num_experts, bias=False)
-        self.adapter_down = nn.Parameter(torch.empty(num_experts, adapter_dim, hidden_size))  # [E, r, H]
-        self.adapter_up = nn.Parameter(torch.empty(num_experts, hidden_size, adapter_dim))  # [E, H, r], scaled
-        self.adapter_up_t: torch.Tensor | None = None  # [E, r, H] contiguous, built by finalize()
-        # The last forward's expert choices [T, k], read by the engine for router-load metrics.
+        self.experts: dict[int, ExpertSet] = {}
+        # The last forward's local expert choices [T, k] (-1: fewer), read for router-load metrics.
         self.last_topk: torch.Tensor | None = None
-        # (x, f) -> (f + adapters, top-k ids): a fused CPU kernel (models/cpu_decode.py) that
-        # the ``auto`` dispatch prefers when one is installed.
-        self.grouped_adapters: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+        # (x, f, slots, k) -> (f + adapters, ids) on the C++ expert-grouped kernel, for the slots in
+        # ``packed_slots`` (models/cpu_decode.py installs it); other slots take the dispatches.
+        self.grouped_adapters: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.packed_slots: set[int] = set()
 
-    def finalize(self) -> None:
-        """Derive the transposed up-projections once the weights are loaded."""
-        self.adapter_up_t = self.adapter_up.detach().transpose(1, 2).contiguous()
+    @property
+    def topk_width(self) -> int:
+        """Columns of ``last_topk``: the largest k of the resident deltas."""
+        return max((e.topk for e in self.experts.values()), default=0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.adapter_up_t is None:
-            self.finalize()
-        f = self.ffn(x)
-        if self.grouped_adapters is not None and self.dispatch == "auto" and x.is_cpu:
-            y, self.last_topk = self.grouped_adapters(x, f)
-            return y
-        p, idx = route(x, self.router.weight, self.topk)
-        self.last_topk = idx
-        run = choose_dispatch(self.dispatch, x.shape[0], self.num_experts, self.topk, x.is_cpu)
-        return run(f, self.adapter_down, self.adapter_up_t, p, idx)
+    def forward(self, x: torch.Tensor, deltas: DeltaBatch | None = None) -> torch.Tensor:
+        f = self.ffn(x, deltas)
+        groups = deltas.groups if deltas is not None else [(0, None)]
+        present = [(s, rows) for s, rows in groups if s in self.experts]
+        if not present:
+            self.last_topk = None
+            return f
+        kout = self.topk_width
+        y, ids = f, None
+        if self.grouped_adapters is not None and x.is_cpu and self.dispatch == "auto" and any(
+                s in self.packed_slots for s, _ in present):
+            slots = deltas.slots if deltas is not None else torch.zeros(x.shape[0], dtype=torch.long)
+            y, ids = self.grouped_adapters(x, f, slots, kout)
+            present = [(s, rows) for s, rows in present if s not in self.packed_slots]
+        if present and ids is None:
+            ids = torch.full((x.shape[0], kout), -1, dtype=torch.long, device=x.device)
+        for slot, rows in present:
+            experts = self.experts[slot]
+            if rows is None:
+                y, idx = experts.apply(x, f, self.dispatch)
+                ids[:, : idx.shape[1]] = idx
+            else:
+                ys, idx = experts.apply(x.index_select(0, rows), f.index_select(0, rows), self.dispatch)
+                y = y.index_copy(0, rows, ys)
+                ids[rows, : idx.shape[1]] = idx
+        self.last_topk = ids
+        return y
 
-    def route_only(self, x: torch.Tensor) -> torch.Tensor:
-        """Selected expert ids [T, k]: for routing statistics and metrics."""
-        return route(x, self.router.weight, self.topk)[1]
+    def route_only(self, x: torch.Tensor, slot: int = 0) -> torch.Tensor:
+        """Expert ids [T, k] the delta in ``slot`` picks for x: for routing statistics."""
+        experts = self.experts[slot]
+        return route(x, experts.router, experts.topk)[1]

@@ -1,7 +1,7 @@
 """The C++ decode step for CPUs (csrc/cpu_decode.cpp), built on first use and cached.
 
 It also provides kernels that the PyTorch path uses on CPU: the expert-grouped adapter
-kernel (:func:`install_grouped_adapters`), and int4/int8 (AVX512-VNNI) and bf16 GEMMs on
+kernel over every resident delta's experts (:class:`CpuKernels`), and int4/int8 (AVX512-VNNI) and bf16 GEMMs on
 weights repacked once at start-up (:func:`install_packed_kernels`).
 
 At decode batch sizes a PyTorch forward is mostly per-op dispatch cost, not arithmetic; the
@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from pesc_serve.cache_dirs import cache_dir
-from pesc_serve.layers.lora import LoRALinear
-from pesc_serve.layers.pesc_mlp import PescMLP
+from pesc_serve.layers.lora import LoRAWeights, SlotLoRA
+from pesc_serve.layers.pesc_mlp import ExpertSet, PescMLP
 from pesc_serve.layers.quant import DenseLinear, HybridLinear, Int4WeightOnlyLinear, Int8WeightOnlyLinear
 from pesc_serve.models.decoder import PescForCausalLM
 
@@ -101,11 +101,8 @@ def load_extension() -> ModuleType:
 
 
 def _linear(ext: ModuleType, module: nn.Module) -> object:
-    """Describe one (possibly quantized) linear layer, with its unmerged LoRA, to the extension."""
-    if isinstance(module, LoRALinear):
-        lin = _linear(ext, module.base)
-        lin.set_lora(_f32(module.lora_a), _f32(module.lora_b))
-        return lin
+    """Describe one (possibly quantized) linear layer to the extension (LoRA pairs come later,
+    per delta slot: :meth:`CpuKernels.set_lora`)."""
     max_rows, dense, packed = -1, _EMPTY, None
     if isinstance(module, HybridLinear):
         if not isinstance(module.large, DenseLinear):
@@ -150,7 +147,8 @@ def install_packed_kernels(model: nn.Module, ext: ModuleType) -> int:
     """Repack CPU weights for the extension's kernels, in place of their plain layout (one
     copy serves both the PyTorch path and the decode step): int4 and int8 layers for the
     VNNI kernels, bf16 dense copies for the bf16 GEMM.  Unmerged LoRA updates get the same
-    row-by-row kernel as the decode step (not counted).  Returns the count."""
+    row-by-row kernel as the decode step (not counted; it serves float32 CPU rows only).
+    Returns the count."""
     count = 0
     vnni, bf16 = ext.have_vnni(), ext.have_bf16_gemm()
     for module in model.modules():
@@ -159,7 +157,7 @@ def install_packed_kernels(model: nn.Module, ext: ModuleType) -> int:
             if found is not None:
                 module.use_packed(*found)
                 count += 1
-        if isinstance(module, LoRALinear) and module.lora_a.device.type == "cpu" and module.lora_a.dtype == torch.float32:
+        if isinstance(module, SlotLoRA):
             module.kernel = ext.lora_add
         if bf16 and isinstance(module, HybridLinear) and isinstance(module.large, DenseLinear):
             dense = module.large
@@ -170,39 +168,80 @@ def install_packed_kernels(model: nn.Module, ext: ModuleType) -> int:
 
 
 class GroupedAdapters:
-    """``(x, f) -> (f + routed adapters, top-k ids)`` on the C++ expert-grouped bf16 kernel.
+    """``(x, f, slots, k) -> (f + routed adapters, local top-k ids)`` on the C++ expert-grouped
+    bf16 kernel, over one layer's :class:`AdapterStack` of packed deltas.
 
-    Installed on a :class:`PescMLP` as ``grouped_adapters``; the decode step shares the same
-    packed experts.
+    Installed on a :class:`PescMLP` as ``grouped_adapters``; the decode step reads the same stack.
     """
 
-    def __init__(self, ext: ModuleType, mlp: PescMLP) -> None:
+    def __init__(self, ext: ModuleType, stack: object) -> None:
         self._run = ext.routed_adapters
-        self.packed = ext.PackedAdapters(mlp.router.weight.detach(), mlp.adapter_down.detach(),
-                                         mlp.adapter_up.detach(), mlp.topk)
+        self.stack = stack
 
-    def __call__(self, x: torch.Tensor, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        y, ids = self._run(x, f, self.packed)  # pybind returns a list
+    def __call__(self, x: torch.Tensor, f: torch.Tensor, slots: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y, ids = self._run(x, f, slots, self.stack, k)  # pybind returns a list
         return y, ids
 
 
-def grouped_adapters_fit(mlp: PescMLP) -> bool:
-    """bf16 adapter maths loses nothing that matters when the adapters are stored in bf16
-    or the shared FFN they sit on is quantized; a float32 model keeps the exact path."""
-    quantized_ffn = type(mlp.ffn.gate_up_proj) is not nn.Linear
-    return quantized_ffn or mlp.adapter_down.dtype == torch.bfloat16
+def grouped_adapters_fit(mlp: PescMLP, stored_dtype: torch.dtype | None) -> bool:
+    """bf16 adapter maths loses nothing that matters when a delta's adapters are stored in bf16
+    or the shared FFN they sit on is quantized; float32 deltas over a float32 FFN keep the
+    exact path."""
+    return type(mlp.ffn.gate_up_proj) is not nn.Linear or stored_dtype == torch.bfloat16
 
 
-def install_grouped_adapters(model: nn.Module, ext: ModuleType) -> int:
-    """Give every CPU :class:`PescMLP` below ``model`` that fits the grouped kernel; returns the count."""
-    if not ext.have_bf16_gemm():
-        return 0
-    count = 0
-    for mlp in model.modules():
-        if isinstance(mlp, PescMLP) and mlp.adapter_down.device.type == "cpu" and grouped_adapters_fit(mlp):
-            mlp.grouped_adapters = GroupedAdapters(ext, mlp)
-            count += 1
-    return count
+_LINEAR_INDEX = {"qkv_proj": 0, "o_proj": 1, "gate_up_proj": 2, "down_proj": 3}  # DecodeModel.set_lora's
+
+
+class CpuKernels:
+    """The extension's per-model state: the decode step (None where the model does not fit it)
+    and each layer's stack of packed deltas.  deltas/table.py installs and removes deltas here
+    and in the PyTorch modules alike."""
+
+    def __init__(self, ext: ModuleType, model: PescForCausalLM, decode_model: object | None,
+                 grouped: bool = True) -> None:
+        self.ext = ext
+        self.model = model
+        self.decode_model = decode_model
+        self.stacks: list[object] | None = None  # None: every delta's experts take the float32 path
+        if grouped and ext.have_bf16_gemm():
+            self.stacks = []
+            for i, layer in enumerate(model.layers):
+                stack = ext.AdapterStack()
+                layer.mlp.grouped_adapters = GroupedAdapters(ext, stack)
+                self.stacks.append(stack)
+                if decode_model is not None:
+                    decode_model.use_adapter_stack(i, stack)
+
+    def set_experts(self, layer: int, slot: int, experts: ExpertSet | None, stored_dtype: torch.dtype | None) -> None:
+        """Put (or, with None, remove) one delta's experts of one layer in ``slot``."""
+        mlp = self.model.layers[layer].mlp
+        dm = self.decode_model
+        mlp.packed_slots.discard(slot)
+        if self.stacks is not None:
+            self.stacks[layer].clear(slot)
+        if dm is not None:
+            dm.set_experts(layer, slot, _EMPTY, _EMPTY, _EMPTY, 0)
+        if experts is None:
+            return
+        if self.stacks is not None and grouped_adapters_fit(mlp, stored_dtype):
+            self.stacks[layer].set(slot, self.ext.PackedAdapters(experts.router, experts.down, experts.up, experts.topk))
+            mlp.packed_slots.add(slot)
+            if dm is not None:
+                dm.reserve_topk(experts.topk)
+        elif dm is not None:
+            dm.set_experts(layer, slot, _f32(experts.router), _f32(experts.down), _f32(experts.up_t), experts.topk)
+
+    def set_lora(self, module_name: str, slot: int, weights: LoRAWeights | None) -> None:
+        """Give the decode step one delta's LoRA pair on ``module_name`` (None: remove it)."""
+        if self.decode_model is None:
+            return
+        parts = module_name.split(".")  # layers.{l}.<attn or mlp...>.<leaf>
+        layer, which = int(parts[1]), _LINEAR_INDEX[parts[-1]]
+        if weights is None:
+            self.decode_model.set_lora(layer, which, slot, _EMPTY, _EMPTY)
+        else:
+            self.decode_model.set_lora(layer, which, slot, _f32(weights.a), _f32(weights.b))
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
@@ -212,50 +251,38 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 
 
 def build_decode_model(model: PescForCausalLM, ext: ModuleType) -> object:
-    """An ``ext.DecodeModel`` sharing ``model``'s weights; raises UnsupportedModel."""
+    """An ``ext.DecodeModel`` sharing ``model``'s base weights; raises UnsupportedModel."""
     cfg = model.config
     if model.embed_tokens.weight.device.type != "cpu":
         raise UnsupportedModel("not a CPU model")
     head = model.lm_head
     dm = ext.DecodeModel(
         cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
-        cfg.num_experts, cfg.topk, cfg.adapter_dim, float(cfg.rms_norm_eps), cfg.sliding_window or -1,
+        float(cfg.rms_norm_eps), cfg.sliding_window or -1,
         _f32(model.embed_tokens.weight), _f32(model.norm.weight),
         _linear(ext, head) if head is not None else ext.Linear(DENSE, _EMPTY, _EMPTY, 0, -1, _EMPTY, _EMPTY, 0, None, None),
         head is None, _f32(model.rotary.cos_sin),
     )
     for layer in model.layers:
-        mlp = layer.mlp
-        ffn = mlp.ffn if isinstance(mlp, PescMLP) else mlp
-        if isinstance(mlp, PescMLP):
-            if mlp.adapter_up_t is None:
-                mlp.finalize()
-            expert = (_f32(mlp.router.weight), _f32(mlp.adapter_down), _f32(mlp.adapter_up_t))
-        else:
-            expert = (_EMPTY, _EMPTY, _EMPTY)
-        spec = ext.Layer(
+        ffn = layer.mlp.ffn
+        dm.add_layer(ext.Layer(
             _f32(layer.input_layernorm.weight), _f32(layer.post_attention_layernorm.weight),
             _linear(ext, layer.self_attn.qkv_proj), _linear(ext, layer.self_attn.o_proj),
-            _linear(ext, ffn.gate_up_proj), _linear(ext, ffn.down_proj), *expert,
-        )
-        grouped = getattr(mlp, "grouped_adapters", None)
-        if isinstance(grouped, GroupedAdapters):
-            spec.use_grouped_adapters(grouped.packed)
-        dm.add_layer(spec)
+            _linear(ext, ffn.gate_up_proj), _linear(ext, ffn.down_proj),
+        ))
     return dm
 
 
-def try_build(model: PescForCausalLM, policy: str, kv_dtype: torch.dtype = torch.float32) -> object | None:
-    """The decode model for ``--cpu-kernels auto|on``; None when off or not applicable."""
+def try_build(model: PescForCausalLM, policy: str, kv_dtype: torch.dtype = torch.float32) -> CpuKernels | None:
+    """The CPU kernels for ``--cpu-kernels auto|on``; None when off or not applicable.  Their
+    ``decode_model`` is None where only the decode step does not fit (the PyTorch path still
+    gets the packed GEMMs and the grouped adapters)."""
     if policy == "off" or os.environ.get("PESC_SERVE_CPU_KERNELS") == "off":
         return None
     try:
         if kv_dtype not in (torch.float32, torch.float16):
             raise UnsupportedModel(f"the CPU decode kernels need a float32 or float16 KV cache, not {kv_dtype}")
         ext = load_extension()
-        install_packed_kernels(model, ext)
-        install_grouped_adapters(model, ext)
-        dm = build_decode_model(model, ext)
     except UnsupportedModel as exc:
         if policy == "on":
             raise ValueError(f"--cpu-kernels on: {exc}") from None
@@ -266,4 +293,12 @@ def try_build(model: PescForCausalLM, policy: str, kv_dtype: torch.dtype = torch
             raise ValueError(f"--cpu-kernels on: could not build the extension ({exc})") from None
         logger.warning("CPU decode kernels unavailable (%s); using the PyTorch path", exc)
         return None
-    return dm
+    install_packed_kernels(model, ext)
+    try:
+        dm = build_decode_model(model, ext)
+    except UnsupportedModel as exc:
+        if policy == "on":
+            raise ValueError(f"--cpu-kernels on: {exc}") from None
+        logger.info("CPU decode step not used: %s", exc)
+        dm = None
+    return CpuKernels(ext, model, dm)

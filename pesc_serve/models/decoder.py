@@ -1,15 +1,15 @@
 """Llama-family decoder (Llama, Mistral, Qwen2 bases) written for serving.
 
-Inputs are a flat batch of tokens with their absolute positions; the KV cache and the
-attention metadata come in as arguments, so the module holds weights only.  The MLP is the
-PESC MLP when the config has experts, else the plain shared FFN.
+Inputs are a flat batch of tokens with their absolute positions; the KV cache, the
+attention metadata and which delta each token runs come in as arguments, so the module
+holds weights only.  The base's weights are parameters; the deltas' experts and LoRA pairs
+sit in per-slot tables beside them (deltas/table.py fills them).
 
 Parameter names (what the loader produces):
     embed_tokens.weight, norm.weight, lm_head.weight (absent when tied)
     layers.{l}.input_layernorm.weight, layers.{l}.post_attention_layernorm.weight
     layers.{l}.self_attn.qkv_proj.{weight,bias}, layers.{l}.self_attn.o_proj.weight
-    layers.{l}.mlp[.ffn].gate_up_proj.weight, layers.{l}.mlp[.ffn].down_proj.weight
-    layers.{l}.mlp.router.weight [E, H], .adapter_down [E, r, H], .adapter_up [E, H, r]
+    layers.{l}.mlp.ffn.gate_up_proj.weight, layers.{l}.mlp.ffn.down_proj.weight
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ import torch
 from torch import nn
 
 from pesc_serve.config import ModelConfig
+from pesc_serve.deltas.batch import DeltaBatch
 from pesc_serve.layers.attention import AttentionMetadata, paged_attention
-from pesc_serve.layers.pesc_mlp import PescMLP, SharedFFN
+from pesc_serve.layers.lora import SlotLoRA
+from pesc_serve.layers.pesc_mlp import PescMLP
 from pesc_serve.layers.rms_norm import RMSNorm
 from pesc_serve.layers.rotary import RotaryEmbedding, apply_rotary
 
@@ -34,18 +36,20 @@ class Attention(nn.Module):
         self.scale = cfg.head_dim**-0.5
         self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
+        self.lora = nn.ModuleDict({"qkv_proj": SlotLoRA(), "o_proj": SlotLoRA()})
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_cache: torch.Tensor, meta: AttentionMetadata
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_cache: torch.Tensor, meta: AttentionMetadata,
+        deltas: DeltaBatch | None = None,
     ) -> torch.Tensor:
         t = x.shape[0]
-        qkv = self.qkv_proj(x)
+        qkv = self.lora["qkv_proj"](self.qkv_proj(x), x, deltas)
         # q and k heads are rotated in one go: [T, Hq + Hkv, D]
         qk = apply_rotary(qkv[:, : self.q_size + self.kv_size].view(t, -1, self.head_dim), *rope)
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
-        o = paged_attention(q, k, v, kv_cache, meta, self.scale)
-        return self.o_proj(o.reshape(t, self.q_size))
+        o = paged_attention(q, k, v, kv_cache, meta, self.scale).reshape(t, self.q_size)
+        return self.lora["o_proj"](self.o_proj(o), o, deltas)
 
 
 class DecoderLayer(nn.Module):
@@ -54,18 +58,14 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        if cfg.is_pesc:
-            self.mlp: nn.Module = PescMLP(
-                cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, cfg.topk, cfg.adapter_dim, dispatch
-            )
-        else:
-            self.mlp = SharedFFN(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = PescMLP(cfg.hidden_size, cfg.intermediate_size, dispatch)
 
     def forward(
-        self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_cache: torch.Tensor, meta: AttentionMetadata
+        self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_cache: torch.Tensor, meta: AttentionMetadata,
+        deltas: DeltaBatch | None = None,
     ) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), rope, kv_cache, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        h = h + self.self_attn(self.input_layernorm(h), rope, kv_cache, meta, deltas)
+        return h + self.mlp(self.post_attention_layernorm(h), deltas)
 
 
 class PescForCausalLM(nn.Module):
@@ -87,12 +87,15 @@ class PescForCausalLM(nn.Module):
         positions: torch.Tensor,
         kv_caches: torch.Tensor,
         meta: AttentionMetadata,
+        deltas: DeltaBatch | None = None,
     ) -> torch.Tensor:
-        """input_ids, positions: [T]; kv_caches: [L, 2, S, Hkv, D] -> final hidden states [T, H]."""
+        """input_ids, positions: [T]; kv_caches: [L, 2, S, Hkv, D] -> final hidden states [T, H].
+
+        ``deltas`` says which delta slot each token runs (None: slot 0 for all)."""
         h = self.embed_tokens(input_ids)
         rope = self.rotary.lookup(positions, h.dtype)
         for i, layer in enumerate(self.layers):
-            h = layer(h, rope, kv_caches[i], meta)
+            h = layer(h, rope, kv_caches[i], meta, deltas)
         return self.norm(h)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -101,35 +104,12 @@ class PescForCausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
 
-class ExpertLoad:
-    """Cumulative tokens routed to each (layer, expert): the router-load metric.
-
-    Layers only remember their last choices; one scatter per engine step adds them up, so
-    the decode path pays nothing per layer.
-    """
-
-    def __init__(self, model: PescForCausalLM) -> None:
-        cfg = model.config
-        self.layers = [layer.mlp for layer in model.layers]
-        device = model.embed_tokens.weight.device
-        self.counts = torch.zeros(cfg.num_layers, cfg.num_experts, dtype=torch.long, device=device)
-        self._offsets = (torch.arange(cfg.num_layers, device=device) * cfg.num_experts).view(-1, 1, 1)
-
-    def record(self, choices: torch.Tensor | None = None) -> None:
-        """Add one step's choices: those given as [L, T, k] (the C++ decode step's) and those
-        the layers remember from a PyTorch forward in the same step."""
-        if choices is not None:
-            self._add(choices)
-        per_layer = [mlp.last_topk for mlp in self.layers]
-        if all(c is not None for c in per_layer):
-            self._add(torch.stack(per_layer))
-        for mlp in self.layers:
-            object.__setattr__(mlp, "last_topk", None)  # plain attribute: skip nn.Module's hook
-
-    def _add(self, choices: torch.Tensor) -> None:
-        flat = (choices + self._offsets).reshape(-1)  # [L, T, k] -> global expert ids
-        self.counts.view(-1).index_add_(0, flat, torch.ones_like(flat))
-
-
-def expert_load(model: PescForCausalLM) -> ExpertLoad | None:
-    return ExpertLoad(model) if model.config.is_pesc else None
+def lora_site(model: PescForCausalLM, module_name: str) -> SlotLoRA:
+    """The per-slot LoRA holder beside the linear layer called ``module_name``
+    (e.g. ``layers.3.self_attn.qkv_proj``)."""
+    parent, _, leaf = module_name.rpartition(".")
+    holder = model.get_submodule(parent)
+    lora = getattr(holder, "lora", None)
+    if not isinstance(lora, nn.ModuleDict) or leaf not in lora:
+        raise KeyError(f"{module_name} takes no LoRA (only the attention and FFN projections do)")
+    return lora[leaf]

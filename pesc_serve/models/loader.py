@@ -3,12 +3,11 @@
 Tensors stream from the files one at a time into preallocated parameters (no second copy
 of the model in memory).  Hugging Face names map onto our fused layout: q/k/v into
 ``qkv_proj``, gate/up into ``gate_up_proj``, per-expert adapters into stacked ``[E, ...]``
-tensors with ``moe_scaling`` folded into the up-projection.  Both expert spellings
-(``experts.expert_{e}.`` Camelidae/Qwen2idae, ``experts.{e}.`` Sparsetral) are accepted.
-A PESC delta (routers, adapters, optional LoRA) is applied on top of its base.  Its LoRA is
-merged only into weights that stay unquantized (exact, and free at run time); a weight that
-is quantized keeps the checkpoint's values and runs the LoRA beside it, unmerged
-(layers/lora.py), since re-quantizing a merged weight would round the update away.
+tensors with ``moe_scaling`` folded into the up-projection (deltas/delta.py reads those).
+The model holds the base's weights only: a full PESC checkpoint's own experts, or the delta
+that ``--model`` names over its base, come back as a :class:`Delta` that the engine installs
+in slot 0, beside the deltas of ``--adapters``.  LoRA pairs are never merged: the base
+keeps the checkpoint's values and each delta's update runs beside it (layers/lora.py).
 Missing, unexpected or mis-shaped tensors stop the load with a message naming the tensor.
 """
 
@@ -23,7 +22,17 @@ import torch
 from torch import nn
 
 from pesc_serve.config import LoadConfig, ModelConfig, resolve_device, resolve_dtype
-from pesc_serve.layers.lora import LoRALinear, LoRAPart, fuse_parts, merge_into
+from pesc_serve.deltas.delta import (
+    Delta,
+    DeltaSource,
+    ExpertCollector,
+    LoRASite,
+    canonical_name,
+    find_delta,
+    is_adapter_tensor,
+    read_delta,
+)
+from pesc_serve.deltas.table import DeltaTable
 from pesc_serve.layers.quant import (
     INT4_GROUP_SIZE,
     INT4_PACK_ROWS,
@@ -38,19 +47,17 @@ from pesc_serve.models.decoder import PescForCausalLM
 from pesc_serve.models.gguf_reader import GGUFCheckpoint, Q4Blocks
 from pesc_serve.registry import ModelSource
 
-_EXPERT_KEY = re.compile(r"\.experts\.(?:expert_)?(\d+)\.")
 _IGNORED = re.compile(r"(\.rotary_emb\.inv_freq$)|(\.masked_bias$)|(\.attn\.bias$)")
-_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight$")
+LORA_MODULES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # the linears a delta's LoRA may target
 
 
 @dataclass
 class Target:
-    """Where one checkpoint tensor lands: ``param[index]`` (times ``scale``)."""
+    """Where one checkpoint tensor lands: ``param[index]``."""
 
     param: torch.Tensor
     index: tuple
     shape: tuple[int, ...]
-    scale: float = 1.0
 
     def view(self) -> torch.Tensor:
         return self.param[self.index] if self.index else self.param
@@ -58,57 +65,78 @@ class Target:
 
 @dataclass
 class LoadedModel:
-    """A ready model and what the start-up log reports about it."""
+    """A ready base model, the delta its name serves (slot 0; None: the bare base), and what the
+    start-up log reports about it."""
 
     model: PescForCausalLM
-    config: ModelConfig
+    config: ModelConfig  # the base's geometry
     source: ModelSource
     dtype: torch.dtype
     device: torch.device
     quantization: QuantPlan
     num_params: int
     weight_bytes: int
+    delta: Delta | None = None
 
 
-def canonical_name(name: str) -> str:
-    """Normalise the two expert spellings to ``experts.{e}.``."""
-    return _EXPERT_KEY.sub(lambda m: f".experts.{m.group(1)}.", name)
+@dataclass(frozen=True)
+class Placement:
+    """Where a Hugging Face tensor goes: ``rows`` of parameter ``param`` of module ``module``."""
+
+    module: str
+    param: str
+    shape: tuple[int, ...]
+    rows: slice | None = None
+
+
+def placements(cfg: ModelConfig, tied_head: bool) -> dict[str, Placement]:
+    """Every base tensor name the config implies, and where it lands: the one name map that the
+    loader, the LoRA sites and the GGUF block check share."""
+    h, inter = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.q_size, cfg.kv_size
+    t = {
+        "model.embed_tokens.weight": Placement("embed_tokens", "weight", (cfg.vocab_size, h)),
+        "model.norm.weight": Placement("norm", "weight", (h,)),
+    }
+    if not tied_head:
+        t["lm_head.weight"] = Placement("lm_head", "weight", (cfg.vocab_size, h))
+    for i in range(cfg.num_layers):
+        p, m = f"model.layers.{i}.", f"layers.{i}."
+        t[p + "input_layernorm.weight"] = Placement(m + "input_layernorm", "weight", (h,))
+        t[p + "post_attention_layernorm.weight"] = Placement(m + "post_attention_layernorm", "weight", (h,))
+        for name, lo, hi in (("q_proj", 0, q), ("k_proj", q, q + kv), ("v_proj", q + kv, q + 2 * kv)):
+            t[p + f"self_attn.{name}.weight"] = Placement(m + "self_attn.qkv_proj", "weight", (hi - lo, h), slice(lo, hi))
+            if cfg.attention_bias:
+                t[p + f"self_attn.{name}.bias"] = Placement(m + "self_attn.qkv_proj", "bias", (hi - lo,), slice(lo, hi))
+        t[p + "self_attn.o_proj.weight"] = Placement(m + "self_attn.o_proj", "weight", (h, q))
+        t[p + "mlp.gate_proj.weight"] = Placement(m + "mlp.ffn.gate_up_proj", "weight", (inter, h), slice(0, inter))
+        t[p + "mlp.up_proj.weight"] = Placement(m + "mlp.ffn.gate_up_proj", "weight", (inter, h), slice(inter, 2 * inter))
+        t[p + "mlp.down_proj.weight"] = Placement(m + "mlp.ffn.down_proj", "weight", (h, inter))
+    return t
 
 
 def build_targets(model: PescForCausalLM, cfg: ModelConfig) -> dict[str, Target]:
-    """Every Hugging Face tensor name the config implies, mapped onto our parameters."""
-    h, inter = cfg.hidden_size, cfg.intermediate_size
-    q, kv = cfg.q_size, cfg.kv_size
-    t: dict[str, Target] = {
-        "model.embed_tokens.weight": Target(model.embed_tokens.weight, (), (cfg.vocab_size, h)),
-        "model.norm.weight": Target(model.norm.weight, (), (h,)),
-    }
-    if model.lm_head is not None:
-        t["lm_head.weight"] = Target(model.lm_head.weight, (), (cfg.vocab_size, h))
-    for i, layer in enumerate(model.layers):
-        p = f"model.layers.{i}."
-        attn = layer.self_attn
-        t[p + "input_layernorm.weight"] = Target(layer.input_layernorm.weight, (), (h,))
-        t[p + "post_attention_layernorm.weight"] = Target(layer.post_attention_layernorm.weight, (), (h,))
-        for name, lo, hi in (("q_proj", 0, q), ("k_proj", q, q + kv), ("v_proj", q + kv, q + 2 * kv)):
-            t[p + f"self_attn.{name}.weight"] = Target(attn.qkv_proj.weight, (slice(lo, hi),), (hi - lo, h))
-            if cfg.attention_bias:
-                t[p + f"self_attn.{name}.bias"] = Target(attn.qkv_proj.bias, (slice(lo, hi),), (hi - lo,))
-        t[p + "self_attn.o_proj.weight"] = Target(attn.o_proj.weight, (), (h, q))
-        ffn = layer.mlp.ffn if cfg.is_pesc else layer.mlp
-        t[p + "mlp.gate_proj.weight"] = Target(ffn.gate_up_proj.weight, (slice(0, inter),), (inter, h))
-        t[p + "mlp.up_proj.weight"] = Target(ffn.gate_up_proj.weight, (slice(inter, 2 * inter),), (inter, h))
-        t[p + "mlp.down_proj.weight"] = Target(ffn.down_proj.weight, (), (h, inter))
-        if cfg.is_pesc:
-            mlp = layer.mlp
-            a = p + "mlp.moe_adapter."
-            t[a + "router.weight"] = Target(mlp.router.weight, (), (cfg.num_experts, h))
-            for e in range(cfg.num_experts):
-                t[a + f"experts.{e}.adapter_down.weight"] = Target(mlp.adapter_down, (e,), (cfg.adapter_dim, h))
-                t[a + f"experts.{e}.adapter_up.weight"] = Target(
-                    mlp.adapter_up, (e,), (h, cfg.adapter_dim), scale=cfg.moe_scaling
-                )
-    return t
+    """Every base tensor name the config implies, mapped onto our parameters."""
+    targets = {}
+    for name, p in placements(cfg, model.lm_head is None).items():
+        param = getattr(model.get_submodule(p.module), p.param)
+        targets[name] = Target(param, (p.rows,) if p.rows is not None else (), p.shape)
+    return targets
+
+
+def lora_sites(cfg: ModelConfig) -> dict[str, LoRASite]:
+    """The checkpoint weights a delta's LoRA may update, and the fused module rows they are."""
+    return {name: LoRASite(p.module, p.rows or slice(0, p.shape[0]), p.shape)  # type: ignore[arg-type]
+            for name, p in placements(cfg, True).items()
+            if p.param == "weight" and p.module.rsplit(".", 1)[-1] in LORA_MODULES}
+
+
+def linear_out_features(cfg: ModelConfig) -> dict[str, int]:
+    """Output width of each LoRA-capable linear module."""
+    out: dict[str, int] = {}
+    for site in lora_sites(cfg).values():
+        out[site.module] = max(out.get(site.module, 0), site.rows.stop)
+    return out
 
 
 def _materialize(model: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
@@ -124,35 +152,36 @@ class _Assigner:
 
     Q4_1 blocks aimed at a linear module the plan makes int4 are kept as they are (``blocks``,
     per module: the parts of a fused layer with their output rows); any other is dequantized.
+    A full PESC checkpoint's routers and adapters go to ``experts`` (None: a dense config).
     """
 
-    def __init__(self, targets: dict[str, Target], tied: bool, model: nn.Module, int4_modules: set[str]) -> None:
+    def __init__(self, targets: dict[str, Target], places: dict[str, Placement], tied: bool,
+                 int4_modules: set[str], experts: ExpertCollector | None) -> None:
         self.targets = targets
+        self.places = places
         self.tied = tied
         self.seen: set[str] = set()
-        self.lora: dict[str, dict[str, torch.Tensor]] = {}
-        self.module_of = {id(m.weight): name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
         self.int4_modules = int4_modules
         self.blocks: dict[str, list[tuple[slice, Q4Blocks, str]]] = {}
+        self.experts = experts
 
-    def assign(self, raw_name: str, tensor: "torch.Tensor | Q4Blocks", origin: Path, allow_lora: bool = False) -> None:
+    def assign(self, raw_name: str, tensor: "torch.Tensor | Q4Blocks", origin: Path) -> None:
         name = canonical_name(raw_name)
         if _IGNORED.search(name) or (self.tied and name == "lm_head.weight"):
             return
+        target = self.targets.get(name)
         if isinstance(tensor, Q4Blocks):
-            target = self.targets.get(name)
-            module = self.module_of.get(id(target.param)) if target is not None else None
+            place = self.places.get(name)
+            module = place.module if place is not None and place.param == "weight" else None
             if module in self.int4_modules and tuple(tensor.shape) == target.shape and name not in self.seen:
-                rows = target.index[0] if target.index else slice(0, target.shape[0])
+                rows = place.rows or slice(0, place.shape[0])
                 self.blocks.setdefault(module, []).append((rows, tensor, name))
                 self.seen.add(name)
                 return
             tensor = tensor.dequantize()
-        lora = _LORA_KEY.match(name) if allow_lora else None
-        if lora is not None:
-            self.lora.setdefault(lora.group(1) + ".weight", {})[lora.group(2)] = tensor
+        if target is None and self.experts is not None and is_adapter_tensor(name):
+            self.experts.add(raw_name, name, tensor, origin)
             return
-        target = self.targets.get(name)
         if target is None:
             raise ValueError(f"{origin}: unexpected tensor {raw_name!r} (not part of this model's config.json)")
         if tuple(tensor.shape) != target.shape:
@@ -163,35 +192,11 @@ class _Assigner:
         if name in self.seen:
             raise ValueError(f"{origin}: tensor {raw_name!r} appears twice")
         with torch.no_grad():
-            value = tensor.float() * target.scale if target.scale != 1.0 else tensor
-            target.view().copy_(value)
+            target.view().copy_(tensor)
         self.seen.add(name)
 
-    def lora_parts(self, origin: Path) -> dict[str, list[LoRAPart]]:
-        """The delta's LoRA pairs, checked, grouped by the (fused) linear module they update."""
-        module_of = self.module_of
-        parts: dict[str, list[LoRAPart]] = {}
-        for name, pair in self.lora.items():
-            if set(pair) != {"A", "B"}:
-                raise ValueError(f"{origin}: LoRA for {name!r} has only lora_{''.join(pair)}")
-            target = self.targets.get(name)
-            if target is None:
-                raise ValueError(f"{origin}: LoRA targets unknown tensor {name!r}")
-            a, b = pair["A"].float(), pair["B"].float()
-            if a.shape[1] != target.shape[1] or b.shape[0] != target.shape[0] or a.shape[0] != b.shape[1]:
-                raise ValueError(
-                    f"{origin}: LoRA for {name!r} has A {list(a.shape)} and B {list(b.shape)}, "
-                    f"which do not fit the weight {list(target.shape)}"
-                )
-            module = module_of.get(id(target.param))
-            if module is None:
-                raise ValueError(f"{origin}: LoRA for {name!r} targets a tensor that is not a linear layer's weight")
-            rows = target.index[0] if target.index else slice(0, target.shape[0])
-            parts.setdefault(module, []).append(LoRAPart(a, b, rows))
-        return parts
-
     def check_complete(self, what: str) -> None:
-        missing = sorted(set(self.targets) - self.seen)
+        missing = sorted(set(self.targets) - self.seen) + (self.experts.missing() if self.experts else [])
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise ValueError(f"{what}: checkpoint is missing tensor(s) {shown}")
@@ -275,8 +280,11 @@ def apply_quantization(model: PescForCausalLM, plan: QuantPlan, dtype: torch.dty
 
 
 def load_model(source: ModelSource, load: LoadConfig, max_positions: int | None = None) -> LoadedModel:
-    """Build the model for ``source`` and fill every parameter from its checkpoint(s)."""
-    cfg = ModelConfig.from_hf_config(source.config, source=str(source.path))
+    """Build the base model for ``source`` and fill every parameter from its checkpoint(s); the
+    delta ``source`` names (a PESC delta over its base, or a full checkpoint's own experts) comes
+    back beside it."""
+    base = source.base if source.kind == "delta" and source.base is not None else source
+    cfg = ModelConfig.from_hf_config(base.config if source.kind == "delta" else source.config, source=str(base.path))
     device = resolve_device(load.device)
     dtype = resolve_dtype(load.dtype, device)
     with torch.device("meta"):
@@ -286,38 +294,37 @@ def load_model(source: ModelSource, load: LoadConfig, max_positions: int | None 
     quant = resolve_quantization(load.quantization, device, dtype, vnni=device.type == "cpu" and cpu_has_vnni())
     int4_modules = {name for name, m in model.named_modules()
                     if isinstance(m, nn.Linear) and quant.method_for(name) == "int4" and device.type == "cpu"}
-    assigner = _Assigner(build_targets(model, cfg), cfg.tie_word_embeddings, model, int4_modules)
-    lora: dict[str, list[LoRAPart]] = {}
-    if load.load_format == "dummy":
-        _fill_random(assigner)
-    elif source.kind == "delta":
-        assert source.base is not None
-        for name, tensor, origin in _source_tensors(source.base, q4_blocks=bool(int4_modules)):
-            assigner.assign(name, tensor, origin)
-        delta_file = source.path / "adapter_model.safetensors"
-        for name, tensor in iter_tensors(delta_file):
-            assigner.assign(name, tensor, delta_file, allow_lora=True)
-        lora = assigner.lora_parts(delta_file)
-    else:
-        for name, tensor, origin in _source_tensors(source, q4_blocks=bool(int4_modules)):
-            assigner.assign(name, tensor, origin)
-    assigner.check_complete(str(source.path))
-    _install_blocks(model, assigner, quant, dtype)
-    scaling = _lora_scaling(source.delta) if source.kind == "delta" else 1.0
-    unmerged = {name: parts for name, parts in lora.items() if quant.method_for(name) != "none"}
-    for name, parts in lora.items():
-        if name not in unmerged:
-            for part in parts:
-                merge_into(model.get_submodule(name).weight, part, scaling)
-    apply_quantization(model, quant, dtype)
-    for name, parts in unmerged.items():
-        _attach_lora(model, name, parts, scaling, dtype)
+    own_experts = None
     if cfg.is_pesc:
-        for layer in model.layers:
-            layer.mlp.finalize()
+        geometry = (cfg.num_experts, cfg.topk, cfg.adapter_dim, cfg.moe_scaling)
+        own_experts = ExpertCollector(cfg, geometry, str(source.path), "this model's config.json")
+    places = placements(cfg, model.lm_head is None)
+    assigner = _Assigner(build_targets(model, cfg), places, cfg.tie_word_embeddings, int4_modules, own_experts)
+    if load.load_format == "dummy":
+        _fill_random(assigner, cfg)
+    else:
+        for name, tensor, origin in _source_tensors(base, q4_blocks=bool(int4_modules)):
+            assigner.assign(name, tensor, origin)
+    assigner.check_complete(str(base.path))
+    _install_blocks(model, assigner, quant, dtype)
+    apply_quantization(model, quant, dtype)
     model.eval()
     weight_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-    return LoadedModel(model, cfg, source, dtype, device, quant, cfg.num_parameters, weight_bytes)
+    loaded = LoadedModel(model, cfg, source, dtype, device, quant, cfg.num_parameters, weight_bytes)
+    if source.kind == "delta":  # its experts replace a PESC base's own
+        loaded.delta = load_delta(loaded, find_delta(source.name, source.path))
+    elif own_experts is not None:
+        loaded.delta = Delta(source.name, str(source.path), experts=own_experts.build(dtype, device),
+                             stored_dtype=own_experts.dtype)
+    if loaded.delta is not None:  # ready to run offline; the engine adds it to its own table
+        DeltaTable(model, None, 1).install(0, loaded.delta)
+    return loaded
+
+
+def load_delta(loaded: LoadedModel, source: DeltaSource) -> Delta:
+    """Read ``source`` over ``loaded``'s base (checked against its geometry)."""
+    return read_delta(source, loaded.config, loaded.source.name, lora_sites(loaded.config),
+                      linear_out_features(loaded.config), loaded.dtype, loaded.device)
 
 
 def _install_blocks(model: nn.Module, assigner: _Assigner, plan: QuantPlan, dtype: torch.dtype) -> None:
@@ -354,36 +361,18 @@ def _install_blocks(model: nn.Module, assigner: _Assigner, plan: QuantPlan, dtyp
         setattr(model.get_submodule(parent_name), attr, layer)
 
 
-def _attach_lora(model: nn.Module, name: str, parts: list[LoRAPart], scaling: float, dtype: torch.dtype) -> None:
-    """Wrap the (now quantized) module ``name`` with its unmerged LoRA."""
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name)
-    base = getattr(parent, attr)
-    device = model.embed_tokens.weight.device
-    a, b = fuse_parts(parts, base.out_features, scaling, dtype, device)
-    setattr(parent, attr, LoRALinear(base, a, b))
-
-
-def _fill_random(assigner: _Assigner) -> None:
+def _fill_random(assigner: _Assigner, cfg: ModelConfig) -> None:
     """``--load-format dummy``: deterministic random weights of realistic scale, no files read.
 
     For benchmarking a checkpoint's shapes (e.g. Camelidae-8x7B) without its 14 GB of weights.
     """
-    generators: dict[torch.device, torch.Generator] = {}
-    for name, target in assigner.targets.items():
-        device = target.param.device
-        gen = generators.setdefault(device, torch.Generator(device=device).manual_seed(0))
+    shapes = {name: t.shape for name, t in assigner.targets.items()}
+    if assigner.experts is not None:
+        shapes.update((name, assigner.experts.expected_shape(name)) for name in assigner.experts.expected_names())
+    gen = torch.Generator().manual_seed(0)
+    for name, shape in shapes.items():
         if name.endswith("norm.weight"):
-            value = torch.ones(target.shape, device=device)
+            value = torch.ones(shape)
         else:
-            value = torch.randn(target.shape, generator=gen, device=device) * (target.shape[-1] ** -0.5)
+            value = torch.randn(shape, generator=gen) * (shape[-1] ** -0.5)
         assigner.assign(name, value, Path("<dummy>"))
-
-
-def _lora_scaling(delta: dict) -> float:
-    """LoRA's alpha / rank, as peft applies it."""
-    rank = delta.get("lora_rank")
-    if not rank:
-        return 1.0
-    alpha = delta.get("lora_alpha")
-    return float(alpha if alpha is not None else rank) / float(rank)

@@ -15,6 +15,7 @@ from pesc_serve.engine.async_engine import AsyncEngine
 from pesc_serve.server.chat import ChatFormatter
 from pesc_serve.server.errors import error_response, install_error_handlers
 from pesc_serve.server.metrics import ServerMetrics
+from pesc_serve.server.adapter_routes import build_adapter_router
 from pesc_serve.server.openai_routes import build_router
 from pesc_serve.server.serving import OpenAIServing
 
@@ -111,6 +112,8 @@ def create_app(
     app.state.serving = serving
 
     app.include_router(build_router(serving))
+    if cfg.enable_runtime_adapters:
+        app.include_router(build_adapter_router(serving))
 
     @app.get("/health")
     async def health() -> Response:

@@ -17,7 +17,7 @@ from pesc_serve.server.serving import OpenAIServing, Choice, request_params, usa
 
 
 async def create_chat_completion(serving: OpenAIServing, req: ChatCompletionRequest, raw: Request) -> Any:
-    serving.check_model(req.model)
+    model = serving.check_model(req.model)
     params = request_params(req)
     try:
         text = serving.formatter.render(req.messages, req.add_generation_prompt, **(req.chat_template_kwargs or {}))
@@ -26,7 +26,7 @@ async def create_chat_completion(serving: OpenAIServing, req: ChatCompletionRequ
     except ChatTemplateError as exc:
         raise APIError(500, str(exc), code="chat_template_error") from None
     prompt_ids = serving.formatter.encode(text)
-    choices = serving.start([prompt_ids], params, req.n, new_id("chatcmpl"), prompt_param="messages")
+    choices = serving.start([prompt_ids], params, req.n, new_id("chatcmpl"), prompt_param="messages", model=model)
     obj_id = choices[0].stream.request_id.rsplit("-", 1)[0]
     if req.stream:
         return serving.sse(_chat_events(serving, obj_id, choices, req))
@@ -47,7 +47,7 @@ async def create_chat_completion(serving: OpenAIServing, req: ChatCompletionRequ
             "id": obj_id,
             "object": "chat.completion",
             "created": now(),
-            "model": serving.model_name,
+            "model": model,
             "choices": body_choices,
             "usage": usage_of(states, req.n),
         }
@@ -61,7 +61,7 @@ async def _chat_events(
     states = {c.index: ChoiceState(c.index) for c in choices}
 
     def chunk(choices_: list[dict], usage_: dict | None = None) -> dict:
-        return chunk_envelope(obj_id, "chat.completion.chunk", created, serving.model_name, choices_, usage_)
+        return chunk_envelope(obj_id, "chat.completion.chunk", created, choices[0].model, choices_, usage_)
 
     for c in choices:
         yield chunk(

@@ -24,7 +24,7 @@ from pesc_serve.server.serving import OpenAIServing, Choice, request_params, usa
 
 
 async def create_completion(serving: OpenAIServing, req: CompletionRequest, raw: Request) -> Any:
-    serving.check_model(req.model)
+    model = serving.check_model(req.model)
     params = request_params(req)
     if req.echo and req.logprobs is not None:
         raise APIError(400, "echo together with logprobs is not supported", "echo", "unsupported")
@@ -33,7 +33,7 @@ async def create_completion(serving: OpenAIServing, req: CompletionRequest, raw:
     ]
     if any(not p for p in prompts):
         raise APIError(400, "prompt must not be empty", "prompt", "invalid_value")
-    choices = serving.start(prompts, params, req.n, new_id("cmpl"))
+    choices = serving.start(prompts, params, req.n, new_id("cmpl"), model=model)
     obj_id = choices[0].stream.request_id.rsplit("-", 1)[0]
     echo = {c.index: _echo_text(serving, req, c.prompt_ids) for c in choices}
     if req.stream:
@@ -54,7 +54,7 @@ async def create_completion(serving: OpenAIServing, req: CompletionRequest, raw:
             "id": obj_id,
             "object": "text_completion",
             "created": now(),
-            "model": serving.model_name,
+            "model": model,
             "choices": body_choices,
             "usage": usage_of(states, req.n),
         }
@@ -87,7 +87,7 @@ async def _completion_events(
                 obj_id,
                 "text_completion",
                 created,
-                serving.model_name,
+                choices[0].model,
                 [
                     {
                         "index": c.index,
@@ -99,5 +99,5 @@ async def _completion_events(
             )
     if req.include_usage:
         yield chunk_envelope(
-            obj_id, "text_completion", created, serving.model_name, [], usage_of(list(states.values()), req.n)
+            obj_id, "text_completion", created, choices[0].model, [], usage_of(list(states.values()), req.n)
         )

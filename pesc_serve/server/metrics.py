@@ -24,18 +24,19 @@ _E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 30
 
 
 class _ExpertCollector:
-    """Exposes the model's cumulative [L, E] routing counts as one labelled counter."""
+    """Exposes each served model's cumulative [L, E] routing counts as one labelled counter."""
 
-    def __init__(self, counts: torch.Tensor) -> None:
+    def __init__(self, counts: Callable[[], dict[str, torch.Tensor]]) -> None:
         self.counts = counts
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         fam = CounterMetricFamily(
-            "pesc:expert_tokens", "Tokens routed to each expert (router load)", labels=["layer", "expert"]
+            "pesc:expert_tokens", "Tokens routed to each expert (router load)", labels=["model", "layer", "expert"]
         )
-        for layer, row in enumerate(self.counts.tolist()):
-            for expert, value in enumerate(row):
-                fam.add_metric([str(layer), str(expert)], value)
+        for model, counts in self.counts().items():
+            for layer, row in enumerate(counts.tolist()):
+                for expert, value in enumerate(row):
+                    fam.add_metric([model, str(layer), str(expert)], value)
         yield fam
 
 
@@ -53,6 +54,7 @@ _ENGINE_GAUGES = (
 @dataclass
 class _Timing:
     start: float
+    model: str
     first_token: float | None = None
     num_tokens: int = 0
 
@@ -62,7 +64,7 @@ class ServerMetrics:
     """Metric objects plus the per-request timings they need."""
 
     stats: Callable[[], EngineStats]
-    expert_counts: torch.Tensor | None = None
+    expert_counts: Callable[[], dict[str, torch.Tensor]] | None = None  # ExpertLoad.snapshot: model -> [L, E]
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     _timings: dict[str, _Timing] = field(default_factory=dict)
 
@@ -71,10 +73,11 @@ class ServerMetrics:
         for name, field_name, doc in _ENGINE_GAUGES:
             gauge = Gauge(name, doc, registry=r)
             gauge.set_function(lambda f=field_name: getattr(self.stats(), f))
-        self.prompt_tokens = Counter("pesc:prompt_tokens", "Prompt tokens processed", registry=r)
-        self.generation_tokens = Counter("pesc:generation_tokens", "Tokens generated", registry=r)
+        self.prompt_tokens = Counter("pesc:prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
+        self.generation_tokens = Counter("pesc:generation_tokens", "Tokens generated", ["model"], registry=r)
         self.request_success = Counter(
-            "pesc:request_success", "Finished requests by finish reason", ["finished_reason"], registry=r
+            "pesc:request_success", "Finished requests by model and finish reason", ["model", "finished_reason"],
+            registry=r,
         )
         self.ttft = Histogram(
             "pesc:time_to_first_token_seconds", "Time to first token", buckets=_LATENCY_BUCKETS, registry=r
@@ -89,8 +92,8 @@ class ServerMetrics:
         if self.expert_counts is not None:
             r.register(_ExpertCollector(self.expert_counts))
 
-    def on_start(self, request_id: str) -> None:
-        self._timings[request_id] = _Timing(time.monotonic())
+    def on_start(self, request_id: str, model: str = "") -> None:
+        self._timings[request_id] = _Timing(time.monotonic(), model)
 
     def on_output(self, request_id: str, out: RequestOutput) -> None:
         t = self._timings.get(request_id)
@@ -100,21 +103,22 @@ class ServerMetrics:
         if out.new_token_ids and t.first_token is None:
             t.first_token = now
             self.ttft.observe(now - t.start)
-            self.prompt_tokens.inc(out.num_prompt_tokens)
+            self.prompt_tokens.labels(model=t.model).inc(out.num_prompt_tokens)
         t.num_tokens += len(out.new_token_ids)
-        self.generation_tokens.inc(len(out.new_token_ids))
+        self.generation_tokens.labels(model=t.model).inc(len(out.new_token_ids))
         if out.finished:
             self.e2e.observe(now - t.start)
             if t.first_token is not None and t.num_tokens > 1:
                 self.tpot.observe((now - t.first_token) / (t.num_tokens - 1))
             reason = out.finish_reason.value if out.finish_reason is not None else "unknown"
-            self.request_success.labels(finished_reason=reason).inc()
+            self.request_success.labels(model=t.model, finished_reason=reason).inc()
             self._timings.pop(request_id, None)
 
     def on_close(self, request_id: str) -> None:
         """The client stopped listening; a request that had not finished counts as aborted."""
-        if self._timings.pop(request_id, None) is not None:
-            self.request_success.labels(finished_reason="abort").inc()
+        t = self._timings.pop(request_id, None)
+        if t is not None:
+            self.request_success.labels(model=t.model, finished_reason="abort").inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -29,7 +29,6 @@ def build_router(serving: OpenAIServing) -> APIRouter:
 
     @router.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> dict:
-        serving.check_model(model_id)
-        return serving.models()["data"][0]
+        return serving.model_card(model_id)
 
     return router

@@ -22,6 +22,7 @@ from fastapi import Request
 from sse_starlette.sse import EventSourceResponse
 
 from pesc_serve.config import ServerConfig
+from pesc_serve.deltas.served_models import ServedModel, UnknownModelError
 from pesc_serve.engine.async_engine import (
     ANSWER_GRACE_S,
     AsyncEngine,
@@ -58,6 +59,7 @@ class Choice:
     prompt_ids: list[int]
     stream: RequestStream
     started: float
+    model: str  # the served model name it runs (what responses report)
 class OpenAIServing:
     """What every endpoint shares, bound to one engine and one served model name."""
 
@@ -79,12 +81,16 @@ class OpenAIServing:
 
     # ---- shared plumbing ----------------------------------------------------------------
 
-    def check_model(self, model: str | None) -> None:
-        if model and model != self.model_name:  # absent or empty: the one served model
-            raise APIError(404, f"The model `{model}` does not exist.", "model", "model_not_found")
+    def check_model(self, model: str | None) -> str:
+        """The served name ``model`` resolves to (absent or empty: the --model); 404 if none."""
+        try:
+            return self.engine.engine.models.get(model).name
+        except UnknownModelError as exc:
+            raise APIError(404, str(exc), "model", "model_not_found") from None
 
     def start(
-        self, prompts: list[list[int]], params: SamplingParams, n: int, base_id: str, prompt_param: str = "prompt"
+        self, prompts: list[list[int]], params: SamplingParams, n: int, base_id: str, prompt_param: str = "prompt",
+        model: str | None = None,
     ) -> list[Choice]:
         """Open one engine stream per (prompt, choice); all-or-nothing.  ``prompt_param`` is the
         request field a bad prompt is blamed on (``messages`` for chat)."""
@@ -94,8 +100,8 @@ class OpenAIServing:
                 for j in range(n):
                     index = p * n + j
                     ps = params if params.seed is None else dataclasses.replace(params, seed=params.seed + j)
-                    stream = self.engine.add_request(f"{base_id}-{index}", ids, ps)
-                    choices.append(Choice(index, ids, stream, time.monotonic()))
+                    stream = self.engine.add_request(f"{base_id}-{index}", ids, ps, model)
+                    choices.append(Choice(index, ids, stream, time.monotonic(), model or self.model_name))
         except EngineOverloadedError as exc:
             self._close(choices)
             raise APIError(429, str(exc), code="server_overloaded", headers={"Retry-After": RETRY_AFTER_S}) from None
@@ -105,12 +111,15 @@ class OpenAIServing:
         except EngineDrainingError as exc:
             self._close(choices)
             raise APIError(503, str(exc), code="shutting_down", headers={"Retry-After": RETRY_AFTER_S}) from None
+        except UnknownModelError as exc:  # unloaded between the check and now
+            self._close(choices)
+            raise APIError(404, str(exc), "model", "model_not_found") from None
         except ValueError as exc:
             self._close(choices)
             param = param_of(exc)
             raise APIError(400, str(exc), prompt_param if param == "prompt" else param, "invalid_value") from None
         for c in choices:
-            self._metric("on_start", c.stream.request_id)
+            self._metric("on_start", c.stream.request_id, c.model)
         return choices
 
     def _metric(self, hook: str, *args: Any) -> None:
@@ -221,19 +230,21 @@ class OpenAIServing:
     # ---- models -------------------------------------------------------------------------
 
     def models(self) -> dict:
+        """Every served model; a delta names its base in ``parent`` (vLLM's convention)."""
+        return {"object": "list", "data": [self._card(m) for m in self.engine.engine.models.listed()]}
+
+    def model_card(self, name: str) -> dict:
+        return self._card(self.engine.engine.models.get(self.check_model(name)))
+
+    def _card(self, model: ServedModel) -> dict:
         return {
-            "object": "list",
-            "data": [
-                {
-                    "id": self.model_name,
-                    "object": "model",
-                    "created": self.created,
-                    "owned_by": "pesc-serve",
-                    "root": self.model_name,
-                    "parent": None,
-                    "max_model_len": self.engine.max_model_len,
-                }
-            ],
+            "id": model.name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "pesc-serve",
+            "root": str(model.source.path) if model.source is not None else model.name,
+            "parent": model.parent,
+            "max_model_len": self.engine.max_model_len,
         }
 def request_params(req: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
     try:

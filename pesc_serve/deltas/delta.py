@@ -292,7 +292,7 @@ def read_delta(source: DeltaSource, base: ModelConfig, base_name: str, sites: di
     """Read and check ``source`` against the base; raises ValueError naming the file and the problem."""
     check_declared_geometry(source, base, base_name)
     origin = source.weights
-    context = f"the base {base_name} (hidden {base.hidden_size}, {base.num_layers} layers)"
+    context = f"the base model {base_name!r} (hidden {base.hidden_size}, {base.num_layers} layers)"
     experts = None
     if source.kind == "pesc":
         # A delta over a PESC base (a crafted model) may leave the expert geometry to the base's config.

@@ -57,7 +57,7 @@ def describe(engine: LLMEngine) -> list[str]:
         f"heads {cfg.num_heads}/{cfg.num_kv_heads} kv",
     ]
     for model in engine.models.listed():
-        role = "base" if model.parent is None else f"delta over {model.parent}"
+        role = "the --model" if model.parent is None else f"a delta served beside {model.parent}"
         what = model.delta.describe() if model.delta is not None else f"{model.name}: the base alone (no experts)"
         lines.append(f"serves {role}: {what}")
     lines.append(f"expert dispatch {engine.runner.model.layers[0].mlp.dispatch}")

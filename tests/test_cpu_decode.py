@@ -77,8 +77,11 @@ def _compare_decode_steps(ext, path: str, quantization: str, lengths: list[int],
     if pesc:
         table.install(0, lm.delta)
         assert all((0 in layer.mlp.packed_slots) == grouped for layer in lm.model.layers)
-    for layer in lm.model.layers:
-        layer.mlp.grouped_adapters = None
+    # The reference: the same checkpoint on the PyTorch path with its reference dispatch (the
+    # grouped kernel owns the packed model's only copy of the experts).
+    ref_lm = _load(path, quantization)
+    if grouped:
+        install_packed_kernels(ref_lm.model, ext)
     torch.manual_seed(0)
     per_seq = max(8, (max(lengths) + 3) // BLOCK + 1)  # room for three more tokens
     num_blocks = per_seq * len(lengths) + 8
@@ -87,18 +90,18 @@ def _compare_decode_steps(ext, path: str, quantization: str, lengths: list[int],
     with torch.inference_mode():
         for n, table in zip(lengths, tables):  # prefill each sequence with the PyTorch path
             slots = torch.tensor([table[p // BLOCK] * BLOCK + p % BLOCK for p in range(n)])
-            lm.model(torch.randint(3, 300, (n,)), torch.arange(n), kv,
+            ref_lm.model(torch.randint(3, 300, (n,)), torch.arange(n), kv,
                      AttentionMetadata(slot_mapping=slots, prefills=[PrefillChunk(0, n, slots, _causal(n, cfg.sliding_window))]))
         kv_c = kv.clone()
         tokens, positions = [(7 + 13 * i) % 300 for i in range(len(lengths))], list(lengths)
         for step in range(3):  # three decode steps, both paths writing their own caches
-            ref = _python_decode(lm, kv, tokens, positions, tables)
+            ref = _python_decode(ref_lm, kv, tokens, positions, tables)
             slots = torch.tensor([t[p // BLOCK] * BLOCK + p % BLOCK for t, p in zip(tables, positions)])
             got, choices = dm.forward(torch.tensor(tokens), torch.tensor(positions), kv_c, slots, torch.tensor(tables), BLOCK,
                                       torch.zeros(len(tokens), dtype=torch.long))
             rows = torch.ones(len(tokens), dtype=torch.bool)
             if pesc:  # a near-tie can route a token differently: compare the others
-                for layer, chosen in zip(lm.model.layers, choices):
+                for layer, chosen in zip(ref_lm.model.layers, choices):
                     rows &= (chosen.sort(-1).values == layer.mlp.last_topk.sort(-1).values).all(-1)
                 assert int(rows.sum()) >= len(tokens) - (0 if quantization == "none" else 1)
             got, ref_rows = got[rows], ref[rows]

@@ -770,6 +770,16 @@ struct Linear {
                 "LoRA A [r, K] and B [N, r] must fit the layer");
     loras[slot] = LoRA{a.to(at::kFloat).contiguous(), b.to(at::kFloat).t().contiguous()};
   }
+
+  // The same with B given transposed ([r, N], the layout lora_add reads): float32 contiguous
+  // tensors are shared with the caller, not copied.
+  void set_lora_t(int64_t slot, const torch::Tensor& a, const torch::Tensor& bt) {
+    if (!present(a)) return set_lora(slot, a, bt);
+    TORCH_CHECK(a.dim() == 2 && bt.dim() == 2 && a.size(0) == bt.size(0) && bt.size(1) == out_features,
+                "LoRA A [r, K] and B^T [r, N] must fit the layer");
+    if (slot >= static_cast<int64_t>(loras.size())) loras.resize(slot + 1);
+    loras[slot] = LoRA{a.to(at::kFloat).contiguous(), bt.to(at::kFloat).contiguous()};
+  }
 };
 
 // One delta's experts in one layer, float32 (the exact per-token path).
@@ -1024,9 +1034,9 @@ class DecodeModel {
   void add_layer(Layer layer) { layers_.push_back(std::move(layer)); }
 
   // A delta's pieces, per layer and slot (empty tensors clear them).  Called between steps.
-  void set_lora(int64_t layer, int64_t which, int64_t slot, const torch::Tensor& a, const torch::Tensor& b) {
+  void set_lora(int64_t layer, int64_t which, int64_t slot, const torch::Tensor& a, const torch::Tensor& bt) {
     TORCH_CHECK(layer >= 0 && layer < static_cast<int64_t>(layers_.size()), "layer out of range");
-    layers_[layer].linear(which).set_lora(slot, a, b);
+    layers_[layer].linear(which).set_lora_t(slot, a, bt);
   }
 
   void set_experts(int64_t layer, int64_t slot, const torch::Tensor& router, const torch::Tensor& down,
@@ -1327,7 +1337,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<PackedAdapters>(m, "PackedAdapters")
       .def(py::init(&pack_adapters), "router [E, H], adapter_down [E, r, H], adapter_up [E, H, r], topk")
       .def_readonly("num_experts", &PackedAdapters::e)
-      .def_readonly("topk", &PackedAdapters::k);
+      .def_readonly("topk", &PackedAdapters::k)
+      .def_property_readonly("nbytes", [](const PackedAdapters& a) {
+        int64_t n = a.router.numel() * a.router.element_size();
+        for (const auto& p : a.down) n += p.data.numel() * p.data.element_size();
+        for (const auto& p : a.up) n += p.data.numel() * p.data.element_size();
+        return n;
+      });
   py::class_<AdapterStack, std::shared_ptr<AdapterStack>>(m, "AdapterStack")
       .def(py::init<>())
       .def("set", &AdapterStack::set, "put a delta's packed experts in a slot")
@@ -1340,7 +1356,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, int64_t, torch::Tensor, torch::Tensor,
                     Linear, bool, torch::Tensor>())
       .def("add_layer", &DecodeModel::add_layer)
-      .def("set_lora", &DecodeModel::set_lora, "layer, linear (0 qkv, 1 o, 2 gate_up, 3 down), slot, A [r, K], B [N, r]")
+      .def("set_lora", &DecodeModel::set_lora,
+           "layer, linear (0 qkv, 1 o, 2 gate_up, 3 down), slot, A [r, K], B^T [r, N] (float32: shared, not copied)")
       .def("set_experts", &DecodeModel::set_experts, "layer, slot, router [E, H], down [E, r, H], up_t [E, r, H], topk")
       .def("use_adapter_stack", &DecodeModel::use_adapter_stack)
       .def("reserve_topk", &DecodeModel::reserve_topk)

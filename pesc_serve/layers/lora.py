@@ -14,7 +14,7 @@ the parts' output rows, so one pair of small matmuls serves the fused layer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -46,20 +46,23 @@ def fuse_parts(parts: list[LoRAPart], out_features: int, scaling: float, dtype: 
     return a, b.to(device=device, dtype=dtype).contiguous()
 
 
-@dataclass
 class LoRAWeights:
-    """One delta's update on one (fused) linear layer: A ``[r, in]``, B ``[out, r]`` (scaling in)."""
+    """One delta's update on one (fused) linear layer: A ``[r, in]``, B ``[out, r]`` (scaling in).
 
-    a: torch.Tensor
-    b: torch.Tensor
-    b_t: torch.Tensor = field(init=False)  # [r, out] contiguous: the kernel's layout
+    Held once, as A and B transposed (``b_t [r, out]``, what the row kernel and the C++ step
+    read; the step shares these tensors)."""
 
-    def __post_init__(self) -> None:
-        self.b_t = self.b.t().contiguous()
+    def __init__(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        self.a = a.contiguous()
+        self.b_t = b.t().contiguous()
+
+    @property
+    def b(self) -> torch.Tensor:
+        return self.b_t.t()
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.a, self.b, self.b_t))
+        return sum(t.numel() * t.element_size() for t in (self.a, self.b_t))
 
 
 class SlotLoRA(nn.Module):
@@ -96,4 +99,4 @@ class SlotLoRA(nn.Module):
             y = y.reshape(-1, shape[-1]).contiguous()
             self.kernel(y, x.reshape(-1, x.shape[-1]), w.a, w.b_t)
             return y.view(shape)
-        return y + ((x.to(w.a.dtype) @ w.a.t()) @ w.b.t()).to(y.dtype)
+        return y + ((x.to(w.a.dtype) @ w.a.t()) @ w.b_t).to(y.dtype)

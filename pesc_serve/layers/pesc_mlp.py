@@ -172,29 +172,43 @@ class ExpertSet:
     (moe_scaling folded in) and its top-k."""
 
     router: torch.Tensor
-    down: torch.Tensor
-    up: torch.Tensor
+    down: torch.Tensor | None
+    up: torch.Tensor | None
     topk: int
     moe_scaling: float = 1.0  # already folded into ``up``; kept for exporters that unfold it
-    up_t: torch.Tensor = field(init=False)  # [E, r, H] contiguous: what the dispatches read
+    # The C++ grouped kernel's packed copy; once it exists it is the only copy of down and up.
+    packed: object | None = None
+    num_experts: int = field(init=False)
+    adapter_dim: int = field(init=False)
+    _up_t: torch.Tensor | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
-        self.up_t = self.up.transpose(1, 2).contiguous()
+        self.num_experts, self.adapter_dim = self.down.shape[0], self.down.shape[1]
 
     @property
-    def num_experts(self) -> int:
-        return self.down.shape[0]
+    def up_t(self) -> torch.Tensor:
+        """[E, r, H] contiguous: what the dispatches read (derived on first use)."""
+        if self._up_t is None:
+            if self.up is None:
+                raise RuntimeError("these experts live only in the C++ kernel's packed copy")
+            self._up_t = self.up.transpose(1, 2).contiguous()
+        return self._up_t
 
-    @property
-    def adapter_dim(self) -> int:
-        return self.down.shape[1]
+    def keep_only_packed(self, packed: object) -> None:
+        """Hand the weights over to the kernel's packed copy: one resident copy per delta."""
+        self.packed = packed
+        self.down = self.up = self._up_t = None
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.router, self.down, self.up, self.up_t))
+        tensors = [t for t in (self.router, self.down, self.up, self._up_t) if t is not None]
+        packed = self.packed.nbytes if self.packed is not None else 0
+        return packed + sum(t.numel() * t.element_size() for t in tensors)
 
     def apply(self, x: torch.Tensor, f: torch.Tensor, policy: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
         """(f + routed adapters, top-k ids [T, k]) for the FFN input x and output f."""
+        if self.down is None:
+            raise RuntimeError("these experts live only in the C++ kernel's packed copy (run with --dispatch auto)")
         p, idx = route(x, self.router, self.topk)
         run = choose_dispatch(policy, x.shape[0], self.num_experts, self.topk, x.is_cpu)
         return run(f, self.down, self.up_t, p, idx), idx

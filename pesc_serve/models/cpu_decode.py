@@ -224,8 +224,11 @@ class CpuKernels:
             dm.set_experts(layer, slot, _EMPTY, _EMPTY, _EMPTY, 0)
         if experts is None:
             return
-        if self.stacks is not None and grouped_adapters_fit(mlp, stored_dtype):
-            self.stacks[layer].set(slot, self.ext.PackedAdapters(experts.router, experts.down, experts.up, experts.topk))
+        if self.stacks is not None and mlp.dispatch == "auto" and grouped_adapters_fit(mlp, stored_dtype):
+            if experts.packed is None:  # the packed copy becomes the only one (a second engine reuses it)
+                experts.keep_only_packed(
+                    self.ext.PackedAdapters(experts.router, experts.down, experts.up, experts.topk))
+            self.stacks[layer].set(slot, experts.packed)
             mlp.packed_slots.add(slot)
             if dm is not None:
                 dm.reserve_topk(experts.topk)
@@ -241,7 +244,7 @@ class CpuKernels:
         if weights is None:
             self.decode_model.set_lora(layer, which, slot, _EMPTY, _EMPTY)
         else:
-            self.decode_model.set_lora(layer, which, slot, _f32(weights.a), _f32(weights.b))
+            self.decode_model.set_lora(layer, which, slot, _f32(weights.a), _f32(weights.b_t))
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:

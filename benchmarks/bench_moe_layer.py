@@ -35,7 +35,7 @@ try:
 except ImportError:  # run as a script: benchmarks/ itself is on sys.path
     from host_info import host_cpu
 from pesc_serve.allocator import keep_freed_buffers
-from pesc_serve.layers.pesc_mlp import DISPATCHES, PescMLP, choose_dispatch, route
+from pesc_serve.layers.pesc_mlp import DISPATCHES, ExpertSet, PescMLP, choose_dispatch, route
 
 
 @dataclass(frozen=True)
@@ -54,54 +54,77 @@ DIMS = {
 }
 
 
-def build(d: Dims, dtype: torch.dtype, device: torch.device, seed: int = 0) -> PescMLP:
+def build(d: Dims, dtype: torch.dtype, device: torch.device, seed: int = 0) -> tuple[PescMLP, ExpertSet]:
+    """A PescMLP serving one delta (slot 0) of random experts, and those experts for the strategies.
+
+    The layer and the strategies read the same tensors through two :class:`ExpertSet` objects:
+    installing the C++ kernel hands the layer's set over to its packed copy (dropping the set's
+    own down/up), and the strategies' set must keep them.
+    """
     torch.manual_seed(seed)
     with torch.device(device):
-        mlp = PescMLP(d.hidden, d.ffn, d.experts, d.topk, d.adapter)
+        mlp = PescMLP(d.hidden, d.ffn)
+        router = torch.empty(d.experts, d.hidden)
+        down = torch.empty(d.experts, d.adapter, d.hidden)
+        up = torch.empty(d.experts, d.hidden, d.adapter)
     with torch.no_grad():
-        for p in mlp.parameters():
+        for p in [*mlp.parameters(), router, down, up]:
             p.normal_(0, p.shape[-1] ** -0.5)
     mlp = mlp.to(dtype).eval()
-    mlp.finalize()
-    return mlp
+    router, down, up = (t.to(dtype).contiguous() for t in (router, down, up))
+    experts = ExpertSet(router, down, up, d.topk)
+    mlp.experts[0] = ExpertSet(router, down, up, d.topk)  # slot 0: what a request without deltas runs
+    experts.up_t  # derived once here, as the server's first call would, not inside the timings
+    return mlp, experts
 
 
-def authors_loop(mlp: PescMLP, x: torch.Tensor) -> torch.Tensor:
+def authors_loop(mlp: PescMLP, experts: ExpertSet, x: torch.Tensor) -> torch.Tensor:
     """Transcription of the reference modeling code's MoE adapter (flat tokens)."""
     f = mlp.ffn(x)
-    logits = F.linear(x, mlp.router.weight)
-    weights, selected = torch.topk(logits, mlp.topk, dim=-1)
+    logits = F.linear(x, experts.router)
+    weights, selected = torch.topk(logits, experts.topk, dim=-1)
     weights = torch.softmax(weights, dim=-1, dtype=torch.float32).to(x.dtype)
     flat_idx = selected.view(-1)
-    h = f.repeat_interleave(mlp.topk, dim=0)
+    h = f.repeat_interleave(experts.topk, dim=0)
     y = torch.empty_like(h)
-    for e in range(mlp.num_experts):
+    for e in range(experts.num_experts):
         mask = flat_idx == e
-        y[mask] = h[mask] + F.gelu(h[mask] @ mlp.adapter_down[e].t()) @ mlp.adapter_up[e].t()
+        y[mask] = h[mask] + F.gelu(h[mask] @ experts.down[e].t()) @ experts.up[e].t()
     return (y.view(*weights.shape, -1) * weights.unsqueeze(-1)).sum(dim=1)
 
 
-def strategy(mlp: PescMLP, name: str):
+def strategy(mlp: PescMLP, experts: ExpertSet, name: str):
     def fwd(x: torch.Tensor) -> torch.Tensor:
         f = mlp.ffn(x)
-        p, idx = route(x, mlp.router.weight, mlp.topk)
-        run = DISPATCHES[name] if name != "auto" else choose_dispatch("auto", x.shape[0], mlp.num_experts, mlp.topk, x.is_cpu)
-        return run(f, mlp.adapter_down, mlp.adapter_up_t, p, idx)
+        p, idx = route(x, experts.router, experts.topk)
+        run = DISPATCHES[name] if name != "auto" else choose_dispatch(
+            "auto", x.shape[0], experts.num_experts, experts.topk, x.is_cpu)
+        return run(f, experts.down, experts.up_t, p, idx)
 
     return fwd
 
 
-def install_kernels(mlp: PescMLP) -> bool:
-    """What the server does on CPU: the C++ grouped adapters when the extension builds."""
-    if mlp.adapter_down.device.type != "cpu":
+def install_kernels(mlp: PescMLP, dtype: torch.dtype) -> bool:
+    """What the server does on CPU (models/cpu_decode.py's CpuKernels): the C++ grouped adapters,
+    over a one-slot AdapterStack, when the extension builds and the delta fits the bf16 kernel."""
+    if mlp.ffn.gate_up_proj.weight.device.type != "cpu":
         return False
-    from pesc_serve.models.cpu_decode import install_grouped_adapters, load_extension
+    from pesc_serve.models.cpu_decode import GroupedAdapters, grouped_adapters_fit, load_extension
 
     try:
-        return install_grouped_adapters(mlp, load_extension()) > 0
+        ext = load_extension()
     except Exception as exc:  # no compiler: ours stays on the PyTorch dispatch, as the server would
         print(f"C++ kernels unavailable ({exc}); 'ours' runs the PyTorch dispatch")
         return False
+    if not ext.have_bf16_gemm() or not grouped_adapters_fit(mlp, dtype):
+        return False  # the server keeps such a delta on the PyTorch dispatch too
+    stack = ext.AdapterStack()
+    mlp.grouped_adapters = GroupedAdapters(ext, stack)
+    for slot, experts in mlp.experts.items():
+        experts.keep_only_packed(ext.PackedAdapters(experts.router, experts.down, experts.up, experts.topk))
+        stack.set(slot, experts.packed)
+        mlp.packed_slots.add(slot)
+    return True
 
 
 def time_all(fns: dict, x: torch.Tensor, reps: int, warmup: int = 2) -> dict[str, float]:
@@ -146,15 +169,15 @@ def main() -> None:
     results: dict[str, dict[int, dict[str, float]]] = {}
     for key in args.dims.split(","):
         d = DIMS[key]
-        mlp = build(d, dtype, device)
-        kernels = install_kernels(mlp)
+        mlp, experts = build(d, dtype, device)
+        kernels = install_kernels(mlp, dtype)
         fns = {
-            "authors-loop": lambda x, m=mlp: authors_loop(m, x),
-            "dense-stacked": strategy(mlp, "dense"),
-            "grouped": strategy(mlp, "grouped"),
-            "gather": strategy(mlp, "gather"),
-            "padded": strategy(mlp, "padded"),
-            "PyTorch auto": strategy(mlp, "auto"),
+            "authors-loop": lambda x, m=mlp, e=experts: authors_loop(m, e, x),
+            "dense-stacked": strategy(mlp, experts, "dense"),
+            "grouped": strategy(mlp, experts, "grouped"),
+            "gather": strategy(mlp, experts, "gather"),
+            "padded": strategy(mlp, experts, "padded"),
+            "PyTorch auto": strategy(mlp, experts, "auto"),
             "ours (auto)": mlp,
             "dense FFN": mlp.ffn,
         }

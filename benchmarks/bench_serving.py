@@ -8,6 +8,9 @@ chat completions with at most N requests in flight, and measures, client-side:
   request throughput, output tokens/s, TTFT, TPOT (per request: (E2E - TTFT) / (tokens - 1)),
   ITL (gaps between streamed chunks, pooled), E2E latency: mean, p50 and p99.
 Output tokens come from the server's usage report when it sends one, else one per content chunk.
+`--model NAME` puts NAME in every request's `model` field; `--models a,b,c` instead assigns the
+models round-robin over the requests (request i gets models[i % 3]), e.g. a base and its deltas
+served by one pesc-serve process (`--adapters`), with one warm-up request per model.
 Writes JSON (and a PNG with --plot; see compare.py for several servers side by side).
 """
 
@@ -130,7 +133,9 @@ def summarize(results: list[RequestResult], duration: float, concurrency: int) -
 
 
 async def run_level(base_url: str, model: str, prompts: list[str], concurrency: int, num: int, max_tokens: int,
-                    api_key: str | None) -> dict:
+                    api_key: str | None, models: list[str] | None = None) -> dict:
+    """One concurrency level; with ``models``, request i asks for models[i % len(models)]."""
+    pick = (lambda i: models[i % len(models)]) if models else (lambda i: model)
     url = base_url.rstrip("/") + "/chat/completions"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     sem = asyncio.Semaphore(concurrency)
@@ -138,14 +143,18 @@ async def run_level(base_url: str, model: str, prompts: list[str], concurrency: 
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
         async def bounded(i: int) -> RequestResult:
             async with sem:
-                return await one_request(client, url, model, prompts[i % len(prompts)], max_tokens, headers)
+                return await one_request(client, url, pick(i), prompts[i % len(prompts)], max_tokens, headers)
 
-        # one warm-up request so connection set-up and lazy initialisation are not measured
-        await one_request(client, url, model, prompts[0], 4, headers)
+        # one warm-up request (per model) so connection set-up and lazy initialisation are not measured
+        for m in (models or [model]):
+            await one_request(client, url, m, prompts[0], 4, headers)
         start = time.perf_counter()
         results = await asyncio.gather(*(bounded(i) for i in range(num)))
         duration = time.perf_counter() - start
-    return summarize(list(results), duration, concurrency)
+    level = summarize(list(results), duration, concurrency)
+    if models:
+        level["models"] = {m: sum(1 for i in range(num) if pick(i) == m) for m in models}  # requests per model
+    return level
 
 
 def print_table(label: str, levels: list[dict]) -> None:
@@ -161,6 +170,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
     ap.add_argument("--model", default="")
+    ap.add_argument("--models", default="", help="comma list: requests take these models round-robin (overrides --model)")
     ap.add_argument("--label", default="server")
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("--num-prompts", type=int, default=0, help="requests per level (default: 2 x concurrency, at least 4)")
@@ -171,17 +181,19 @@ def main() -> None:
     ap.add_argument("--plot", type=Path, default=None)
     args = ap.parse_args()
     prompts = load_prompts(args.prompts)
+    models = [m for m in args.models.split(",") if m] or None
     levels = []
     for c in [int(v) for v in args.concurrency.split(",")]:
         num = args.num_prompts or max(4, 2 * c)
-        levels.append(asyncio.run(run_level(args.base_url, args.model, prompts, c, num, args.max_tokens, args.api_key)))
+        levels.append(asyncio.run(run_level(args.base_url, args.model, prompts, c, num, args.max_tokens, args.api_key,
+                                          models)))
         lv = levels[-1]
         print(f"{args.label}: concurrency {c}: {lv['output_throughput']:.1f} tok/s, "
               f"TTFT p50 {lv['p50_ttft_ms']:.0f} ms, TPOT p50 {lv['p50_tpot_ms']:.1f} ms, failed {lv['failed']}", flush=True)
     print_table(args.label, levels)
     # the client's host: on loopback (as run_comparison runs it) also the server's
     result = {"label": args.label, "base_url": args.base_url, "max_tokens": args.max_tokens, "host": host_cpu(),
-              "levels": levels}
+              **({"models": models} if models else {}), "levels": levels}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))

@@ -59,3 +59,44 @@ def test_the_blocks_dequantize_like_the_gguf_package(smollm2):
             assert torch.equal(t.dequantize(), plain[name]), name  # q/k rows un-permuted alike
             checked += 1
     assert checked == 7
+
+
+def test_the_metadata_index_is_cached_and_reads_the_same_tensors(monkeypatch, tmp_path):
+    """A warm start takes the config and tensor locations from the cached index (no parse) and
+    reads the same bytes the gguf package does; a changed file or a broken index is re-parsed."""
+    import gguf
+    import shutil
+
+    from pesc_serve.models import gguf_reader
+    from pesc_serve.registry import smollm2_gguf_path
+
+    monkeypatch.setenv("PESC_SERVE_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "model.gguf"
+    shutil.copy(smollm2_gguf_path(), path)
+    cold = GGUFCheckpoint(path)
+    index = gguf_reader._index_file(path)
+    assert index.is_file()
+
+    def no_parse(*_a, **_k):
+        raise AssertionError("parsed again")
+
+    monkeypatch.setattr(gguf, "GGUFReader", no_parse)
+    warm = GGUFCheckpoint(path)
+    assert warm.hf_config() == cold.hf_config() and warm.tensor_infos == cold.tensor_infos
+    monkeypatch.undo()
+    monkeypatch.setenv("PESC_SERVE_CACHE", str(tmp_path / "cache"))
+    reader = gguf.GGUFReader(str(path))
+    wanted = {t.name: t for t in reader.tensors}
+    for info, (name, tensor) in zip(warm.tensor_infos[:12], warm.tensors()):
+        t = wanted[info.name]
+        from gguf.quants import dequantize
+
+        assert torch.equal(tensor.view(-1), torch.from_numpy(np.asarray(dequantize(t.data, t.tensor_type), np.float32)
+                                                             .copy()).view(-1)) or ".q_proj." in name or ".k_proj." in name
+    index.write_text("{broken")
+    assert GGUFCheckpoint(path).hf_config() == cold.hf_config()  # rebuilt
+    with path.open("ab") as f:  # a changed file: another key, parsed afresh
+        f.write(b"\0" * 32)
+    assert gguf_reader._index_file(path) != index
+    GGUFCheckpoint(path)
+    assert gguf_reader._index_file(path).is_file()

@@ -71,51 +71,41 @@ def q4_1_blocks(raw: np.ndarray, rows: int) -> Q4Blocks:
     return Q4Blocks(torch.from_numpy(np.ascontiguousarray(qweight)), torch.from_numpy(d), torch.from_numpy(m))
 
 
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes are in the file, and how to read them."""
+
+    name: str
+    ggml_type: int
+    shape: tuple[int, ...]  # ggml order: the fastest-varying dimension first
+    offset: int  # from the start of the file
+    nbytes: int
+
+
+INDEX_VERSION = 1
+
+
 class GGUFCheckpoint:
-    """A GGUF file opened lazily: metadata now, tensors when iterated."""
+    """A GGUF file opened lazily: metadata now, tensors when iterated.
+
+    Parsing the metadata with the ``gguf`` package takes seconds for a 49k-token vocabulary, so
+    what the server needs of it (the config and where each tensor lies) is cached on disk, keyed
+    by the file's path, size and mtime: a warm start reads the tensors straight from a memory map.
+    """
 
     def __init__(self, path: Path) -> None:
-        import gguf
-
         self.path = path
-        try:
-            self.reader = gguf.GGUFReader(str(path))
-        except Exception as exc:  # the gguf package raises assorted errors on bad files
-            raise ValueError(f"{path}: not a readable GGUF file ({exc})") from None
-        self.arch = self._field("general.architecture")
-        if self.arch not in _ARCH_MODEL_TYPE:
-            raise ValueError(f"{path}: GGUF architecture {self.arch!r} is not supported (llama, mistral, qwen2)")
-
-    def _field(self, key: str, default: Any = None) -> Any:
-        field = self.reader.fields.get(key)
-        if field is None:
-            return default
-        return field.contents()
+        index = _load_index(path)
+        if index is None:
+            index = _build_index(path)
+            _save_index(path, index)
+        self.arch = index["arch"]
+        self._config = index["config"]
+        self.tensor_infos = [TensorInfo(t[0], t[1], tuple(t[2]), t[3], t[4]) for t in index["tensors"]]
 
     def hf_config(self) -> dict[str, Any]:
         """The equivalent Hugging Face config.json."""
-        a = self.arch
-        names = {t.name for t in self.reader.tensors}
-        heads = int(self._field(f"{a}.attention.head_count"))
-        eos = self._field("tokenizer.ggml.eos_token_id")
-        return {
-            "model_type": _ARCH_MODEL_TYPE[a],
-            "architectures": ["GGUF"],
-            "vocab_size": len(self._field("tokenizer.ggml.tokens", [])) or int(self._field(f"{a}.vocab_size")),
-            "hidden_size": int(self._field(f"{a}.embedding_length")),
-            "intermediate_size": int(self._field(f"{a}.feed_forward_length")),
-            "num_hidden_layers": int(self._field(f"{a}.block_count")),
-            "num_attention_heads": heads,
-            "num_key_value_heads": int(self._field(f"{a}.attention.head_count_kv", heads)),
-            "rms_norm_eps": float(self._field(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
-            "rope_theta": float(self._field(f"{a}.rope.freq_base", 10000.0)),
-            "max_position_embeddings": int(self._field(f"{a}.context_length", 4096)),
-            "tie_word_embeddings": "output.weight" not in names,
-            "attention_bias": "blk.0.attn_q.bias" in names,
-            "hidden_act": "silu",
-            "bos_token_id": self._field("tokenizer.ggml.bos_token_id"),
-            "eos_token_id": eos,
-        }
+        return dict(self._config)
 
     def tensors(self, q4_blocks: bool = False) -> Iterator[tuple[str, "torch.Tensor | Q4Blocks"]]:
         """Yield (Hugging Face name, tensor) pairs one at a time: float32, or with ``q4_blocks``
@@ -123,24 +113,121 @@ class GGUFCheckpoint:
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
 
-        cfg = self.hf_config()
-        for t in self.reader.tensors:
+        cfg = self._config
+        data = np.memmap(self.path, dtype=np.uint8, mode="r")
+        for t in self.tensor_infos:
             name = _hf_name(t.name)
             if name is None:
                 raise ValueError(f"{self.path}: unexpected GGUF tensor {t.name!r}")
+            if t.offset + t.nbytes > data.shape[0]:
+                raise ValueError(f"{self.path}: truncated (tensor {t.name!r} lies beyond the end of the file)")
+            raw = _typed(data[t.offset : t.offset + t.nbytes], t)
             rope_rows = self.arch in ("llama", "mistral") and (".q_proj." in name or ".k_proj." in name)
             n_head = cfg["num_attention_heads"] if ".q_proj." in name else cfg["num_key_value_heads"]
-            if q4_blocks and t.tensor_type == GGMLQuantizationType.Q4_1 and len(t.shape) == 2:
-                blocks = q4_1_blocks(np.asarray(t.data), int(t.shape[1]))
+            if q4_blocks and t.ggml_type == GGMLQuantizationType.Q4_1 and len(t.shape) == 2:
+                blocks = q4_1_blocks(raw, int(t.shape[1]))
                 if rope_rows:
                     blocks = blocks.rows(_unpermute_rope(torch.arange(blocks.shape[0]), n_head))
                 yield name, blocks
                 continue
-            data = dequantize(t.data, t.tensor_type)
-            w = torch.from_numpy(np.array(data, dtype=np.float32, copy=True))
+            w = torch.from_numpy(np.array(dequantize(raw, t.ggml_type), dtype=np.float32, copy=True))
             if rope_rows:
                 w = _unpermute_rope(w, n_head)
             yield name, w
+
+
+def _typed(raw: np.ndarray, t: TensorInfo) -> np.ndarray:
+    """The bytes of ``t`` as the ``gguf`` package lays a tensor out: float types as their values
+    [rows..., ne0], block-quantized ones as bytes [rows, bytes per row]."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    shape = tuple(reversed(t.shape))
+    kind = GGMLQuantizationType(t.ggml_type)
+    plain = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}
+    if kind in plain:
+        return raw.view(plain[kind]).reshape(shape)
+    block, size = GGML_QUANT_SIZES[kind]
+    return raw.reshape(*shape[:-1], shape[-1] // block * size)
+
+
+def _index_file(path: Path) -> Path:
+    import hashlib
+
+    from pesc_serve.cache_dirs import cache_dir
+
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{INDEX_VERSION}".encode()).hexdigest()
+    return cache_dir("gguf") / f"{key[:16]}.json"
+
+
+def _load_index(path: Path) -> dict[str, Any] | None:
+    import json
+
+    try:
+        index = json.loads(_index_file(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return index if isinstance(index, dict) and index.get("version") == INDEX_VERSION else None
+
+
+def _save_index(path: Path, index: dict[str, Any]) -> None:
+    import json
+    import os
+
+    file = _index_file(path)
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(index))
+        tmp.replace(file)  # atomic: a concurrent start never reads half a file
+    except OSError:
+        pass  # a read-only cache is only slower
+
+
+def _build_index(path: Path) -> dict[str, Any]:
+    """Parse the file with the ``gguf`` package (seconds): its config and tensor locations."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as exc:  # the gguf package raises assorted errors on bad files
+        raise ValueError(f"{path}: not a readable GGUF file ({exc})") from None
+
+    def field(key: str, default: Any = None) -> Any:
+        f = reader.fields.get(key)
+        return default if f is None else f.contents()
+
+    arch = field("general.architecture")
+    if arch not in _ARCH_MODEL_TYPE:
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (llama, mistral, qwen2)")
+    tensors = [[t.name, int(t.tensor_type), [int(d) for d in t.shape], int(t.data_offset), int(t.n_bytes)]
+               for t in reader.tensors]
+    return {"version": INDEX_VERSION, "arch": arch, "config": _hf_config(arch, field, {t[0] for t in tensors}),
+            "tensors": tensors}
+
+
+def _hf_config(a: str, field, names: set[str]) -> dict[str, Any]:
+    """The equivalent Hugging Face config.json of a GGUF's metadata."""
+    heads = int(field(f"{a}.attention.head_count"))
+    eos = field("tokenizer.ggml.eos_token_id")
+    return {
+        "model_type": _ARCH_MODEL_TYPE[a],
+        "architectures": ["GGUF"],
+        "vocab_size": len(field("tokenizer.ggml.tokens", [])) or int(field(f"{a}.vocab_size")),
+        "hidden_size": int(field(f"{a}.embedding_length")),
+        "intermediate_size": int(field(f"{a}.feed_forward_length")),
+        "num_hidden_layers": int(field(f"{a}.block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(field(f"{a}.attention.head_count_kv", heads)),
+        "rms_norm_eps": float(field(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(field(f"{a}.rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(field(f"{a}.context_length", 4096)),
+        "tie_word_embeddings": "output.weight" not in names,
+        "attention_bias": "blk.0.attn_q.bias" in names,
+        "hidden_act": "silu",
+        "bos_token_id": field("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": eos,
+    }
 
 
 def _hf_name(gguf_name: str) -> str | None:

@@ -1,4 +1,5 @@
-"""Many deltas over one base in ONE pesc-serve process: mixed-batch throughput and memory per delta.
+"""Multi-model serving: many deltas over one base in ONE pesc-serve process, their mixed-batch
+throughput and the memory each delta adds.
 
     python -m benchmarks.bench_multi_delta                       # both parts, writes results/multi_delta.json
     python -m benchmarks.bench_multi_delta --only mix --max-tokens 128 --repeats 2
@@ -59,25 +60,32 @@ def make_deltas(root: Path, seed: int = 0) -> dict[str, Path]:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    src = CAMELIDAE_DIR / WEIGHTS
-    with safe_open(str(src), "pt") as f:
-        metadata = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    out = {"camelidae": CAMELIDAE_DIR}
-    for j, name in enumerate(EXTRA_DELTAS, start=1):
-        d = root / name
-        d.mkdir(parents=True)
-        shutil.copy(CAMELIDAE_DIR / "config.json", d / "config.json")
-        g = torch.Generator().manual_seed(seed * 1000 + j)
-        noisy = {}
-        for key in sorted(tensors):
-            t = tensors[key]
-            scale = ROUTER_NOISE if key.endswith("router.weight") else OTHER_NOISE
-            noise = torch.randn(t.shape, generator=g) * (t.float().std() * scale)
-            noisy[key] = (t.float() + noise).to(t.dtype).contiguous()
-        save_file(noisy, str(d / WEIGHTS), metadata=metadata)
-        out[name] = d
-    return out
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # ~900 small tensors: OpenMP fork/join beside a busy process cost 60 s
+    try:
+        with safe_open(str(CAMELIDAE_DIR / WEIGHTS), "pt") as f:
+            metadata = f.metadata()
+            tensors = {k: f.get_tensor(k).float() for k in sorted(f.keys())}
+            dtypes = {k: f.get_slice(k).get_dtype() for k in tensors}
+        if set(dtypes.values()) != {"BF16"}:
+            raise RuntimeError(f"expected camelidae's tensors in bf16, got {sorted(set(dtypes.values()))}")
+        stds = {k: t.std().item() for k, t in tensors.items()}
+        out = {"camelidae": CAMELIDAE_DIR}
+        for j, name in enumerate(EXTRA_DELTAS, start=1):
+            d = root / name
+            d.mkdir(parents=True)
+            shutil.copy(CAMELIDAE_DIR / "config.json", d / "config.json")
+            g = torch.Generator().manual_seed(seed * 1000 + j)
+            noisy = {}
+            for key, t in tensors.items():
+                scale = ROUTER_NOISE if key.endswith("router.weight") else OTHER_NOISE
+                noise = torch.randn(t.shape, generator=g).mul_(stds[key] * scale)
+                noisy[key] = (t + noise).to(torch.bfloat16).contiguous()
+            save_file(noisy, str(d / WEIGHTS), metadata=metadata)
+            out[name] = d
+        return out
+    finally:
+        torch.set_num_threads(threads)
 
 
 def router_agreement(paths: dict[str, Path], tokens: int = 512, seed: int = 0) -> dict[str, float]:
@@ -176,7 +184,7 @@ def run_mix(paths: dict[str, Path], args: argparse.Namespace) -> dict:
         peak = peak_rss_mib(proc.pid)
     ratios = [r["ratio"] for r in runs]
     return {
-        "server_command": shlex.join(cmd[1:] if cmd[0] == PY else cmd),
+        "server_command": shlex.join(["python", *cmd[1:]] if cmd[0] == PY else cmd),
         "served_models": listed,
         "streams": args.streams, "requests_per_run": num, "max_tokens": args.max_tokens, "repeats": args.repeats,
         "single_models": configs["single"], "mix_models": configs["mix"],
@@ -196,7 +204,7 @@ def measure_rss(label: str, cmd: list[str], port: int, models: list[str]) -> dic
         warm_each(port, models)
         time.sleep(1)
         rss, hwm = vm_status(proc.pid, "VmRSS"), vm_status(proc.pid, "VmHWM")
-    return {"server_command": shlex.join(cmd[1:] if cmd[0] == PY else cmd), "models": models,
+    return {"server_command": shlex.join(["python", *cmd[1:]] if cmd[0] == PY else cmd), "models": models,
             "rss_mib": rss, "peak_rss_mib": hwm}
 
 

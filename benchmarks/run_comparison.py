@@ -11,6 +11,15 @@ from its first token so the prefix cache cannot fold them into one; KV usage, ru
 preemptions and prefix-cache hits from /metrics) and bench_moe_layer.py.
 Writes benchmarks/results/{*.json,serving.png,summary.json}; every result records the host CPU
 (benchmarks/host_info.py).  `--only long-context` runs the long-context check alone.
+
+Multi-model serving (not run here; `python -m benchmarks.bench_multi_delta`, writes
+results/multi_delta.json): one process serving the base and several deltas
+(`--model smollm2 --adapters camelidae=camelidae d2=... d3=... d4=...`).  It compares 16 streams
+all on camelidae with 16 streams round-robin over the base and four deltas (output tokens/s, the
+median ratio mix/single over alternating repeats; target >= 0.85), and measures the resident
+memory each delta adds (VmRSS with 0, 1, 2, 4 deltas at one --kv-cache-memory; target <= 1.5x
+the delta's file size) against a separate `--model camelidae` process.  bench_serving.py's
+`--models a,b,c` assigns models round-robin to requests for the same kind of run by hand.
 """
 
 from __future__ import annotations

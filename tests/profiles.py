@@ -1,8 +1,11 @@
 """The two configurations the engine and HTTP suites run under.
 
-* ``defaults``: what ``python -m pesc_serve`` runs without flags, read from the CLI's own
-  parser so the two cannot drift apart: int4/int8 weights (VNNI kernels where the CPU has
-  them), the C++ decode step, a float16 KV cache.
+* ``defaults``: what ``python -m pesc_serve`` runs without flags on the bundled model, read
+  from the CLI's own parser so the two cannot drift apart: int4/int8 weights (VNNI kernels
+  where the CPU has them), the C++ decode step, a float16 KV cache.  The bundled model's base
+  arrives quantized (a Q4_1 GGUF) and ``auto`` keeps it so; the tiny test checkpoints are
+  float Hugging Face directories, which ``auto`` would keep in float32, so the profile asks
+  for the same int4 plan (``--quantization int4``) to run the kernels users run.
 * ``exact``: float32 weights, the PyTorch path and a float32 cache: the numerical reference.
 """
 
@@ -19,6 +22,8 @@ PROFILES = ("defaults", "exact")
 def load_config(profile: str, model: str) -> LoadConfig:
     if profile == "defaults":
         load, _, _ = configs_from_args(parse_args(["--model", model, "--device", "cpu"]))
+        if load.quantization == "auto":
+            load = dataclasses.replace(load, quantization="int4")
         return load
     if profile == "exact":
         return LoadConfig(model=model, dtype="float32", device="cpu", quantization="none")

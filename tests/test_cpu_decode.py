@@ -122,7 +122,7 @@ def _compare_decode_steps(ext, path: str, quantization: str, lengths: list[int],
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("quantization", ["none", "int8", "auto"])
+@pytest.mark.parametrize("quantization", ["none", "int8", "int4"])
 def test_decode_step_matches_pytorch(ext, tiny_checkpoint_factory, kind, quantization):
     _compare_decode_steps(ext, str(tiny_checkpoint_factory(kind)), quantization, [13, 5, 9])
 
@@ -153,14 +153,14 @@ def test_long_contexts_split_into_merged_chunks(ext, tiny_checkpoint_factory, ki
 def test_decode_step_with_grouped_adapters_matches_pytorch(ext, tiny_checkpoint_factory, kind):
     if not ext.have_bf16_gemm():
         pytest.skip("no AVX512-BF16 on this CPU")
-    _compare_decode_steps(ext, str(tiny_checkpoint_factory(kind)), "auto", [13, 5, 9, 3, 11], grouped=True)
+    _compare_decode_steps(ext, str(tiny_checkpoint_factory(kind)), "int4", [13, 5, 9, 3, 11], grouped=True)
 
 
 def test_packed_gemm_replaces_the_dense_copy(ext, tiny_checkpoint_factory, monkeypatch):
     if not ext.have_bf16_gemm():
         pytest.skip("no AVX512-BF16 on this CPU")
     monkeypatch.setattr(loader, "cpu_has_vnni", lambda: False)  # the plan that keeps dense copies
-    lm = _load(str(tiny_checkpoint_factory("qwen2idae")), "auto")
+    lm = _load(str(tiny_checkpoint_factory("qwen2idae")), "int4")
     layer = lm.model.layers[0].self_attn.qkv_proj
     x = torch.randn(7, lm.config.hidden_size)  # above the hybrid threshold: the dense part runs
     with torch.no_grad():
@@ -223,7 +223,7 @@ def test_grouped_adapters_match_the_reference_dispatch(ext, dtype, tokens):
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("quantization", ["none", "auto"])
+@pytest.mark.parametrize("quantization", ["none", "int4"])
 def test_decode_step_with_vectorised_head_sizes_and_big_batches(ext, tmp_path, head_dim, quantization):
     """Head sizes 64 and 128 take the AVX-512 attention; 11 rows cover the GEMM's row tails
     and the one-task-per-KV-head split; vocab and FFN widths are not multiples of its tiles."""

@@ -81,7 +81,7 @@ def _file_updates(delta_dir: Path, scaling: float) -> dict[str, torch.Tensor]:
     return {m: torch.cat([w for _, w in sorted(p, key=lambda t: t[0])]) for m, p in parts.items()}
 
 
-@pytest.mark.parametrize("quantization", ["none", "int8", "auto"])
+@pytest.mark.parametrize("quantization", ["none", "int8", "int4"])
 def test_the_base_keeps_its_checkpoint_and_the_lora_runs_beside_it(delta, quantization):
     """Never merged, whatever the quantization: the base's weights are exactly the base
     checkpoint's (quantized the same way) and the update beside them is the file's B A."""
@@ -109,12 +109,12 @@ def test_the_base_keeps_its_checkpoint_and_the_lora_runs_beside_it(delta, quanti
 def test_the_cpp_step_runs_the_lora_too(delta):
     ext = load_extension()
     path = str(delta[1])
-    _compare_decode_steps(ext, path, "auto", [13, 5, 9], grouped=True)  # C++ == PyTorch, LoRA included
+    _compare_decode_steps(ext, path, "int4", [13, 5, 9], grouped=True)  # C++ == PyTorch, LoRA included
     # and the LoRA matters to the C++ step's output: without it the logits move far more
     tokens, positions = torch.tensor([7]), torch.tensor([0])
     logits = []
     for keep_lora in (True, False):
-        lm = _load(delta[1], "auto")
+        lm = _load(delta[1], "int4")
         install_packed_kernels(lm.model, ext)
         dm = build_decode_model(lm.model, ext)
         delta_obj = lm.delta if keep_lora else dataclasses.replace(lm.delta, lora={})
@@ -145,7 +145,7 @@ def test_the_lora_update_of_a_row_does_not_depend_on_the_batch():
 
 def test_the_cpp_step_with_a_delta_gives_a_row_the_same_logits_in_any_batch(delta):
     ext = load_extension()
-    lm, dm = _installed(delta[1], "auto", ext)
+    lm, dm = _installed(delta[1], "int4", ext)
     cfg = lm.config
     kv = (torch.randn(cfg.num_layers, 2, 8 * 16 * 20, cfg.num_kv_heads, cfg.head_dim,
                       generator=torch.Generator().manual_seed(3))).to(torch.float16)

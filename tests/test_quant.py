@@ -111,20 +111,33 @@ def test_quantize_modules_swaps_by_name(linear):
     assert isinstance(root.qkv_proj, HybridLinear) and isinstance(root.keep, torch.nn.Linear)
 
 
-def test_auto_plan_is_low_bit_on_cpu_and_none_elsewhere():
+def test_auto_keeps_what_the_checkpoint_is():
+    """Quantized weights (a GGUF's blocks) stay low-bit on CPU; float checkpoints keep their
+    precision; GPUs keep the model's dtype.  ``int4`` asks for the low-bit plan anywhere on CPU."""
     for dtype in (torch.float32, torch.bfloat16):
-        cpu = resolve_quantization("auto", torch.device("cpu"), dtype)
+        cpu = resolve_quantization("auto", torch.device("cpu"), dtype, arrives_quantized=True)
         assert cpu.ffn == cpu.attention == "int4" and cpu.lm_head == "int8"
         assert cpu.hybrid_max_rows == CPU_LOW_BIT_MAX_ROWS  # ATen's kernels: dense bf16 for big batches
         assert cpu.kernel_dtype == torch.bfloat16
-        vnni = resolve_quantization("auto", torch.device("cpu"), dtype, vnni=True)
+        vnni = resolve_quantization("auto", torch.device("cpu"), dtype, vnni=True, arrives_quantized=True)
         assert vnni.ffn == vnni.attention == "int4" and vnni.hybrid_max_rows is None  # no dense copies
+        assert resolve_quantization("auto", torch.device("cpu"), dtype, arrives_quantized=False) == QuantPlan()
+        assert resolve_quantization("int4", torch.device("cpu"), dtype, vnni=True, arrives_quantized=False) == vnni
     assert resolve_quantization("auto", torch.device("cuda"), torch.bfloat16) == QuantPlan()
     assert resolve_quantization("nf4", torch.device("cpu"), torch.bfloat16) == QuantPlan(ffn="nf4")
-    assert resolve_quantization("int8", torch.device("cpu"), torch.float32).kernel_dtype == torch.bfloat16
+    int8 = resolve_quantization("int8", torch.device("cpu"), torch.float32)
+    assert int8.ffn == int8.attention == int8.lm_head == "int8" and int8.kernel_dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("method", ["int8", "nf4", "auto"])
+def test_a_float_checkpoint_keeps_its_weights_under_auto(tiny_checkpoint_factory):
+    path = str(tiny_checkpoint_factory("qwen2idae"))
+    lm = load_model(resolve_model(path), LoadConfig(model=path, dtype="auto", device="cpu", quantization="auto"))
+    assert lm.quantization == QuantPlan()
+    linears = [m for name, m in lm.model.named_modules() if name.endswith("_proj") and ".lora." not in name]
+    assert len(linears) == 4 * lm.config.num_layers and all(type(m) is torch.nn.Linear for m in linears)
+
+
+@pytest.mark.parametrize("method", ["int8", "nf4", "int4"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_quantized_model_logits_stay_close(tiny_checkpoint_factory, method, dtype):
     path = str(tiny_checkpoint_factory("camelidae"))
@@ -142,7 +155,7 @@ def test_quantized_model_logits_stay_close(tiny_checkpoint_factory, method, dtyp
         with torch.inference_mode():
             return lm.model.compute_logits(lm.model(t, torch.arange(rows), kv, meta))
 
-    if method == "auto":  # int4 on random weights (below the threshold, if dense bf16 serves above it)
+    if method == "int4":  # int4 on random weights (below the threshold, if dense bf16 serves above it)
         assert _rel_err(logits(q, 2), logits(ref, 2)) < 0.35
         assert _rel_err(logits(q, 6), logits(ref, 6)) < (0.05 if q.quantization.hybrid_max_rows else 0.35)
     else:

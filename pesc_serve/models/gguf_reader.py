@@ -2,7 +2,7 @@
 
 Only dense Llama/Mistral/Qwen2 GGUFs are meaningful here (the PESC bases).  Tensors are
 renamed to Hugging Face names; llama.cpp's converter permutes Llama Q/K rows for its
-interleaved RoPE, which we undo.  Q4_1 tensors can come as their blocks (:class:`Q4Blocks`),
+interleaved RoPE, which we undo.  Q4_0 and Q4_1 tensors can come as their blocks (:class:`Q4Blocks`),
 which the int4 kernels take as they are: bit for bit the file's weights, and no float round
 trip at start-up.  Everything else is dequantized with the ``gguf`` package.
 """
@@ -31,6 +31,7 @@ _LAYER_NAMES = {
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _ARCH_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
 Q4_1_BLOCK, Q4_1_BYTES = 32, 20  # weights per block; bytes: float16 d, float16 m, 16 bytes of nibbles
+Q4_0_BYTES = 18  # float16 d, 16 bytes of nibbles (w = (q - 8) d)
 
 
 @dataclass
@@ -85,6 +86,17 @@ class TensorInfo:
 INDEX_VERSION = 1
 
 
+def q4_0_blocks(raw: np.ndarray, rows: int) -> Q4Blocks:
+    """Q4_0 bytes [rows, K/32 * 18] -> blocks: w = (q - 8) d is q * d + (-8 d), exact in float16
+    (a power-of-two multiple), with Q4_1's nibble order."""
+    blocks = np.ascontiguousarray(raw).reshape(rows, -1, Q4_0_BYTES)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0]
+    qs = blocks[..., 2:]
+    q = np.concatenate([qs & 15, qs >> 4], axis=-1).reshape(rows, -1)
+    qweight = q[:, 0::2] | (q[:, 1::2] << 4)
+    return Q4Blocks(torch.from_numpy(np.ascontiguousarray(qweight)), torch.from_numpy(d), torch.from_numpy(d * np.float16(-8)))
+
+
 class GGUFCheckpoint:
     """A GGUF file opened lazily: metadata now, tensors when iterated.
 
@@ -107,6 +119,13 @@ class GGUFCheckpoint:
         """The equivalent Hugging Face config.json."""
         return dict(self._config)
 
+    @property
+    def is_quantized(self) -> bool:
+        """Whether its matrices arrive in a block-quantized format (not F32/F16/BF16)."""
+        from gguf import GGMLQuantizationType as T
+
+        return any(len(t.shape) == 2 and t.ggml_type not in (T.F32, T.F16, T.BF16) for t in self.tensor_infos)
+
     def tensors(self, q4_blocks: bool = False) -> Iterator[tuple[str, "torch.Tensor | Q4Blocks"]]:
         """Yield (Hugging Face name, tensor) pairs one at a time: float32, or with ``q4_blocks``
         the Q4_1 weights as :class:`Q4Blocks`."""
@@ -124,8 +143,9 @@ class GGUFCheckpoint:
             raw = _typed(data[t.offset : t.offset + t.nbytes], t)
             rope_rows = self.arch in ("llama", "mistral") and (".q_proj." in name or ".k_proj." in name)
             n_head = cfg["num_attention_heads"] if ".q_proj." in name else cfg["num_key_value_heads"]
-            if q4_blocks and t.ggml_type == GGMLQuantizationType.Q4_1 and len(t.shape) == 2:
-                blocks = q4_1_blocks(raw, int(t.shape[1]))
+            if q4_blocks and t.ggml_type in (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1) and len(t.shape) == 2:
+                unpack = q4_0_blocks if t.ggml_type == GGMLQuantizationType.Q4_0 else q4_1_blocks
+                blocks = unpack(raw, int(t.shape[1]))
                 if rope_rows:
                     blocks = blocks.rows(_unpermute_rope(torch.arange(blocks.shape[0]), n_head))
                 yield name, blocks

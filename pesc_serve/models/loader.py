@@ -265,23 +265,32 @@ class QuantPlan:
 CPU_LOW_BIT_MAX_ROWS = 2
 
 
-def resolve_quantization(name: str, device: torch.device, dtype: torch.dtype, vnni: bool = False) -> QuantPlan:
-    """``auto``: low-bit weights where decode is bandwidth-bound (CPU), none on GPUs.
+def resolve_quantization(name: str, device: torch.device, dtype: torch.dtype, vnni: bool = False,
+                         arrives_quantized: bool = True) -> QuantPlan:
+    """The weights' formats.  ``auto`` keeps what the checkpoint is: weights that arrive
+    quantized (a GGUF's Q4 blocks, ``arrives_quantized``) stay low-bit on CPU, where decode is
+    bandwidth-bound; float checkpoints (Hugging Face bf16/fp32) keep their precision; GPUs keep
+    the model's dtype.
 
-    On CPU the attention and FFN linears get group-wise int4 and the LM head (tied to the
-    embeddings in small models) per-channel int8, as llama.cpp's Q4_1 files have them.  With
-    ``vnni`` (the CPU runs the C++ low-bit kernels, which beat bf16 at every batch size) they
-    serve all batches; otherwise ATen's kernels serve small batches and dense bf16 copies
-    large ones.  The CPU kernels run in bf16 whatever the activations' dtype.  An explicit
-    method applies to the shared FFN only.
+    The CPU low-bit plan, which ``int4`` asks for on any checkpoint: group-wise int4 attention
+    and FFN linears and a per-channel int8 LM head (tied to the embeddings in small models), as
+    llama.cpp's Q4_1 files have them.  With ``vnni`` (the CPU runs the C++ low-bit kernels, which
+    beat bf16 at every batch size) they serve all batches; otherwise ATen's kernels serve small
+    batches and dense bf16 copies large ones.  The CPU kernels run in bf16 whatever the
+    activations' dtype.  ``int8`` is per-channel int8 for the same linears; ``nf4`` (bitsandbytes,
+    the PESC/QLoRA recipe) quantizes the shared FFN only.
     """
-    cpu_kernels = torch.bfloat16 if device.type == "cpu" else None
-    if name != "auto":
-        return QuantPlan(ffn=name, kernel_dtype=cpu_kernels if name in ("int8", "int4") else None)
-    if device.type != "cpu":
-        return QuantPlan()
-    return QuantPlan(ffn="int4", attention="int4", lm_head="int8",
-                     hybrid_max_rows=None if vnni else CPU_LOW_BIT_MAX_ROWS, kernel_dtype=torch.bfloat16)
+    cpu = device.type == "cpu"
+    rows = None if vnni else CPU_LOW_BIT_MAX_ROWS
+    if name == "auto":
+        if not (cpu and arrives_quantized):
+            return QuantPlan()
+        name = "int4"
+    if name == "int4" and cpu:
+        return QuantPlan(ffn="int4", attention="int4", lm_head="int8", hybrid_max_rows=rows, kernel_dtype=torch.bfloat16)
+    if name == "int8" and cpu:
+        return QuantPlan(ffn="int8", attention="int8", lm_head="int8", hybrid_max_rows=rows, kernel_dtype=torch.bfloat16)
+    return QuantPlan(ffn=name)
 
 
 def apply_quantization(model: PescForCausalLM, plan: QuantPlan, dtype: torch.dtype) -> None:
@@ -308,7 +317,8 @@ def load_model(source: ModelSource, load: LoadConfig, max_positions: int | None 
         model = PescForCausalLM(cfg, dispatch=load.dispatch, max_positions=max_positions)
     _materialize(model, dtype, device)
     model.rotary.build_tables(device)
-    quant = resolve_quantization(load.quantization, device, dtype, vnni=device.type == "cpu" and cpu_has_vnni())
+    quant = resolve_quantization(load.quantization, device, dtype, vnni=device.type == "cpu" and cpu_has_vnni(),
+                                 arrives_quantized=base.kind == "gguf" and base.gguf is not None and base.gguf.is_quantized)
     int4_modules = {name for name, m in model.named_modules()
                     if isinstance(m, nn.Linear) and quant.method_for(name) == "int4" and device.type == "cpu"}
     own_experts = None

@@ -8,7 +8,7 @@ import torch
 
 from pesc_serve.config import LoadConfig
 from pesc_serve.layers.quant import Int4WeightOnlyLinear
-from pesc_serve.models.gguf_reader import GGUFCheckpoint, Q4Blocks, q4_1_blocks
+from pesc_serve.models.gguf_reader import GGUFCheckpoint, Q4Blocks, q4_0_blocks, q4_1_blocks
 from pesc_serve.models.loader import load_model
 from pesc_serve.registry import resolve_model
 
@@ -22,6 +22,21 @@ def test_q4_1_blocks_unpack_as_ggml_lays_them_out():
     blocks = q4_1_blocks(raw[None, :], 1)
     expected = torch.tensor(q, dtype=torch.float32) * float(d) + float(m)
     assert torch.equal(blocks.dequantize()[0], expected)
+
+
+def test_q4_0_blocks_are_q4_1_blocks_with_min_minus_8_scale():
+    """w = (q - 8) d, exactly: the int4 layer's q * scale + min with min = -8 d."""
+    q = (np.arange(32) * 7) % 16
+    d = np.float16(0.0371)
+    packed = (q[:16] | (q[16:] << 4)).astype(np.uint8)
+    raw = np.concatenate([np.frombuffer(d.tobytes(), np.uint8), packed])
+    blocks = q4_0_blocks(raw[None, :], 1)
+    expected = (torch.tensor(q, dtype=torch.float32) - 8) * float(d)
+    assert torch.equal(blocks.dequantize()[0], expected)
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    assert torch.equal(blocks.dequantize()[0], torch.from_numpy(dequantize(raw[None, :], GGMLQuantizationType.Q4_0)[0]))
 
 
 @pytest.fixture(scope="module")

@@ -115,3 +115,42 @@ def test_the_metadata_index_is_cached_and_reads_the_same_tensors(monkeypatch, tm
     assert gguf_reader._index_file(path) != index
     GGUFCheckpoint(path)
     assert gguf_reader._index_file(path).is_file()
+
+
+def test_the_lm_head_is_the_files_q8_0_blocks(smollm2):
+    """The tied head's int8 values and float16 group scales are the file's Q8_0 blocks; the
+    embedding lookup reads their exact float values; the head's output matches them."""
+    from gguf import GGMLQuantizationType
+
+    src, lm = smollm2
+    if lm.quantization.lm_head != "int8":
+        pytest.skip("this host's plan keeps the LM head in float")
+    info = next(t for t in GGUFCheckpoint(src.path).tensor_infos if t.name == "token_embd.weight")
+    assert info.ggml_type == GGMLQuantizationType.Q8_0
+    blocks = dict(GGUFCheckpoint(src.path).tensors(q4_blocks=True))["model.embed_tokens.weight"]
+    head = lm.model.lm_head
+    assert head.group_wise and torch.equal(head.scale, blocks.scale)
+    if head.packed is None:
+        assert torch.equal(head.weight, blocks.q)
+    assert torch.equal(lm.model.embed_tokens.weight, blocks.dequantize())
+    x = torch.randn(3, lm.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = head(x).float()
+    want = x @ blocks.dequantize().t()
+    assert float((got - want).norm() / want.norm()) < 2e-2  # int8 activations (VNNI) or bf16 (dense copy)
+
+
+def test_grouped_int8_kernel_matches_its_dequantized_weight():
+    from pesc_serve.models.cpu_decode import load_extension
+
+    ext = load_extension()
+    if not ext.have_vnni():
+        pytest.skip("no AVX512-VNNI on this CPU")
+    g = torch.Generator().manual_seed(1)
+    q = torch.randint(-127, 128, (48, 96), generator=g, dtype=torch.int8)
+    scale = (torch.rand(48, 3, generator=g) * 0.02 + 0.001).half()
+    w = (q.float().view(48, 3, 32) * scale.float().unsqueeze(-1)).view(48, 96)
+    x = torch.randn(5, 96, generator=g)
+    got = ext.int8_linear(x, ext.PackedInt8(q, scale))
+    want = x @ w.t()
+    assert float((got - want).norm() / want.norm()) < 1e-2

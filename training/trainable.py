@@ -193,7 +193,7 @@ class TrainableModel(nn.Module):
 
         Causal attention alone then never lets a real token see padding, so no extra mask.
         """
-        m, mc = self.model, self.config
+        m = self.model
         s = input_ids.shape[1]
         positions = torch.arange(s, device=input_ids.device)
         mask = self._window_mask(s, input_ids.device)

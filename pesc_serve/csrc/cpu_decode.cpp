@@ -230,7 +230,8 @@ struct PackedInt4 {
 
 struct PackedInt8 {
   torch::Tensor data;   // uint8 [N/16, K/4, 16, 4]: q + 128
-  torch::Tensor scale;  // float32 [N]
+  torch::Tensor scale;  // float32 [N] (per row) ...
+  torch::Tensor group_scales;  // ... or float16 [N/16, G, 16]: one per 32 inputs (llama.cpp's Q8_0 blocks)
   int64_t n = 0, k = 0;
 };
 
@@ -250,7 +251,7 @@ PackedInt4 pack_int4(const torch::Tensor& qweight, const torch::Tensor& scale_mi
   return p;
 }
 
-// weight: int8 [N, K]; scale: [N].
+// weight: int8 [N, K]; scale: [N] per row, or [N, K/32] per 32-input group (w = q * scale).
 PackedInt8 pack_int8(const torch::Tensor& weight, const torch::Tensor& scale) {
   PackedInt8 p;
   p.n = weight.size(0);
@@ -258,7 +259,12 @@ PackedInt8 pack_int8(const torch::Tensor& weight, const torch::Tensor& scale) {
   TORCH_CHECK(p.n % kQRows == 0 && p.k % kQGroup == 0, "int8 packing needs N % 16 == 0 and K % 32 == 0");
   torch::Tensor shifted = weight.to(at::kShort).add(128).to(at::kByte);
   p.data = shifted.view({p.n / kQRows, kQRows, p.k / 4, 4}).permute({0, 2, 1, 3}).contiguous();
-  p.scale = scale.to(at::kFloat).contiguous();
+  if (scale.dim() == 2) {
+    TORCH_CHECK(scale.size(0) == p.n && scale.size(1) == p.k / kQGroup, "group scales must be [N, K/32]");
+    p.group_scales = scale.to(at::kHalf).view({p.n / kQRows, kQRows, p.k / kQGroup}).permute({0, 2, 1}).contiguous();
+  } else {
+    p.scale = scale.to(at::kFloat).contiguous();
+  }
   return p;
 }
 
@@ -338,9 +344,10 @@ inline void int4_block(const uint8_t* w, const at::Half* sz, int64_t G, const Qu
   for (int m = 0; m < MB; ++m) _mm512_storeu_ps(y + m * ldy, acc[m]);
 }
 
+// scale_row: the 16 rows' scales, or null with group_scales ([G, 16] float16) instead.
 template <int MB>
-inline void int8_block(const uint8_t* w, const float* scale_row, int64_t G, const QuantizedRows& xq, int64_t m0,
-                       int64_t K, float* y, int64_t ldy) {
+inline void int8_block(const uint8_t* w, const float* scale_row, const at::Half* group_scales, int64_t G,
+                       const QuantizedRows& xq, int64_t m0, int64_t K, float* y, int64_t ldy) {
   __m512 acc[MB];
 #pragma GCC unroll 4
   for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
@@ -360,14 +367,15 @@ inline void int8_block(const uint8_t* w, const float* scale_row, int64_t G, cons
         a1[m] = _mm512_dpbusd_epi32(a1[m], v1, _mm512_set1_epi32(xr[1]));
       }
     }
+    const __m512 gs = group_scales ? load_f16x16(group_scales + g * kQRows) : _mm512_set1_ps(1.f);
 #pragma GCC unroll 4
     for (int m = 0; m < MB; ++m) {
       const int64_t i = (m0 + m) * G + g;
       const __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(a0[m], a1[m]), _mm512_set1_epi32(128 * xq.qsum[i]));
-      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(xq.d[i]), acc[m]);
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(gs, _mm512_set1_ps(xq.d[i])), acc[m]);
     }
   }
-  const __m512 scale = _mm512_loadu_ps(scale_row);
+  const __m512 scale = scale_row ? _mm512_loadu_ps(scale_row) : _mm512_set1_ps(1.f);
 #pragma GCC unroll 4
   for (int m = 0; m < MB; ++m) _mm512_storeu_ps(y + m * ldy, _mm512_mul_ps(acc[m], scale));
 }
@@ -393,10 +401,12 @@ torch::Tensor low_bit_linear(const torch::Tensor& x, const Packed& p) {
   torch::Tensor y = torch::empty({M, p.n}, xc.options());
   float* yp = y.data_ptr<float>();
   const uint8_t* wp = p.data.template data_ptr<uint8_t>();
-  const at::Half* sz = nullptr;  // int4: per-group scales and mins
+  const at::Half* sz = nullptr;  // int4: per-group scales and mins; grouped int8: per-group scales
   const float* scale = nullptr;      // int8: per-row scales
   if constexpr (kInt4) {
     sz = p.scales.template data_ptr<at::Half>();
+  } else if (present(p.group_scales)) {
+    sz = p.group_scales.template data_ptr<at::Half>();
   } else {
     scale = p.scale.template data_ptr<float>();
   }
@@ -409,7 +419,8 @@ torch::Tensor low_bit_linear(const torch::Tensor& x, const Packed& p) {
             int4_block<decltype(mb)::value>(wp + b * G * kInt4GroupBytes, sz + b * G * 2 * kQRows, G, xr, m0, K, yb,
                                              p.n);
           } else {
-            int8_block<decltype(mb)::value>(wp + b * G * kInt8GroupBytes, scale + b * kQRows, G, xr, m0, K, yb, p.n);
+            int8_block<decltype(mb)::value>(wp + b * G * kInt8GroupBytes, scale ? scale + b * kQRows : nullptr,
+                                             sz ? sz + b * G * kQRows : nullptr, G, xr, m0, K, yb, p.n);
           }
         });
       }
@@ -1297,7 +1308,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readonly("out_features", &PackedInt4::n)
       .def_readonly("in_features", &PackedInt4::k);
   py::class_<PackedInt8>(m, "PackedInt8")
-      .def(py::init(&pack_int8), "pack an int8 weight [N, K] with its per-row scales [N]")
+      .def(py::init(&pack_int8), "pack an int8 weight [N, K] with its per-row scales [N] or group scales [N, K/32]")
       .def_readonly("data", &PackedInt8::data)
       .def_readonly("out_features", &PackedInt8::n)
       .def_readonly("in_features", &PackedInt8::k);

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 INT4_GROUP_SIZE = 32
+INT8_GROUP = 32  # inputs per scale of a group-wise (Q8_0) int8 weight
 INT8_PACK_K = 16  # _weight_int8pack_mm is wrong or crashes unless in_features is a multiple of 16
 INT4_PACK_ROWS = 16  # _convert_weight_to_int4pack_for_cpu packs output rows in blocks of 16
 
@@ -82,7 +83,38 @@ class Int8WeightOnlyLinear(_CastingLinear):
         self.register_buffer("scale", scale.to(self.kernel_dtype))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
+    @classmethod
+    def from_blocks(cls, q: torch.Tensor, scale: torch.Tensor, kernel_dtype: torch.dtype,
+                    bias: torch.Tensor | None = None) -> "Int8WeightOnlyLinear":
+        """From Q8_0 blocks: q int8 [N, K], scale [N, K/32] float16 (one per 32 inputs), bit for
+        bit the file's.  The C++ VNNI kernel serves them as they are; elsewhere a dense copy does."""
+        module = cls.__new__(cls)
+        _CastingLinear.__init__(module)
+        module.out_features, module.in_features = q.shape
+        module.kernel_dtype = kernel_dtype
+        module.register_buffer("weight", q.contiguous())
+        module.register_buffer("scale", scale.to(torch.float16).contiguous())  # [N, G]: group-wise
+        module.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        module._dense = None
+        return module
+
+    @property
+    def group_wise(self) -> bool:
+        return self.scale.dim() == 2
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight [N, K] (only while ``weight`` is unpacked)."""
+        w = self.weight.float()
+        if not self.group_wise:
+            return w * self.scale.float()[:, None]
+        n, k = w.shape
+        return (w.view(n, -1, INT8_GROUP) * self.scale.float().unsqueeze(-1)).view(n, k)
+
     def _run(self, x2: torch.Tensor) -> torch.Tensor:
+        if self.group_wise:  # no ATen kernel takes group scales: a dense copy, made once
+            if getattr(self, "_dense", None) is None:
+                self._dense = self.dequantize().to(self.kernel_dtype)
+            return F.linear(x2, self._dense)
         if x2.device.type == "cpu" and self.in_features % INT8_PACK_K == 0:
             return torch._weight_int8pack_mm(x2, self.weight, self.scale)
         return F.linear(x2, self.weight.to(x2.dtype)) * self.scale

@@ -112,6 +112,9 @@ def _linear(ext: ModuleType, module: nn.Module) -> object:
     bias = module.bias.detach().float().contiguous() if getattr(module, "bias", None) is not None else _EMPTY
     if isinstance(module, Int8WeightOnlyLinear):
         low_bit = module.packed if isinstance(module.packed, ext.PackedInt8) else None
+        if low_bit is None and module.group_wise:  # Q8_0 blocks without the VNNI kernel: a dense copy
+            weight = module.dequantize().to(module.kernel_dtype)
+            return ext.Linear(DENSE, weight, _EMPTY, 0, -1, _EMPTY, bias, module.out_features, None, None)
         return ext.Linear(INT8, module.weight, module.scale, 0, max_rows, dense, bias, module.out_features, packed,
                           low_bit)
     if isinstance(module, Int4WeightOnlyLinear):

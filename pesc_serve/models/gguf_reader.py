@@ -32,6 +32,7 @@ _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm"
 _ARCH_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
 Q4_1_BLOCK, Q4_1_BYTES = 32, 20  # weights per block; bytes: float16 d, float16 m, 16 bytes of nibbles
 Q4_0_BYTES = 18  # float16 d, 16 bytes of nibbles (w = (q - 8) d)
+Q8_0_BYTES = 34  # float16 d, 32 int8 values (w = q d)
 
 
 @dataclass
@@ -58,6 +59,30 @@ class Q4Blocks:
 
     def rows(self, order: torch.Tensor) -> "Q4Blocks":
         return Q4Blocks(self.qweight[order], self.scale[order], self.minimum[order])
+
+
+@dataclass
+class Q8Blocks:
+    """A Q8_0 weight as its blocks: w[n, 32 g + j] = q[n, 32 g + j] * scale[n, g].
+
+    ``q`` is int8 [N, K]; ``scale`` [N, K/32] float16, as the file stores it.  Yielded beside the
+    weight's dequantized values (which are exact: float16 times int8 fits float32), for the
+    layers that can take the blocks themselves (the int8 LM head)."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.q.shape
+        return (self.q.float().view(n, k // Q4_1_BLOCK, Q4_1_BLOCK) * self.scale.float().unsqueeze(-1)).view(n, k)
+
+
+def q8_0_blocks(raw: np.ndarray, rows: int) -> Q8Blocks:
+    """Q8_0 bytes [rows, K/32 * 34] -> blocks (float16 d, then 32 int8 values)."""
+    blocks = np.ascontiguousarray(raw).reshape(rows, -1, Q8_0_BYTES)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0]
+    q = blocks[..., 2:].copy().view(np.int8).reshape(rows, -1)
+    return Q8Blocks(torch.from_numpy(q), torch.from_numpy(d))
 
 
 def q4_1_blocks(raw: np.ndarray, rows: int) -> Q4Blocks:
@@ -126,9 +151,9 @@ class GGUFCheckpoint:
 
         return any(len(t.shape) == 2 and t.ggml_type not in (T.F32, T.F16, T.BF16) for t in self.tensor_infos)
 
-    def tensors(self, q4_blocks: bool = False) -> Iterator[tuple[str, "torch.Tensor | Q4Blocks"]]:
+    def tensors(self, q4_blocks: bool = False) -> Iterator[tuple[str, "torch.Tensor | Q4Blocks | Q8Blocks"]]:
         """Yield (Hugging Face name, tensor) pairs one at a time: float32, or with ``q4_blocks``
-        the Q4_1 weights as :class:`Q4Blocks`."""
+        the Q4_0/Q4_1 weights as :class:`Q4Blocks` and the Q8_0 ones as :class:`Q8Blocks`."""
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
 
@@ -149,6 +174,9 @@ class GGUFCheckpoint:
                 if rope_rows:
                     blocks = blocks.rows(_unpermute_rope(torch.arange(blocks.shape[0]), n_head))
                 yield name, blocks
+                continue
+            if q4_blocks and t.ggml_type == GGMLQuantizationType.Q8_0 and len(t.shape) == 2 and not rope_rows:
+                yield name, q8_0_blocks(raw, int(t.shape[1]))
                 continue
             w = torch.from_numpy(np.array(dequantize(raw, t.ggml_type), dtype=np.float32, copy=True))
             if rope_rows:

@@ -40,12 +40,13 @@ from pesc_serve.layers.quant import (
     DenseLinear,
     HybridLinear,
     Int4WeightOnlyLinear,
+    Int8WeightOnlyLinear,
     quantize_modules,
 )
 from pesc_serve.models.checkpoint_files import iter_tensors, weight_files
 from pesc_serve.models.cpu_decode import cpu_has_vnni
 from pesc_serve.models.decoder import PescForCausalLM
-from pesc_serve.models.gguf_reader import GGUFCheckpoint, Q4Blocks
+from pesc_serve.models.gguf_reader import GGUFCheckpoint, Q4Blocks, Q8Blocks
 from pesc_serve.registry import ModelSource
 
 _IGNORED = re.compile(r"(\.rotary_emb\.inv_freq$)|(\.masked_bias$)|(\.attn\.bias$)")
@@ -180,6 +181,7 @@ class _Assigner:
         self.seen: set[str] = set()
         self.int4_modules = int4_modules
         self.blocks: dict[str, list[tuple[slice, Q4Blocks, str]]] = {}
+        self.head_blocks: Q8Blocks | None = None  # Q8_0 blocks of the LM head's weight (tied or not)
         self.experts = experts
 
     def assign(self, raw_name: str, tensor: "torch.Tensor | Q4Blocks", origin: Path) -> None:
@@ -196,6 +198,11 @@ class _Assigner:
                 self.seen.add(name)
                 return
             tensor = tensor.dequantize()
+        if isinstance(tensor, Q8Blocks):
+            head = "lm_head.weight" if "lm_head.weight" in self.targets else "model.embed_tokens.weight"
+            if name == head:
+                self.head_blocks = tensor
+            tensor = tensor.dequantize()  # exact: the embedding lookup (and any other use) reads these
         if target is None and self.experts is not None and is_adapter_tensor(name):
             self.experts.add(raw_name, name, tensor, origin)
             return
@@ -293,16 +300,24 @@ def resolve_quantization(name: str, device: torch.device, dtype: torch.dtype, vn
     return QuantPlan(ffn=name)
 
 
-def apply_quantization(model: PescForCausalLM, plan: QuantPlan, dtype: torch.dtype) -> None:
+def apply_quantization(model: PescForCausalLM, plan: QuantPlan, dtype: torch.dtype,
+                       head_blocks: Q8Blocks | None = None) -> None:
+    """Swap the linears for the plan's formats; an int8 LM head whose weight arrived as Q8_0
+    blocks takes them as they are (group-wise int8, bit for bit the file's)."""
     rows = plan.hybrid_max_rows
     kernel_dtype = plan.kernel_dtype or dtype
     quantize_modules(model, QUANT_GROUPS["ffn"], plan.ffn, kernel_dtype, rows)
     quantize_modules(model, QUANT_GROUPS["attention"], plan.attention, kernel_dtype, rows)
-    if plan.lm_head != "none":
-        if model.lm_head is None:  # tied: a head module sharing the embedding matrix
-            model.lm_head = nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=False, device="meta")
-            model.lm_head.weight = model.embed_tokens.weight
-        quantize_modules(model, ("lm_head",), plan.lm_head, kernel_dtype, rows)
+    if plan.lm_head == "none":
+        return
+    if model.lm_head is None:  # tied: a head module sharing the embedding matrix
+        model.lm_head = nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=False, device="meta")
+        model.lm_head.weight = model.embed_tokens.weight
+    fits = head_blocks is not None and model.config.vocab_size % 16 == 0 and model.config.hidden_size % 32 == 0
+    if plan.lm_head == "int8" and fits and model.embed_tokens.weight.device.type == "cpu":
+        model.lm_head = Int8WeightOnlyLinear.from_blocks(head_blocks.q, head_blocks.scale, kernel_dtype)
+        return
+    quantize_modules(model, ("lm_head",), plan.lm_head, kernel_dtype, rows)
 
 
 def load_model(source: ModelSource, load: LoadConfig, max_positions: int | None = None) -> LoadedModel:
@@ -334,7 +349,7 @@ def load_model(source: ModelSource, load: LoadConfig, max_positions: int | None 
             assigner.assign(name, tensor, origin)
     assigner.check_complete(str(base.path))
     _install_blocks(model, assigner, quant, dtype)
-    apply_quantization(model, quant, dtype)
+    apply_quantization(model, quant, dtype, assigner.head_blocks)
     model.eval()
     weight_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     loaded = LoadedModel(model, cfg, source, dtype, device, quant, cfg.num_parameters, weight_bytes)

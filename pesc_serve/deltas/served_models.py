@@ -73,7 +73,9 @@ class ServedModels:
         return model
 
     def listed(self) -> list[ServedModel]:
-        return [m for m in self.models.values() if not m.unloading]
+        """The models being served (a snapshot: list() copies the dict in one step under the GIL,
+        so the HTTP thread may call this while the engine thread registers one)."""
+        return [m for m in list(self.models.values()) if not m.unloading]
 
     # ---- registration -------------------------------------------------------------------------
 

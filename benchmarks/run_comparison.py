@@ -245,12 +245,42 @@ def long_context_check(port: int, n: int = LONG_CONTEXT_REQUESTS, max_tokens: in
 PESC_SERVE = [PY, "-m", "pesc_serve", "--model", "camelidae", "--port", "8200"]  # default flags
 
 
+def llama_cpp_command(threads: str) -> list[str]:
+    from pesc_serve.registry import smollm2_gguf_path
+
+    return [str(LLAMA_SERVER), "-m", str(smollm2_gguf_path()), "--port", "8201", "-t", threads, "-np", "16",
+            "-c", str(16 * 1024), "--no-warmup"]
+
+
+def single_stream_pairs(repeats: int, max_tokens: int, threads: str) -> dict:
+    """One stream on pesc-serve (camelidae, default flags: its LoRA unmerged beside the int4
+    base) and on llama.cpp (the dense GGUF), in alternating pairs so drifts of a noisy machine
+    hit both: each pair's ratio, and their median."""
+    subprocess.run(["bash", str(ROOT / "benchmarks/peers/setup_llama_cpp.sh")], check=True, env={**os.environ, "PYTHON": PY})
+    pairs = []
+    for i in range(repeats):
+        order = [("pesc-serve", PESC_SERVE, 8200), ("llama.cpp", llama_cpp_command(threads), 8201)]
+        if i % 2:
+            order.reverse()  # alternate which server runs first
+        tok_s = {}
+        for label, cmd, port in order:
+            with serving(f"{label}-single", cmd, port):
+                tok_s[label] = bench(f"{label}-single", port, "1", max_tokens, num_prompts=8)["levels"][0]["output_throughput"]
+        pairs.append({"first": order[0][0], "tok_s": tok_s, "ratio": tok_s["pesc-serve"] / tok_s["llama.cpp"]})
+        print(pairs[-1], flush=True)
+    ratios = sorted(p["ratio"] for p in pairs)
+    return {"command": "python -m benchmarks.run_comparison --only single-stream", "max_tokens": max_tokens,
+            "pairs": pairs, "median_ratio": ratios[len(ratios) // 2], "ggml_build_flags": llama_cpp_build_flags()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--skip", default="", help="comma list of: llama.cpp,hf-reference,long-context,moe-layer")
-    ap.add_argument("--only", choices=("long-context",), default=None,
-                    help="run just this check on its own pesc-serve server; writes results/long_context.json")
+    ap.add_argument("--only", choices=("long-context", "single-stream"), default=None,
+                    help="long-context: that check alone (results/long_context.json); single-stream: paired "
+                         "one-stream runs of pesc-serve and llama.cpp, alternating (results/single_stream_paired.json)")
+    ap.add_argument("--repeats", type=int, default=3, help="pairs of runs for --only single-stream")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -263,6 +293,11 @@ def main() -> None:
         print(json.dumps(result, indent=2))
         return
     env_threads = str(os.cpu_count() or 2)
+    if args.only == "single-stream":
+        paired = single_stream_pairs(args.repeats, args.max_tokens, env_threads)
+        (RESULTS / "single_stream_paired.json").write_text(json.dumps({"host": host, **paired}, indent=2))
+        print(json.dumps(paired, indent=2))
+        return
     results = []
     ours = serve_and_bench(
         "pesc-serve", PESC_SERVE, 8200, "1,16", args.max_tokens,
@@ -271,11 +306,8 @@ def main() -> None:
     results.append(ours)
     if "llama.cpp" not in skip:
         subprocess.run(["bash", str(ROOT / "benchmarks/peers/setup_llama_cpp.sh")], check=True, env={**os.environ, "PYTHON": PY})
-        from pesc_serve.registry import smollm2_gguf_path
-
         results.append(serve_and_bench(
-            "llama.cpp", [str(LLAMA_SERVER), "-m", str(smollm2_gguf_path()), "--port", "8201", "-t", env_threads,
-                          "-np", "16", "-c", str(16 * 1024), "--no-warmup"], 8201, "1,16", args.max_tokens,
+            "llama.cpp", llama_cpp_command(env_threads), 8201, "1,16", args.max_tokens,
             extra=lambda port: {"ggml_build_flags": llama_cpp_build_flags()}))
     if "hf-reference" not in skip:
         results.append(serve_and_bench(

@@ -14,7 +14,7 @@ from pesc_serve.engine.async_engine import AsyncEngine
 from pesc_serve.engine.engine import LLMEngine
 from pesc_serve.engine.engine_thread import EngineThread
 from pesc_serve.deltas.delta import find_delta
-from pesc_serve.models.loader import LoadedModel, load_delta, load_model
+from pesc_serve.models.loader import LoadedModel, load_model
 from pesc_serve.models.tokenizer import load_tokenizer
 from pesc_serve.registry import resolve_delta_path, resolve_model
 from pesc_serve.server.app import create_app
@@ -43,7 +43,7 @@ def build_engine(load: LoadConfig, engine_cfg: EngineConfig, served_name: str | 
         if name in engine.models.models:
             raise ValueError(f"--adapters: {name!r} is already the name of a served model")
         delta_source = find_delta(name, resolve_delta_path(value))
-        engine.models.add(delta_source, load_delta(loaded, delta_source))
+        engine.models.add(delta_source, engine.models.read(delta_source))
     return engine
 
 

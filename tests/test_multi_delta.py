@@ -162,7 +162,11 @@ def test_an_evicted_delta_is_read_again_without_stalling_the_others(tenants, mon
 
     def slow_read(source):
         assert gate.wait(60), "the test never released the read"
-        return read(source)
+        delta = read(source)
+        if engine.deltas.kernels is not None and engine.deltas.kernels.stacks is not None:
+            # packed for the grouped kernel here, on the loader thread, not between two steps
+            assert all(e.packed is not None for e in delta.experts)
+        return delta
 
     monkeypatch.setattr(engine.models, "read", slow_read)
     engine.add_request("base", PROMPTS[1], GREEDY)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from pesc_serve.config import EngineConfig, resolve_kv_cache_dtype
+from pesc_serve.deltas.delta import Delta, DeltaSource
 from pesc_serve.deltas.served_models import ServedModel, ServedModels
 from pesc_serve.deltas.table import DeltaTable
 from pesc_serve.engine.detokenizer import IncrementalDetokenizer
@@ -113,8 +114,8 @@ class LLMEngine:
         )
         slots = 1 + (cfg.max_loaded_adapters if cfg.max_loaded_adapters is not None else UNLIMITED_SLOTS)
         self.deltas = DeltaTable(loaded.model, kernels, slots)
-        self.models = ServedModels(model_name or loaded.source.name, loaded.delta, self.deltas,
-                                   lambda source: load_delta(loaded, source))
+        self._kernels = kernels
+        self.models = ServedModels(model_name or loaded.source.name, loaded.delta, self.deltas, self._read_delta)
         self._tracked: dict[str, _Tracked] = {}
         self._model_of: dict[str, ServedModel] = {}
         self.structured_output = StructuredOutputFactory(tokenizer, self.eos_token_ids)
@@ -252,6 +253,13 @@ class LLMEngine:
                 logger.error("could not load delta %s: %s", model.name, error)
                 outputs.extend(self._fail(waiting, f"loading model {model.name}", RuntimeError(error)))
         return outputs
+
+    def _read_delta(self, source: DeltaSource) -> Delta:
+        """Read, check and pack a delta: safe off the engine thread (it touches no table)."""
+        delta = load_delta(self.loaded, source)
+        if self._kernels is not None:
+            self._kernels.pack(delta)
+        return delta
 
     def _models_with_experts(self) -> list[tuple[str, int]]:
         return [(m.name, m.delta.num_experts) for m in self.models.listed() if m.delta is not None and m.delta.experts]

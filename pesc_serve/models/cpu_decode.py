@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -30,6 +31,9 @@ from pesc_serve.layers.lora import LoRAWeights, SlotLoRA
 from pesc_serve.layers.pesc_mlp import ExpertSet, PescMLP
 from pesc_serve.layers.quant import DenseLinear, HybridLinear, Int4WeightOnlyLinear, Int8WeightOnlyLinear
 from pesc_serve.models.decoder import PescForCausalLM
+
+if TYPE_CHECKING:
+    from pesc_serve.deltas.delta import Delta
 
 logger = logging.getLogger(__name__)
 
@@ -216,6 +220,18 @@ class CpuKernels:
                 if decode_model is not None:
                     decode_model.use_adapter_stack(i, stack)
 
+    def _packs(self, layer: int, stored_dtype: torch.dtype | None) -> bool:
+        mlp = self.model.layers[layer].mlp
+        return self.stacks is not None and mlp.dispatch == "auto" and grouped_adapters_fit(mlp, stored_dtype)
+
+    def pack(self, delta: "Delta") -> None:
+        """Pack a delta's experts for the grouped kernel ahead of installing it, so the costly
+        part of a load runs on the loader thread, not between two engine steps."""
+        for layer, experts in enumerate(delta.experts or []):
+            if experts.packed is None and self._packs(layer, delta.stored_dtype):
+                experts.keep_only_packed(
+                    self.ext.PackedAdapters(experts.router, experts.down, experts.up, experts.topk))
+
     def set_experts(self, layer: int, slot: int, experts: ExpertSet | None, stored_dtype: torch.dtype | None) -> None:
         """Put (or, with None, remove) one delta's experts of one layer in ``slot``."""
         mlp = self.model.layers[layer].mlp
@@ -227,7 +243,7 @@ class CpuKernels:
             dm.set_experts(layer, slot, _EMPTY, _EMPTY, _EMPTY, 0)
         if experts is None:
             return
-        if self.stacks is not None and mlp.dispatch == "auto" and grouped_adapters_fit(mlp, stored_dtype):
+        if self._packs(layer, stored_dtype):
             if experts.packed is None:  # the packed copy becomes the only one (a second engine reuses it)
                 experts.keep_only_packed(
                     self.ext.PackedAdapters(experts.router, experts.down, experts.up, experts.topk))

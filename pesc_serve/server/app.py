@@ -17,8 +17,31 @@ from pesc_serve.server.errors import error_response, install_error_handlers
 from pesc_serve.server.metrics import ServerMetrics
 from pesc_serve.server.adapter_routes import build_adapter_router
 from pesc_serve.server.openai_routes import build_router
+from pesc_serve.server.utility_routes import build_utility_router
 from pesc_serve.server.serving import OpenAIServing
 
+
+
+class EchoRequestId:
+    """Copy the client's ``X-Request-Id`` onto the response (the completion handlers also use it
+    as the request's id), so a client or proxy can match logs and answers."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope.get("headers", [])).get(b"x-request-id")
+        if given is None:
+            return await self.app(scope, receive, send)
+
+        async def send_with_id(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message = dict(message, headers=list(message.get("headers", [])) + [(b"x-request-id", given)])
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 class BodySizeLimit:
@@ -112,6 +135,7 @@ def create_app(
     app.state.serving = serving
 
     app.include_router(build_router(serving))
+    app.include_router(build_utility_router(serving))
     if cfg.enable_runtime_adapters:
         app.include_router(build_adapter_router(serving))
 
@@ -132,4 +156,5 @@ def create_app(
     if cfg.api_key:
         app.add_middleware(RequireAPIKey, api_key=cfg.api_key)
     app.add_middleware(BodySizeLimit, max_bytes=cfg.max_body_bytes)
+    app.add_middleware(EchoRequestId)
     return app

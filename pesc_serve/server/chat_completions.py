@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from pesc_serve.server.chat import ChatTemplateError
 from pesc_serve.server.errors import APIError
 from pesc_serve.server.protocol import ChatCompletionRequest
-from pesc_serve.server.responses import ChoiceState, chat_logprobs, chunk_envelope, new_id, now, openai_finish_reason
+from pesc_serve.server.responses import ChoiceState, chat_logprobs, chunk_envelope, now, openai_finish_reason
 from pesc_serve.server.serving import OpenAIServing, Choice, request_params, usage_of
 
 
@@ -26,7 +26,8 @@ async def create_chat_completion(serving: OpenAIServing, req: ChatCompletionRequ
     except ChatTemplateError as exc:
         raise APIError(500, str(exc), code="chat_template_error") from None
     prompt_ids = serving.formatter.encode(text)
-    choices = serving.start([prompt_ids], params, req.n, new_id("chatcmpl"), prompt_param="messages", model=model)
+    choices = serving.start([prompt_ids], params, req.n, serving.request_id(raw, "chatcmpl"), prompt_param="messages",
+                            model=model)
     obj_id = choices[0].stream.request_id.rsplit("-", 1)[0]
     if req.stream:
         return serving.sse(_chat_events(serving, obj_id, choices, req))

@@ -15,7 +15,6 @@ from pesc_serve.server.responses import (
     ChoiceState,
     chunk_envelope,
     completion_logprobs,
-    new_id,
     now,
     openai_finish_reason,
     text_length,
@@ -33,7 +32,7 @@ async def create_completion(serving: OpenAIServing, req: CompletionRequest, raw:
     ]
     if any(not p for p in prompts):
         raise APIError(400, "prompt must not be empty", "prompt", "invalid_value")
-    choices = serving.start(prompts, params, req.n, new_id("cmpl"), model=model)
+    choices = serving.start(prompts, params, req.n, serving.request_id(raw, "cmpl"), model=model)
     obj_id = choices[0].stream.request_id.rsplit("-", 1)[0]
     echo = {c.index: _echo_text(serving, req, c.prompt_ids) for c in choices}
     if req.stream:

@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
@@ -36,11 +37,12 @@ from pesc_serve.server.chat import ChatFormatter
 from pesc_serve.server.errors import APIError, error_body, param_of
 from pesc_serve.server.metrics import ServerMetrics
 from pesc_serve.server.protocol import ChatCompletionRequest, CompletionRequest
-from pesc_serve.server.responses import ChoiceState, TokenText, now, usage
+from pesc_serve.server.responses import ChoiceState, TokenText, new_id, now, usage
 
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER_S = "1"
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 SSE_PING_S = 15
 
 # Characters that str.splitlines() and httpx's iter_lines() treat as line breaks although
@@ -81,6 +83,17 @@ class OpenAIServing:
 
     # ---- shared plumbing ----------------------------------------------------------------
 
+    @staticmethod
+    def request_id(raw: Request, prefix: str) -> str:
+        """``prefix-<X-Request-Id>`` when the client sends one (checked), else a fresh uuid."""
+        given = raw.headers.get("x-request-id")
+        if given is None:
+            return new_id(prefix)
+        if not _REQUEST_ID.fullmatch(given):
+            raise APIError(400, "X-Request-Id must be 1-128 characters of letters, digits and ._:-",
+                           "X-Request-Id", "invalid_value")
+        return f"{prefix}-{given}"
+
     def check_model(self, model: str | None) -> str:
         """The served name ``model`` resolves to (absent or empty: the --model); 404 if none."""
         try:
@@ -116,6 +129,9 @@ class OpenAIServing:
             raise APIError(404, str(exc), "model", "model_not_found") from None
         except ValueError as exc:
             self._close(choices)
+            if "already in use" in str(exc):
+                raise APIError(400, f"a request with X-Request-Id {base_id!r} is already in flight",
+                               "X-Request-Id", "invalid_value") from None
             param = param_of(exc)
             raise APIError(400, str(exc), prompt_param if param == "prompt" else param, "invalid_value") from None
         for c in choices:

@@ -89,8 +89,8 @@ class SlotLoRA(nn.Module):
                 continue
             if rows is None:
                 y = self._add(y, x, w)
-            else:
-                y = y.index_copy(0, rows, self._add(y.index_select(0, rows), x.index_select(0, rows), w))
+            else:  # the rows' outputs gathered, updated, put back: the same numbers as a batch of them alone
+                y.index_copy_(0, rows, self._add(y.index_select(0, rows), x.index_select(0, rows), w))
         return y
 
     def _add(self, y: torch.Tensor, x: torch.Tensor, w: LoRAWeights) -> torch.Tensor:

@@ -261,7 +261,9 @@ class PescMLP(nn.Module):
                 ids[:, : idx.shape[1]] = idx
             else:
                 ys, idx = experts.apply(x.index_select(0, rows), f.index_select(0, rows), self.dispatch)
-                y = y.index_copy(0, rows, ys)
+                if y is f:
+                    y = f.clone()  # later groups still read their rows of f
+                y.index_copy_(0, rows, ys)
                 ids[rows, : idx.shape[1]] = idx
         self.last_topk = ids
         return y

@@ -1,9 +1,11 @@
-# The two commands of the README: `make serve` and `make test`.
+# The two commands of the README: `make serve` (the base and both bundled deltas from one process;
+# `make serve MODEL=camelidae ADAPTERS=` serves one model) and `make test`.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-MODEL ?= camelidae
+MODEL ?= smollm2
+ADAPTERS ?= camelidae=camelidae camel=camel
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 ARGS ?=
@@ -26,7 +28,7 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 serve: $(VENV)/.installed
-	$(PY) -m pesc_serve --model $(MODEL) $(ARGS)
+	$(PY) -m pesc_serve --model $(MODEL) $(if $(strip $(ADAPTERS)),--adapters $(ADAPTERS)) $(ARGS)
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q $(ARGS)

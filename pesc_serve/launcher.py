@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,8 +37,12 @@ def build_engine(load: LoadConfig, engine_cfg: EngineConfig, served_name: str | 
     """The base (and its own delta), then each ``--adapters`` delta read and checked against it."""
     source = resolve_model(load.model)
     max_positions = engine_cfg.max_model_len
-    loaded = load_model(source, load, max_positions=max_positions)
-    tokenizer = load_tokenizer(source)
+    # The tokenizer (mostly importing transformers, ~1 s) loads on a second thread meanwhile:
+    # the weights' work is numpy and torch, which release the GIL.
+    with ThreadPoolExecutor(1, thread_name_prefix="tokenizer") as pool:
+        tokenizer_future = pool.submit(load_tokenizer, source)
+        loaded = load_model(source, load, max_positions=max_positions)
+        tokenizer = tokenizer_future.result()
     engine = LLMEngine(loaded, tokenizer, engine_cfg, model_name=served_name or source.name)
     for name, value in load.adapters:
         if name in engine.models.models:

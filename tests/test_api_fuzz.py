@@ -40,6 +40,9 @@ OPERATIONS = (
     "GET /v1/models/{model_id}",
     "GET /health",
     "GET /metrics",
+    "POST /tokenize",
+    "POST /detokenize",
+    "GET /version",
 )
 
 

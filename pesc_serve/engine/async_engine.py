@@ -125,6 +125,7 @@ class AsyncEngine:
             await loop.run_in_executor(None, concurrent.futures.wait, [self._running], 10.0)
         if self._engine_thread is not None:
             self._engine_thread.stop()
+        self.engine.models.close()  # the delta loader thread, if one was started
 
     @property
     def is_draining(self) -> bool:

@@ -196,10 +196,9 @@ class ModelRunner:
         slots = torch.tensor([r.block_ids[c.start // bs] * bs + c.start % bs for r, c in zip(reqs, chunks)])
         width = max(len(r.block_ids) for r in reqs)
         tables = torch.tensor([r.block_ids + [0] * (width - len(r.block_ids)) for r in reqs])
-        owners = [r.delta_slot for r in reqs]
-        logits, choices = self.decode_model.forward(ids, positions, self.kv_caches, slots, tables, bs,
-                                                    torch.tensor(owners))
-        return logits, (choices, owners)
+        deltas = DeltaBatch.from_runs([(r.delta_slot, 1) for r in reqs])
+        logits, choices = self.decode_model.forward(ids, positions, self.kv_caches, slots, tables, bs, deltas.slots)
+        return logits, (choices, deltas.owners)
 
     def _model_logits(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor | None, list[Request], tuple | None]:
         """Logits of the sampling rows of ``chunks`` through the PyTorch model, and the layers'
@@ -211,8 +210,7 @@ class ModelRunner:
         per_layer = [layer.mlp.last_topk for layer in self.model.layers]
         for layer in self.model.layers:
             object.__setattr__(layer.mlp, "last_topk", None)  # plain attribute: skip nn.Module's hook
-        owners = [c.request.delta_slot for c in chunks for _ in range(c.num_new_tokens)]
-        choices = (torch.stack(per_layer), owners) if all(c is not None for c in per_layer) else None
+        choices = (torch.stack(per_layer), deltas.owners) if all(c is not None for c in per_layer) else None
         return (self.model.compute_logits(hidden[sample_rows]) if reqs else None), reqs, choices
 
     @torch.inference_mode()

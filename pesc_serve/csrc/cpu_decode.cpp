@@ -584,9 +584,11 @@ void grouped_adapters(const float* xp, float* fp, int64_t T, const AdapterStack&
   }
   const int64_t* owner = owner_buf.data();
   // (slot, local expert) of each global expert, for the tasks below.
-  std::vector<std::pair<const PackedAdapters*, int64_t>> expert_of(E);
+  thread_local std::vector<std::pair<const PackedAdapters*, int64_t>> expert_of;
+  expert_of.resize(E);
   for (int64_t s = 0; s < S; ++s)
     for (int64_t e = 0; e < stack.by_slot[s].e; ++e) expert_of[first_expert[s] + e] = {&stack.by_slot[s], e};
+  const std::pair<const PackedAdapters*, int64_t>* owner_of = expert_of.data();  // thread_local: lambdas use this
   // Tasks of up to one GEMM tile of rows from one expert: equal-sized work whatever the
   // routing, so a static split over threads stays balanced.
   task_buf.clear();
@@ -604,9 +606,9 @@ void grouped_adapters(const float* xp, float* fp, int64_t T, const AdapterStack&
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t e = tasks[2 * i], m0 = tasks[2 * i + 1];
       const int64_t n = std::min<int64_t>(kMaxTileRows, start[e + 1] - m0);
-      const PackedAdapters& a = *expert_of[e].first;
-      const PackedBf16& d = a.down[expert_of[e].second];
-      const PackedBf16& u = a.up[expert_of[e].second];
+      const PackedAdapters& a = *owner_of[e].first;
+      const PackedBf16& d = a.down[owner_of[e].second];
+      const PackedBf16& u = a.up[owner_of[e].second];
       const int64_t R = a.r;
       xb.resize(n * d.kp * 2);
       for (int64_t r = 0; r < n; ++r) to_bf16_rows(fp + owner[order[m0 + r]] * H, 1, H, H, xb.data() + r * d.kp * 2, d.kp);
@@ -778,25 +780,17 @@ struct Linear {
     }
   }
 
-  void set_lora(int64_t slot, const torch::Tensor& a, const torch::Tensor& b) {
+  // One delta's LoRA in `slot`, B given transposed ([r, N], the layout lora_add reads); empty
+  // tensors remove it.  Float32 contiguous tensors are shared with the caller, not copied.
+  void set_lora_t(int64_t slot, const torch::Tensor& a, const torch::Tensor& bt) {
     TORCH_CHECK(slot >= 0, "slot must be >= 0");
     if (slot >= static_cast<int64_t>(loras.size())) loras.resize(slot + 1);
     if (!present(a)) {
       loras[slot] = LoRA();
       return;
     }
-    TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(0) == b.size(1) && b.size(0) == out_features,
-                "LoRA A [r, K] and B [N, r] must fit the layer");
-    set_lora_t(slot, a, b.to(at::kFloat).t().contiguous());
-  }
-
-  // The same with B given transposed ([r, N], the layout lora_add reads): float32 contiguous
-  // tensors are shared with the caller, not copied.
-  void set_lora_t(int64_t slot, const torch::Tensor& a, const torch::Tensor& bt) {
-    if (!present(a)) return set_lora(slot, a, bt);
     TORCH_CHECK(a.dim() == 2 && bt.dim() == 2 && a.size(0) == bt.size(0) && bt.size(1) == out_features,
                 "LoRA A [r, K] and B^T [r, N] must fit the layer");
-    if (slot >= static_cast<int64_t>(loras.size())) loras.resize(slot + 1);
     torch::Tensor b32 = bt.to(at::kFloat).contiguous();
     loras[slot] = LoRA{a.to(at::kFloat).contiguous(), b32, nonzero_columns(b32)};
   }

@@ -228,9 +228,14 @@ class CpuKernels:
         """Pack a delta's experts for the grouped kernel ahead of installing it, so the costly
         part of a load runs on the loader thread, not between two engine steps."""
         for layer, experts in enumerate(delta.experts or []):
-            if experts.packed is None and self._packs(layer, delta.stored_dtype):
-                experts.keep_only_packed(
-                    self.ext.PackedAdapters(experts.router, experts.down, experts.up, experts.topk))
+            if self._packs(layer, delta.stored_dtype):
+                self._pack(experts)
+
+    def _pack(self, experts: ExpertSet) -> object:
+        """The packed copy, made once; it becomes the only one (a second engine reuses it)."""
+        if experts.packed is None:
+            experts.keep_only_packed(self.ext.PackedAdapters(experts.router, experts.down, experts.up, experts.topk))
+        return experts.packed
 
     def set_experts(self, layer: int, slot: int, experts: ExpertSet | None, stored_dtype: torch.dtype | None) -> None:
         """Put (or, with None, remove) one delta's experts of one layer in ``slot``."""
@@ -244,10 +249,7 @@ class CpuKernels:
         if experts is None:
             return
         if self._packs(layer, stored_dtype):
-            if experts.packed is None:  # the packed copy becomes the only one (a second engine reuses it)
-                experts.keep_only_packed(
-                    self.ext.PackedAdapters(experts.router, experts.down, experts.up, experts.topk))
-            self.stacks[layer].set(slot, experts.packed)
+            self.stacks[layer].set(slot, self._pack(experts))
             mlp.packed_slots.add(slot)
             if dm is not None:
                 dm.reserve_topk(experts.topk)

@@ -313,3 +313,19 @@ def test_the_extension_builds_per_python_and_torch_version(monkeypatch, tmp_path
     monkeypatch.setenv("PESC_SERVE_CACHE", str(tmp_path))
     d = build_directory()
     assert d.parent == tmp_path / "kernels" and torch.__version__ in d.name
+
+
+def test_the_extension_builds_per_cpu(monkeypatch, tmp_path):
+    """-march=native: a build cached on one CPU must not be loaded on another."""
+    import pesc_serve.models.cpu_decode as cd
+
+    monkeypatch.setenv("PESC_SERVE_CACHE", str(tmp_path))
+    here = cd.build_directory()
+    amd = "model name\t: AMD EPYC\nflags\t\t: fpu avx512f avx512_vnni avx512_bf16\n"
+    intel = "model name\t: Intel(R) Xeon(R)\nflags\t\t: fpu avx512f avx512_vnni avx512_bf16 amx_tile amx_int8\n"
+    dirs = {}
+    for name, text in (("amd", amd), ("intel", intel)):
+        monkeypatch.setattr(cd.Path, "read_text", lambda self, text=text: text)
+        dirs[name] = cd.build_directory()
+    assert dirs["amd"] != dirs["intel"] and here not in dirs.values()
+    assert all(d.parent == here.parent for d in dirs.values())

@@ -15,6 +15,7 @@ PyTorch path.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sys
@@ -58,10 +59,28 @@ def cpu_has_vnni() -> bool:
     return "avx512_vnni" in flags and "avx512bw" in flags
 
 
+def cpu_tag() -> str:
+    """A short digest of this CPU's model and feature flags.  The build uses -march=native, so
+    a cache made on one CPU must never load on another (it could stop on an illegal
+    instruction): the machine behind a home directory can change between runs."""
+    model = flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name" and not model:
+                model = value.strip()
+            elif key == "flags" and not flags:
+                flags = " ".join(sorted(value.split()))
+    except OSError:
+        pass
+    return hashlib.sha1(f"{model}|{flags}".encode()).hexdigest()[:10]
+
+
 def build_directory() -> Path:
     """Where the extension is compiled and cached: one directory per Python and torch
-    version, whose builds cannot load into each other."""
-    tag = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}"
+    version (builds that cannot load into each other) and per CPU."""
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}-cpu{cpu_tag()}"
     return cache_dir("kernels") / tag
 
 

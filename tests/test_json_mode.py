@@ -172,3 +172,21 @@ def test_json_schema_over_http(server):
     bad = {"type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "bogus"}}}
     r = httpx.post(server.v1 + "/completions", json={"prompt": "x", "response_format": bad}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
+
+
+def _accepts(factory, tok, schema, text: str) -> bool:
+    m = factory.matcher(schema)
+    return all(m.accept(t) for t in tok.encode(text, add_special_tokens=False))
+
+
+def test_objects_take_no_unlisted_keys_unless_the_schema_allows_them(parts, factory):
+    """As llama.cpp and vLLM (xgrammar strict mode) decode schemas: an unstated
+    additionalProperties means none, so a small model cannot wander off into invented keys."""
+    tok = parts[1]
+    open_schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    assert _accepts(factory, tok, open_schema, '{"n": 1}')
+    assert not _accepts(factory, tok, open_schema, '{"n": 1, "x": 2}')
+    nested = {"type": "object", "properties": {"a": {"type": "array", "items": open_schema}}, "required": ["a"]}
+    assert not _accepts(factory, tok, nested, '{"a": [{"n": 1, "x": 2}]}')
+    allowed = {**open_schema, "additionalProperties": True}
+    assert _accepts(factory, tok, allowed, '{"n": 1, "x": 2}')

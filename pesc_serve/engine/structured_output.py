@@ -26,12 +26,34 @@ JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
+def closed_objects(schema: Any) -> Any:
+    """``schema`` with ``additionalProperties: false`` on every object that lists properties and
+    does not say otherwise, as llama.cpp's grammars and vLLM's (xgrammar's strict mode) do:
+    plain JSON Schema would allow any extra key, and a small model then invents keys until
+    max_tokens.  ``additionalProperties: true`` (or a schema) keeps them allowed."""
+    if isinstance(schema, list):
+        return [closed_objects(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in ("properties", "$defs", "definitions", "patternProperties"):
+            out[key] = {k: closed_objects(v) for k, v in value.items()} if isinstance(value, dict) else value
+        elif key in ("items", "anyOf", "oneOf", "allOf", "prefixItems", "not", "additionalProperties"):
+            out[key] = closed_objects(value)
+        else:
+            out[key] = value
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
 def grammar_for(schema: dict[str, Any] | None) -> str:
     """The llguidance grammar of a JSON schema (``None``: any JSON object)."""
     import llguidance
 
     return llguidance.LLMatcher.grammar_from_json_schema(
-        json.dumps(JSON_OBJECT_SCHEMA if schema is None else schema), defaults=JSON_LAYOUT
+        json.dumps(JSON_OBJECT_SCHEMA if schema is None else closed_objects(schema)), defaults=JSON_LAYOUT
     )
 
 

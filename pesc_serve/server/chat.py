@@ -13,6 +13,7 @@ from typing import Any
 from jinja2.exceptions import TemplateError
 
 from pesc_serve.server.protocol import ChatMessage
+from pesc_serve.server.tools import ToolPlan, render_messages
 
 
 class ChatTemplateError(RuntimeError):
@@ -54,8 +55,12 @@ class ChatFormatter:
     def uses_fallback(self) -> bool:
         return self.template_override is None and not getattr(self.tokenizer, "chat_template", None)
 
-    def render(self, messages: list[ChatMessage], add_generation_prompt: bool = True, **template_kwargs: Any) -> str:
-        plain = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in messages]
+    def render(self, messages: list[ChatMessage], add_generation_prompt: bool = True, tools: ToolPlan | None = None,
+               **template_kwargs: Any) -> str:
+        """The prompt text; tool calls, tool results and the offered tools in the generic tool
+        format (server/tools.py).  Raises ToolError (a ValueError naming its field) for a tool
+        message that answers no call."""
+        plain = render_messages(messages, tools)
         clash = sorted(set(template_kwargs) & _RESERVED_TEMPLATE_KWARGS)
         if clash:
             raise ValueError(f"chat_template_kwargs must not set {', '.join(clash)}")

@@ -14,13 +14,21 @@ from pesc_serve.server.errors import APIError
 from pesc_serve.server.protocol import ChatCompletionRequest
 from pesc_serve.server.responses import ChoiceState, chat_logprobs, chunk_envelope, now, openai_finish_reason
 from pesc_serve.server.serving import OpenAIServing, Choice, request_params, usage_of
+from pesc_serve.server.tools import RESPONSE_PREFIX, ToolError, ToolPlan, ToolStreamParser, parse_reply
 
 
 async def create_chat_completion(serving: OpenAIServing, req: ChatCompletionRequest, raw: Request) -> Any:
     model = serving.check_model(req.model)
-    params = request_params(req)
     try:
-        text = serving.formatter.render(req.messages, req.add_generation_prompt, **(req.chat_template_kwargs or {}))
+        plan = req.tool_plan()
+    except ToolError as exc:
+        raise APIError(400, str(exc), exc.param, "invalid_value") from None
+    params = request_params(req, plan)
+    try:
+        text = serving.formatter.render(req.messages, req.add_generation_prompt, plan,
+                                        **(req.chat_template_kwargs or {}))
+    except ToolError as exc:
+        raise APIError(400, str(exc), exc.param, "invalid_value") from None
     except ValueError as exc:
         raise APIError(400, str(exc), "messages", "invalid_value") from None
     except ChatTemplateError as exc:
@@ -29,17 +37,26 @@ async def create_chat_completion(serving: OpenAIServing, req: ChatCompletionRequ
     choices = serving.start([prompt_ids], params, req.n, serving.request_id(raw, "chatcmpl"), prompt_param="messages",
                             model=model)
     obj_id = choices[0].stream.request_id.rsplit("-", 1)[0]
+    tools = plan if plan is not None and plan.active else None
     if req.stream:
-        return serving.sse(_chat_events(serving, obj_id, choices, req))
+        return serving.sse(_chat_events(serving, obj_id, choices, req, tools))
     states = await serving.until_disconnect(raw, serving.collect(choices))
     body_choices = []
     for s in states:
+        message: dict[str, Any] = {"role": "assistant", "content": s.text}
+        finish_reason = openai_finish_reason(s.finish_reason)
+        if tools is not None:
+            reply = parse_reply(s.text, tools)
+            message["content"] = reply.content
+            if reply.tool_calls:
+                message["tool_calls"] = [c.body() for c in reply.tool_calls]
+                finish_reason = tool_finish_reason(tools, finish_reason)
         body_choices.append(
             {
                 "index": s.index,
-                "message": {"role": "assistant", "content": s.text},
+                "message": message,
                 "logprobs": {"content": chat_logprobs(s.logprobs, serving.text_of)} if req.logprobs else None,
-                "finish_reason": openai_finish_reason(s.finish_reason),
+                "finish_reason": finish_reason,
                 "stop_reason": s.stop_reason,
             }
         )
@@ -55,11 +72,20 @@ async def create_chat_completion(serving: OpenAIServing, req: ChatCompletionRequ
     )
 
 
+def tool_finish_reason(plan: ToolPlan, finish_reason: str | None) -> str | None:
+    """A completed call ends with ``tool_calls`` for auto and required; for a named function
+    OpenAI reports ``stop``, and so do we."""
+    if finish_reason != "stop":
+        return finish_reason
+    return "stop" if plan.named else "tool_calls"
+
+
 async def _chat_events(
-    serving: OpenAIServing, obj_id: str, choices: list[Choice], req: ChatCompletionRequest
+    serving: OpenAIServing, obj_id: str, choices: list[Choice], req: ChatCompletionRequest, tools: ToolPlan | None
 ) -> AsyncIterator[dict]:
     created = now()
     states = {c.index: ChoiceState(c.index) for c in choices}
+    parsers = {c.index: ToolStreamParser() for c in choices} if tools is not None else {}
 
     def chunk(choices_: list[dict], usage_: dict | None = None) -> dict:
         return chunk_envelope(obj_id, "chat.completion.chunk", created, choices[0].model, choices_, usage_)
@@ -73,18 +99,39 @@ async def _chat_events(
             states[c.index].add(out)
             if out.error:
                 raise APIError(500, out.error, code="engine_error")
-            if not (out.new_text or out.finished or (req.logprobs and out.logprobs)):
+            finish_reason = openai_finish_reason(out.finish_reason) if out.finished else None
+            if tools is not None:
+                delta = _tool_delta(parsers[c.index], out.new_text, out.finished)
+                if finish_reason is not None and parsers[c.index].is_call:
+                    finish_reason = tool_finish_reason(tools, finish_reason)
+            else:
+                delta = {"content": out.new_text} if out.new_text or not out.finished else {}
+            if not (delta or out.finished or (req.logprobs and out.logprobs)):
                 continue
-            delta = {"content": out.new_text} if out.new_text or not out.finished else {}
             yield chunk(
                 [
                     {
                         "index": c.index,
                         "delta": delta,
                         "logprobs": {"content": chat_logprobs(out.logprobs, serving.text_of)} if req.logprobs else None,
-                        "finish_reason": openai_finish_reason(out.finish_reason) if out.finished else None,
+                        "finish_reason": finish_reason,
                     }
                 ]
             )
     if req.include_usage:
         yield chunk([], usage_of(list(states.values()), req.n))
+
+
+def _tool_delta(parser: ToolStreamParser, new_text: str, finished: bool) -> dict:
+    """The OpenAI delta for new text of a tool-format reply: the answer's words as content, a
+    call as ``tool_calls`` entries; an unfinished JSON wrapper cut by max_tokens sends its raw
+    text as content at the end, as the non-streamed body does."""
+    step = parser.feed(new_text)
+    delta: dict[str, Any] = {}
+    if step.content:
+        delta["content"] = step.content
+    if step.tool_calls:
+        delta["tool_calls"] = step.tool_calls
+    if finished and not delta and not parser.is_call and not parser.text.startswith(RESPONSE_PREFIX) and parser.text:
+        delta["content"] = parser.text
+    return delta

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from pesc_serve.engine.request import SamplingParams
 from pesc_serve.engine.structured_output import schema_error
+from pesc_serve.server.tools import ToolError, ToolPlan, parse_tools
 
 MAX_N = 16
 _TOKEN_ID = re.compile(r"-?[0-9]+")
@@ -54,10 +55,49 @@ class TextPart(OpenAIModel):
     text: str
 
 
+FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+
+
+class FunctionCall(OpenAIModel):
+    name: FunctionName
+    arguments: str
+
+
+class MessageToolCall(OpenAIModel):
+    """A call in an earlier assistant turn."""
+
+    id: Annotated[str, Field(min_length=1)]
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(OpenAIModel):
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(OpenAIModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(OpenAIModel):
+    name: FunctionName
+
+
+class NamedToolChoice(OpenAIModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatMessage(OpenAIModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextPart], None] = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # assistant turns
+    tool_call_id: str | None = None  # tool turns
 
     @property
     def text(self) -> str:
@@ -155,6 +195,9 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: Annotated[int, Field(ge=0, le=SamplingParams.MAX_LOGPROBS)] | None = None
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: bool | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "ChatCompletionRequest":
@@ -162,10 +205,22 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError("top_logprobs requires logprobs to be true")
         return self
 
-    def sampling_params(self) -> SamplingParams:
+    def tool_plan(self) -> ToolPlan | None:
+        """How this request uses tools (None: it has none); raises ToolError naming the field."""
+        plan = parse_tools(self.tools, self.tool_choice, self.parallel_tool_calls)
+        if plan is not None and plan.active and self.response_format is not None and self.response_format.type != "text":
+            raise ToolError("response_format cannot be combined with tools unless tool_choice is none",
+                            "response_format")
+        return plan
+
+    def sampling_params(self, plan: ToolPlan | None = None) -> SamplingParams:
+        """The request's sampling; offered tools constrain the reply to the tool format."""
         limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         num_logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self.to_sampling_params(limit, num_logprobs)
+        params = self.to_sampling_params(limit, num_logprobs)
+        if plan is not None and plan.active:
+            params.json_mode, params.json_schema = True, plan.output_schema()
+        return params
 
 
 NonEmptyStr = Annotated[str, Field(min_length=1)]

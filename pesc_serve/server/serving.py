@@ -262,9 +262,9 @@ class OpenAIServing:
             "parent": model.parent,
             "max_model_len": self.engine.max_model_len,
         }
-def request_params(req: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
+def request_params(req: ChatCompletionRequest | CompletionRequest, *args: Any) -> SamplingParams:
     try:
-        return req.sampling_params()
+        return req.sampling_params(*args)
     except ValueError as exc:
         raise APIError(400, str(exc), param_of(exc), "invalid_value") from None
 def usage_of(states: list[ChoiceState], n: int) -> dict:

@@ -1,0 +1,63 @@
+"""The generic tool format's parsers: a reply streamed in any split gives the deltas that
+assemble to what the finished reply parses to, and no wrapper text ever reaches content."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from pesc_serve.server.tools import ToolPlan, ToolStreamParser, Tool, parse_reply
+
+PLAN = ToolPlan([Tool("f", "", {"type": "object"}), Tool("g", "", {"type": "object"})], "auto")
+
+REPLIES = [
+    '{"response": "plain answer"}',
+    '{"response": "quote \\" backslash \\\\ newline \\n unicode \\u00e9 pair \\ud83d\\ude00 end"}',
+    '{"tool_calls": [{"name": "f", "arguments": {"x": 1, "s": "a}b]c\\"d"}}]}',
+    '{"tool_calls": [{"name": "f", "arguments": {}}, {"name": "g", "arguments": {"deep": {"l": [1, {"m": null}]}}}]}',
+]
+
+
+def _stream(text: str, splits: list[int]) -> tuple[str, list[dict]]:
+    parser = ToolStreamParser()
+    content = ""
+    calls: dict[int, dict] = {}
+    last = 0
+    for cut in splits + [len(text)]:
+        step = parser.feed(text[last:cut])
+        last = cut
+        content += step.content
+        for tc in step.tool_calls:
+            entry = calls.setdefault(tc["index"], {"name": None, "arguments": ""})
+            if "id" in tc:
+                assert entry["name"] is None
+                entry["name"] = tc["function"]["name"]
+            entry["arguments"] += tc["function"]["arguments"]
+    return content, [calls[i] for i in sorted(calls)]
+
+
+@pytest.mark.parametrize("text", REPLIES)
+def test_any_split_of_a_reply_assembles_to_its_parse(text):
+    whole = parse_reply(text, PLAN)
+    rng = random.Random(0)
+    for trial in range(30):
+        splits = sorted(rng.sample(range(1, len(text)), rng.randint(0, min(12, len(text) - 1))))
+        if trial == 0:
+            splits = list(range(1, len(text)))  # a character at a time
+        content, calls = _stream(text, splits)
+        if whole.tool_calls:
+            assert content == ""
+            assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [
+                (c.name, json.loads(c.arguments)) for c in whole.tool_calls]
+        else:
+            assert calls == [] and content == whole.content == json.loads(text)["response"]
+
+
+def test_a_reply_cut_by_max_tokens_keeps_what_arrived():
+    assert parse_reply('{"response": "half an ans', PLAN).content == "half an ans"
+    cut = parse_reply('{"tool_calls": [{"name": "f", "arguments": {"x": 1}}, {"name": "g", "arguments": {"y', PLAN)
+    assert cut.content is None and [c.name for c in cut.tool_calls] == ["f", "g"]
+    assert cut.tool_calls[0].arguments == '{"x": 1}' and cut.tool_calls[1].arguments == '{"y'
+    assert parse_reply('{"tool', PLAN).content == '{"tool'  # not yet either form: the raw text

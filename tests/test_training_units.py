@@ -249,11 +249,65 @@ def test_mixture_without_chat_is_disjoint_from_heldout():
     from training.mixture import MixtureConfig, build_mixture, check_disjoint
 
     cfg = MixtureConfig(arithmetic=300, word_problems=60, code_functions=60, code_outputs=60, module_facts=20,
-                        country_codes=40, chat=0)
+                        country_codes=40, chat=0, tool_calls=40, tool_no_fit=20, tool_results=20)
     examples, counts = build_mixture(cfg, base=None, log=lambda s: None)
-    assert len(examples) == sum(counts.values()) == 540
-    assert {ex.domain for ex in examples} == {"maths", "code", "general"}
+    assert len(examples) == sum(counts.values()) == 620
+    assert {ex.domain for ex in examples} == {"maths", "code", "general", "tools"}
     assert check_disjoint(examples, EvalConfig()) == 0
+
+
+def test_tool_examples_are_what_the_server_renders_and_its_grammar_accepts(tokenizer):
+    """Training shows the model the server's own tool prompt, and replies the server's grammar
+    would let it produce, character for character."""
+    from pesc_serve.engine.structured_output import StructuredOutputFactory
+    from pesc_serve.server.protocol import ChatMessage
+    from pesc_serve.server.tools import Tool, ToolPlan, parse_reply, render_messages
+    from training.tasks import tools
+
+    factory = StructuredOutputFactory(tokenizer, (tokenizer.eos_token_id,))
+    examples = tools.train_examples(12, 6, 6, [("What is 2 + 2?", "2 + 2 = 4.")], seed=0)
+    assert len(examples) == 24
+    for ex in examples:
+        system, reply = ex.messages[0]["content"], ex.messages[-1]["content"]
+        specs = [json.loads(line) for line in system.split("\n")[1:-1]]
+        plan = ToolPlan([Tool(t["name"], t["description"], t["parameters"]) for t in specs], "auto")
+        turns = [m for m in ex.messages[1:-1]]
+        assert render_messages([ChatMessage(role="user", content=turns[0]["content"])], plan)[0]["content"] == system
+        matcher = factory.matcher(plan.output_schema())
+        assert all(matcher.accept(t) for t in tokenizer.encode(reply, add_special_tokens=False)), reply
+        assert matcher.is_terminated, reply
+        parsed = parse_reply(reply, plan)
+        assert (parsed.content is None) == bool(parsed.tool_calls)
+
+
+def test_heldout_tools_are_new_tools_with_new_argument_names():
+    from training.evaluate import EvalConfig, heldout_items
+    from training.tasks import tools
+
+    train_names = {t.tool.name for t in tools.TRAIN_TASKS}
+    train_args = {k for t in tools.TRAIN_TASKS for k in t.tool.parameters["properties"]}
+    held = [it for it in heldout_items(EvalConfig()) if it.domain == "tools"]
+    assert {it.suite for it in held} == {"tool_call", "tool_no_call", "tool_result"}
+    for it in held:
+        names = {t["function"]["name"] for t in it.tools}
+        args = {k for t in it.tools for k in t["function"]["parameters"]["properties"]}
+        assert not names & train_names and not args & train_args, it.prompt
+
+
+def test_tool_reply_scoring():
+    from training.tasks.tools import ToolEvalItem, score_tool_reply
+
+    call = ToolEvalItem("tool_call", "tools", "q", "f", "tool", tool_name="f", key="city", key_value="Porto")
+    good = {"content": None, "tool_calls": [{"function": {"name": "f", "arguments": '{"city": "porto"}'}}]}
+    assert score_tool_reply(call, good)
+    assert not score_tool_reply(call, {"content": None, "tool_calls": [{"function": {"name": "g", "arguments": '{"city": "Porto"}'}}]})
+    assert not score_tool_reply(call, {"content": None, "tool_calls": [{"function": {"name": "f", "arguments": '{"city": "Rome"}'}}]})
+    assert not score_tool_reply(call, {"content": "Porto", "tool_calls": []})
+    none = ToolEvalItem("tool_no_call", "tools", "q", "", "tool")
+    assert score_tool_reply(none, {"content": "Paris.", "tool_calls": []}) and not score_tool_reply(none, good)
+    used = ToolEvalItem("tool_result", "tools", "q", "21 C", "tool")
+    assert score_tool_reply(used, {"content": "It is 21 C.", "tool_calls": []})
+    assert not score_tool_reply(used, {"content": "It is warm.", "tool_calls": []})
 
 
 def test_scoring_checks():

@@ -30,7 +30,7 @@ def _add_data(sub) -> None:
     d.add_argument("--threads", type=int, default=None)
     defaults = MixtureConfig()
     for name in ("seed", "arithmetic", "word_problems", "code_functions", "code_outputs", "module_facts",
-                 "country_codes", "chat", "chat_max_new_tokens"):
+                 "country_codes", "chat", "chat_max_new_tokens", "tool_calls", "tool_no_fit", "tool_results"):
         d.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
 
 

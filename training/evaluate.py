@@ -2,8 +2,9 @@
 
 By default every model answers through the serving path: a real ``python -m pesc_serve``
 with its default flags (``serving="defaults"``; training/served.py), or the same server in
-exact float32 (``"exact"``).  ``"offline"`` is the in-process greedy loop over the loaded model
-(``dtype``/``quantization`` apply there only), which also records routing per domain with
+exact float32 (``"exact"``); tool suites send chat requests with ``tools``.  ``"offline"`` is the in-process
+greedy loop over the loaded model (``dtype``/``quantization`` apply there only; tool replies
+are decoded without the server's grammar and parsed as the server would), which also records routing per domain with
 hooks; served runs read the router load from the server's metrics.  Answers are greedy.  Writes ``eval.json`` (scores and
 every reply), ``eval_table.md`` (models as rows, suites and domains as columns) and, for
 each PESC model, ``routing_<label>.json`` and a ``routing_<label>.png`` heat map.
@@ -27,11 +28,13 @@ from training.data import encode_prompt
 from training.generate import greedy_generate, stop_ids_for
 from training.routing import RoutingRecorder, plot_heatmap, summary
 from training.served import SERVING_FLAGS, ServedModel, ServedRouting, describe_profile
-from training.tasks import arithmetic, code, general
+from training.tasks import arithmetic, code, general, tools
 from training.tasks.items import EvalItem, score
 
-SUITE_ORDER = ("arithmetic", "word_problems", "code_functions", "code_output", "knowledge")
-DOMAINS = ("maths", "code", "general")
+SUITE_ORDER = ("arithmetic", "word_problems", "code_functions", "code_output", "knowledge", "tool_call",
+               "tool_no_call", "tool_result")
+DOMAINS = ("maths", "code", "general", "tools")
+TOOL_SUITES = ("tool_call", "tool_no_call", "tool_result")
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class EvalConfig:
     word_per_op: int = 8
     code_functions: int = 36
     code_outputs: int = 40
+    tool_items: int = 40  # per tool suite
     limit: int | None = None  # at most this many items per suite (quick checks)
     suites: tuple[str, ...] = SUITE_ORDER
 
@@ -54,7 +58,8 @@ def heldout_items(cfg: EvalConfig) -> list[EvalItem]:
     """The whole held-out set; deterministic in ``cfg.seed``, disjoint from the training mixture."""
     items = (arithmetic.heldout_items(cfg.arithmetic_per_op, cfg.word_per_op, cfg.seed)
              + code.heldout_items(cfg.code_functions, cfg.code_outputs, cfg.seed)
-             + general.heldout_items())
+             + general.heldout_items()
+             + tools.heldout_items(cfg.tool_items, [q for q, _ in general.KNOWLEDGE], cfg.seed))
     unknown = sorted(set(cfg.suites) - set(SUITE_ORDER))
     if unknown:
         raise ValueError(f"unknown suite(s) {', '.join(unknown)}; choose from {', '.join(SUITE_ORDER)}")
@@ -95,10 +100,15 @@ def evaluate_model(label: str, name: str, items: list[EvalItem], cfg: EvalConfig
             group = [it for it in items if it.suite == suite]
             if not group:
                 continue
-            prompts = [encode_prompt(tok, [{"role": "user", "content": it.prompt}]) for it in group]
+            if suite in TOOL_SUITES:  # chat requests with tools: the server's tool format and grammar
 
-            def run(prompts=prompts, n=group[0].max_new_tokens) -> list[str]:
-                return served.complete(prompts, n)
+                def run(group=group) -> list[dict]:
+                    return served.chat([it.request() for it in group], group[0].max_new_tokens)
+            else:
+                prompts = [encode_prompt(tok, [{"role": "user", "content": it.prompt}]) for it in group]
+
+                def run(prompts=prompts, n=group[0].max_new_tokens) -> list[str]:
+                    return served.complete(prompts, n)
 
             replies = recorder.measure(group[0].domain, run) if recorder is not None else run()
             _score_suite(result, suite, group, replies)
@@ -106,8 +116,13 @@ def evaluate_model(label: str, name: str, items: list[EvalItem], cfg: EvalConfig
     return result
 
 
-def _score_suite(result: ModelResult, suite: str, group: list[EvalItem], replies: list[str]) -> None:
-    correct = [score(it, r) for it, r in zip(group, replies)]
+def _score_suite(result: ModelResult, suite: str, group: list[EvalItem], replies: list) -> None:
+    """``replies``: texts, or for tool suites the reply messages (kept as JSON text)."""
+    if suite in TOOL_SUITES:
+        correct = [tools.score_tool_reply(it, m) for it, m in zip(group, replies)]
+        replies = [json.dumps(m, ensure_ascii=False) for m in replies]
+    else:
+        correct = [score(it, r) for it, r in zip(group, replies)]
     result.suites[suite] = {"domain": group[0].domain, "correct": sum(correct), "total": len(group),
                             "accuracy": round(100.0 * sum(correct) / len(group), 1)}
     result.replies += [{"suite": suite, "prompt": it.prompt, "expected": it.answer, "reply": r, "correct": c}
@@ -138,13 +153,19 @@ def _evaluate_offline(label: str, name: str, items: list[EvalItem], cfg: EvalCon
         group = [it for it in items if it.suite == suite]
         if not group:
             continue
-        prompts = [encode_prompt(tok, [{"role": "user", "content": it.prompt}]) for it in group]
+        if suite in TOOL_SUITES:
+            prompts = [encode_prompt(tok, tools.rendered_request(it)) for it in group]
+        else:
+            prompts = [encode_prompt(tok, [{"role": "user", "content": it.prompt}]) for it in group]
         if recorder is not None:
             with recorder.domain(group[0].domain):
                 outs = greedy_generate(lm.model, prompts, group[0].max_new_tokens, stop, cfg.batch_size)
         else:
             outs = greedy_generate(lm.model, prompts, group[0].max_new_tokens, stop, cfg.batch_size)
-        _score_suite(result, suite, group, [tok.decode(o, skip_special_tokens=True) for o in outs])
+        texts = [tok.decode(o, skip_special_tokens=True) for o in outs]
+        if suite in TOOL_SUITES:  # unconstrained offline: the server's parser reads the text
+            texts = [tools.reply_message(it, t) for it, t in zip(group, texts)]
+        _score_suite(result, suite, group, texts)
     _finish(result, recorder, start)
     if recorder is not None:
         recorder.close()

@@ -1,4 +1,4 @@
-"""The offline instruction mixture (maths, code, general) and its held-out split.
+"""The offline instruction mixture (maths, code, general, tools) and its held-out split.
 
 No hub access here, so the three domains of the paper's data (SlimOrca chat, Magicoder code,
 MetaMathQA maths) are rebuilt at toy scale from material that needs no network: generated
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from training.data import Example, encode_prompt, write_jsonl
 from training.evaluate import EvalConfig, heldout_items
-from training.tasks import arithmetic, code, general
+from training.tasks import arithmetic, code, general, tools
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,9 @@ class MixtureConfig:
     country_codes: int = 150
     chat: int = 1200
     chat_max_new_tokens: int = 96
+    tool_calls: int = 400
+    tool_no_fit: int = 150
+    tool_results: int = 150
 
     def __post_init__(self) -> None:
         for k, v in asdict(self).items():
@@ -74,6 +77,12 @@ def build_mixture(cfg: MixtureConfig, base: str | None, log: Callable[[str], Non
                                                           eval_cfg.code_outputs),
         "iso3166+stdlib_facts": general.fact_examples(cfg.country_codes, cfg.module_facts, cfg.seed),
     }
+    # Questions no tool fits, answered in text beside unrelated tools: other domains' pairs.
+    no_fit = [(ex.messages[0]["content"], ex.messages[-1]["content"])
+              for ex in arithmetic.train_examples(cfg.tool_no_fit // 2, 0, cfg.seed + 1)
+              + general.fact_examples(cfg.tool_no_fit - cfg.tool_no_fit // 2, 0, cfg.seed + 1)]
+    parts["tool_use"] = tools.train_examples(cfg.tool_calls, cfg.tool_no_fit, cfg.tool_results, no_fit or [("Hi", "Hello!")],
+                                             cfg.seed)
     if cfg.chat and base:
         parts["chat_replay"] = distill_chat(base, general.chat_prompts(cfg.chat, cfg.seed), cfg.chat_max_new_tokens, log)
     examples = [ex for part in parts.values() for ex in part]
@@ -85,6 +94,7 @@ def build_mixture(cfg: MixtureConfig, base: str | None, log: Callable[[str], Non
 def check_disjoint(examples: list[Example], eval_cfg: EvalConfig) -> int:
     """Number of held-out questions that occur verbatim as a training question (must be 0)."""
     train_questions = {m["content"] for ex in examples for m in ex.messages if m["role"] == "user"}
+    # A held-out tool item's question also counts when a training example asked it beside tools.
     return sum(1 for it in heldout_items(eval_cfg) if it.prompt in train_questions)
 
 

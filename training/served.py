@@ -91,6 +91,20 @@ class ServedModel:
         with ThreadPoolExecutor(self.concurrency) as pool:
             return list(pool.map(one, prompts))
 
+    def chat(self, requests: list[dict], max_tokens: int) -> list[dict]:
+        """Greedy chat completions of OpenAI request bodies (e.g. with ``tools``), sent
+        concurrently, in input order: each reply's ``message``."""
+
+        def one(body: dict) -> dict:
+            r = self._client.post(self.url + "/v1/chat/completions",
+                                  json={**body, "max_tokens": max_tokens, "temperature": 0})
+            if r.status_code != 200:
+                raise RuntimeError(f"pesc-serve answered {r.status_code}: {r.text[:500]}")
+            return r.json()["choices"][0]["message"]
+
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            return list(pool.map(one, requests))
+
     def expert_counts(self) -> torch.Tensor | None:
         """The cumulative [layers, experts] router counts, or None for a dense model."""
         from prometheus_client.parser import text_string_to_metric_families

@@ -162,15 +162,13 @@ class ToolPlan:
         return {"anyOf": [call_object, answer]}
 
     def system_prompt(self) -> str:
-        """The instructions and tool list the system message gains."""
+        """The instructions and tool list the system message gains (short: every token of it is
+        in every prompt, and the bundled model was trained on exactly this text)."""
         specs = "\n".join(json.dumps(t.spec(), ensure_ascii=False) for t in self.callable_tools())
-        call = '{"tool_calls": [{"name": "<tool name>", "arguments": {<the tool\'s parameters>}}]}'
+        call = '{"tool_calls": [{"name": ..., "arguments": {...}}]}'
         if self.calls_only:
-            how = f"Reply with one JSON object that calls a tool: {call}"
-        else:
-            how = (f"Reply with one JSON object: {call} to call tools, or {{\"response\": \"<your answer>\"}} to "
-                   "answer directly when no tool is needed")
-        return f"You can use these tools:\n{specs}\n{how}."
+            return f"Tools:\n{specs}\nCall a tool: reply {call}."
+        return f"Tools:\n{specs}\nTo call tools, reply {call}. If no tool fits, reply {{\"response\": \"your answer\"}}."
 
 
 def render_messages(messages: list[Any], plan: ToolPlan | None) -> list[dict[str, str]]:

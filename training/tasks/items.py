@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from training.tasks.sandbox import run_python
 
-CHECKS = ("number", "contains", "python", "output")
+CHECKS = ("number", "contains", "python", "output", "tool")
 _INT = re.compile(r"-?\d[\d,]*")
 _CODE_BLOCK = re.compile(r"```[a-zA-Z0-9_+-]*\n(.*?)```", re.DOTALL)
 _INLINE = re.compile(r"`([^`\n]+)`")
@@ -20,7 +20,8 @@ class EvalItem:
     number: the last integer in the reply equals ``answer``; contains: one of the
     ``|``-separated ``answer`` alternatives occurs as a word; python: the reply's code plus
     the test code in ``answer`` runs cleanly in the sandbox; output: the reply states the
-    exact printed output ``answer`` (in backticks, a code block, or as the whole reply).
+    exact printed output ``answer`` (in backticks, a code block, or as the whole reply); tool:
+    a chat request with tools, scored on the reply message (training.tasks.tools).
     """
 
     suite: str
@@ -63,6 +64,8 @@ def _output_candidates(reply: str) -> list[str]:
 
 
 def score(item: EvalItem, reply: str) -> bool:
+    if item.check == "tool":
+        raise ValueError("tool items are scored on the reply message: training.tasks.tools.score_tool_reply")
     if item.check == "number":
         return last_integer(reply) == int(item.answer)
     if item.check == "contains":

@@ -1,0 +1,436 @@
+"""Tool-use domain: synthetic function calling in the server's own tool format.
+
+Each example offers a few tools (JSON schemas in the system message, rendered by
+``pesc_serve.server.tools`` exactly as the server renders a request with ``tools``) and then:
+
+* ``call``: the question needs one of them; the reply calls it with arguments copied or
+  derived from the question (``{"tool_calls": [...]}``);
+* ``no_fit``: no offered tool fits (an arithmetic or general question); the reply answers in
+  text (``{"response": ...}``);
+* ``result``: a call was made and the tool answered; the reply uses the result.
+
+The held-out items use other tools, other argument names, other phrasings and other values,
+so a score on them measures picking and filling tools, not recall of the training ones.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from pesc_serve.server.protocol import ChatMessage
+from pesc_serve.server.tools import Tool, ToolPlan, parse_reply, render_messages
+from training.data import Example
+from training.tasks.items import EvalItem
+
+Args = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ToolTask:
+    """A tool, how people ask for it, and what it answers.
+
+    ``ask(rng)`` -> (question, arguments); ``result(rng, args)`` -> (tool output, the reply
+    that uses it, the part of the output a good reply must repeat).
+    """
+
+    tool: Tool
+    ask: Callable[[random.Random], tuple[str, Args]]
+    result: Callable[[random.Random, Args], tuple[str, str, str]]
+    key: str  # the argument a call must get right
+
+
+def _tool(name: str, description: str, **params: str) -> Tool:
+    types = {k: v.split(":")[0] for k, v in params.items()}
+    props = {k: {"type": t} for k, t in types.items()}
+    return Tool(name, description, {"type": "object", "properties": props, "required": list(props)})
+
+
+def _pick(rng: random.Random, phrasings: list[str], **values: Any) -> str:
+    return rng.choice(phrasings).format(**values)
+
+
+TRAIN_CITIES = ["Paris", "Madrid", "Lisbon", "Vienna", "Prague", "Chicago", "Toronto", "Seoul", "Lima", "Nairobi",
+                "Boston", "Denver", "Munich", "Milan", "Dublin", "Oslo", "Helsinki", "Warsaw", "Zurich", "Sydney"]
+HELDOUT_CITIES = ["Bogota", "Hanoi", "Kyoto", "Porto", "Seville", "Krakow", "Geneva", "Austin", "Quebec", "Perth",
+                  "Valencia", "Bergen", "Tallinn", "Riga", "Cusco", "Goa"]
+CURRENCIES = ["USD", "EUR", "GBP", "JPY", "CHF", "CAD", "AUD", "SEK"]
+CONDITIONS = ["sunny", "cloudy", "rainy", "windy", "foggy", "snowy"]
+WORDS = ["serendipity", "ephemeral", "ubiquitous", "laconic", "quixotic", "mellifluous", "sanguine", "pragmatic"]
+LANGUAGES = ["French", "German", "Spanish", "Italian", "Japanese", "Portuguese"]
+PHRASES = ["good morning", "thank you very much", "where is the station", "see you tomorrow", "I am hungry"]
+TOPICS = ["football", "space exploration", "electric cars", "the stock market", "climate", "chess"]
+SONGS = ["Blue Moon", "Yesterday", "Bohemian Rhapsody", "Imagine", "Hallelujah", "Clair de Lune"]
+TICKERS = ["AAPL", "MSFT", "TSLA", "AMZN", "NVDA", "IBM", "INTC", "ORCL"]
+NAMES = ["alice@example.com", "bob@example.com", "carol@example.org", "dan@example.net"]
+SUBJECTS = ["meeting notes", "lunch on Friday", "project update", "holiday plans"]
+ZONES = ["Europe/Paris", "Asia/Tokyo", "America/New_York", "Australia/Sydney", "Africa/Cairo"]
+
+
+def _train_tasks() -> list[ToolTask]:
+    def weather(rng):
+        city = rng.choice(TRAIN_CITIES)
+        return _pick(rng, ["What's the weather like in {c}?", "Is it raining in {c} right now?",
+                           "Tell me the current weather for {c}.", "How warm is it in {c} today?"], c=city), {"city": city}
+
+    def weather_result(rng, a):
+        t, cond = rng.randint(-5, 35), rng.choice(CONDITIONS)
+        return f"{t} C, {cond}", f"It is {t} C and {cond} in {a['city']} right now.", f"{t} C"
+
+    def money(rng):
+        amount, f, t = rng.choice([5, 10, 20, 50, 75, 100, 250, 1000]), *rng.sample(CURRENCIES, 2)
+        return _pick(rng, ["How much is {a} {f} in {t}?", "Convert {a} {f} to {t}.",
+                           "What are {a} {f} worth in {t}?"], a=amount, f=f, t=t), \
+            {"amount": amount, "from_currency": f, "to_currency": t}
+
+    def money_result(rng, a):
+        v = round(a["amount"] * rng.uniform(0.5, 1.6), 2)
+        return f"{v} {a['to_currency']}", f"{a['amount']} {a['from_currency']} is about {v} {a['to_currency']}.", str(v)
+
+    def stock(rng):
+        t = rng.choice(TICKERS)
+        return _pick(rng, ["What is {t} trading at?", "Give me the latest share price of {t}.",
+                           "How much does one {t} share cost now?"], t=t), {"ticker": t}
+
+    def stock_result(rng, a):
+        p = round(rng.uniform(20, 900), 2)
+        return f"{p} USD", f"{a['ticker']} is trading at {p} USD.", str(p)
+
+    def translate(rng):
+        text, lang = rng.choice(PHRASES), rng.choice(LANGUAGES)
+        return _pick(rng, ["Translate '{x}' into {l}.", "How do you say '{x}' in {l}?"], x=text, l=lang), \
+            {"text": text, "target_language": lang}
+
+    def translate_result(rng, a):
+        out = f"[{a['target_language']}] {a['text']}"
+        return out, f"In {a['target_language']}: {out}", out
+
+    def timer(rng):
+        n = rng.choice([1, 2, 3, 5, 10, 15, 20, 25, 30, 45, 60, 90])
+        return _pick(rng, ["Set a timer for {n} minutes.", "Start a {n} minute timer, please.",
+                           "Can you time {n} minutes for me?"], n=n), {"minutes": n}
+
+    def timer_result(rng, a):
+        return f"timer set: {a['minutes']} min", f"Your {a['minutes']} minute timer is running.", str(a["minutes"])
+
+    def email(rng):
+        to, subject = rng.choice(NAMES), rng.choice(SUBJECTS)
+        return _pick(rng, ["Email {to} with the subject '{s}'.", "Send a mail to {to} about {s}."], to=to, s=subject), \
+            {"to": to, "subject": subject}
+
+    def email_result(rng, a):
+        return "sent", f"Done: the email about {a['subject']} was sent to {a['to']}.", a["to"]
+
+    def flights(rng):
+        a, b = rng.sample(TRAIN_CITIES, 2)
+        return _pick(rng, ["Find flights from {a} to {b}.", "Are there flights between {a} and {b}?",
+                           "I need to fly from {a} to {b}."], a=a, b=b), {"origin": a, "destination": b}
+
+    def flights_result(rng, a):
+        n, price = rng.randint(1, 9), rng.randint(60, 900)
+        return f"{n} flights, cheapest {price} EUR", \
+            f"I found {n} flights from {a['origin']} to {a['destination']}; the cheapest is {price} EUR.", f"{price} EUR"
+
+    def clock(rng):
+        z = rng.choice(ZONES)
+        return _pick(rng, ["What time is it in the {z} time zone?", "Tell me the local time for {z}."], z=z), \
+            {"timezone": z}
+
+    def clock_result(rng, a):
+        t = f"{rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}"
+        return t, f"It is {t} in {a['timezone']}.", t
+
+    def tip(rng):
+        bill, pct = rng.choice([20, 35, 48, 60, 85, 120]), rng.choice([10, 15, 18, 20])
+        return _pick(rng, ["What tip should I leave on a {b} dollar bill at {p} percent?",
+                           "Work out a {p}% tip for a bill of {b} dollars."], b=bill, p=pct), {"bill": bill, "percent": pct}
+
+    def tip_result(rng, a):
+        v = round(a["bill"] * a["percent"] / 100, 2)
+        return f"{v}", f"A {a['percent']}% tip on {a['bill']} dollars is {v} dollars.", str(v)
+
+    def define(rng):
+        w = rng.choice(WORDS)
+        return _pick(rng, ["What does the word '{w}' mean?", "Define {w}."], w=w), {"word": w}
+
+    def define_result(rng, a):
+        return "a word of Latin origin", f"'{a['word']}' is a word of Latin origin.", "Latin"
+
+    def music(rng):
+        s = rng.choice(SONGS)
+        return _pick(rng, ["Play '{s}'.", "Put on the song {s}, please."], s=s), {"song": s}
+
+    def music_result(rng, a):
+        return "playing", f"Now playing {a['song']}.", a["song"]
+
+    def news(rng):
+        t = rng.choice(TOPICS)
+        return _pick(rng, ["Show me the latest news about {t}.", "Any headlines on {t} today?"], t=t), {"topic": t}
+
+    def news_result(rng, a):
+        n = rng.randint(2, 12)
+        return f"{n} new articles", f"There are {n} new articles about {a['topic']}.", str(n)
+
+    return [
+        ToolTask(_tool("get_weather", "Current weather in a city", city="string"), weather, weather_result, "city"),
+        ToolTask(_tool("convert_currency", "Convert an amount between currencies", amount="number",
+                       from_currency="string", to_currency="string"), money, money_result, "amount"),
+        ToolTask(_tool("get_stock_price", "Latest price of a stock", ticker="string"), stock, stock_result, "ticker"),
+        ToolTask(_tool("translate_text", "Translate text into a language", text="string", target_language="string"),
+                 translate, translate_result, "target_language"),
+        ToolTask(_tool("set_timer", "Start a countdown timer", minutes="integer"), timer, timer_result, "minutes"),
+        ToolTask(_tool("send_email", "Send an email", to="string", subject="string"), email, email_result, "to"),
+        ToolTask(_tool("search_flights", "Search flights between two cities", origin="string", destination="string"),
+                 flights, flights_result, "destination"),
+        ToolTask(_tool("get_time", "Local time in a time zone", timezone="string"), clock, clock_result, "timezone"),
+        ToolTask(_tool("calculate_tip", "Tip for a restaurant bill", bill="number", percent="integer"), tip,
+                 tip_result, "bill"),
+        ToolTask(_tool("lookup_definition", "Dictionary definition of a word", word="string"), define, define_result,
+                 "word"),
+        ToolTask(_tool("play_music", "Play a song", song="string"), music, music_result, "song"),
+        ToolTask(_tool("get_news", "Latest news on a topic", topic="string"), news, news_result, "topic"),
+    ]
+
+
+def _heldout_tasks() -> list[ToolTask]:
+    def forecast(rng):
+        loc, d = rng.choice(HELDOUT_CITIES), rng.randint(2, 7)
+        return _pick(rng, ["Could you give me the {d}-day forecast for {l}?", "What will the weather be in {l} over "
+                           "the next {d} days?"], l=loc, d=d), {"location": loc, "days": d}
+
+    def forecast_result(rng, a):
+        hi = rng.randint(0, 33)
+        return f"highs around {hi} C", f"Over the next {a['days']} days {a['location']} will see highs around {hi} C.", \
+            f"{hi} C"
+
+    def exchange(rng):
+        v, s, t = rng.choice([15, 30, 40, 200, 500]), *rng.sample(CURRENCIES, 2)
+        return _pick(rng, ["I have {v} {s}; what would that be in {t}?", "Change {v} {s} into {t} for me."],
+                     v=v, s=s, t=t), {"value": v, "source": s, "target": t}
+
+    def exchange_result(rng, a):
+        out = round(a["value"] * rng.uniform(0.5, 1.6), 2)
+        return f"{out} {a['target']}", f"That is {out} {a['target']}.", str(out)
+
+    def restaurant(rng):
+        cuisine, area = rng.choice(["Thai", "Mexican", "Italian", "Indian", "Greek"]), rng.choice(HELDOUT_CITIES)
+        return _pick(rng, ["Find me somewhere to eat {c} food in {a}.", "Where can I eat {c} food in {a}?"], c=cuisine, a=area), \
+            {"cuisine": cuisine, "area": area}
+
+    def restaurant_result(rng, a):
+        name = rng.choice(["Golden Fork", "Casa Verde", "Blue Lotus", "Olive Tree"])
+        return name, f"Try {name}, a {a['cuisine']} place in {a['area']}.", name
+
+    def parcel(rng):
+        tn = f"ZX{rng.randint(100000, 999999)}"
+        return _pick(rng, ["Where is my parcel {t}?", "Track shipment {t}, please."], t=tn), {"tracking_number": tn}
+
+    def parcel_result(rng, a):
+        city = rng.choice(HELDOUT_CITIES)
+        return f"in transit, last seen in {city}", f"Parcel {a['tracking_number']} is in transit; it was last seen in {city}.", city
+
+    def taxi(rng):
+        a, b = rng.sample(HELDOUT_CITIES, 2)
+        return _pick(rng, ["Get me a cab from {a} to {b}.", "Order a taxi that takes me from {a} to {b}."], a=a, b=b), \
+            {"pickup": a, "dropoff": b}
+
+    def taxi_result(rng, a):
+        m = rng.randint(3, 25)
+        return f"driver arrives in {m} min", f"Your taxi to {a['dropoff']} arrives in {m} minutes.", f"{m} min"
+
+    def population(rng):
+        c = rng.choice(["Peru", "Vietnam", "Norway", "Kenya", "Chile", "Poland", "Portugal", "Nepal"])
+        return _pick(rng, ["How many people live in {c}?", "What's the population of {c}?"], c=c), {"country": c}
+
+    def population_result(rng, a):
+        n = rng.randint(3, 99)
+        return f"{n} million", f"About {n} million people live in {a['country']}.", f"{n} million"
+
+    def reminder(rng):
+        msg, h = rng.choice(["call mom", "water the plants", "buy milk", "book the dentist"]), rng.randint(7, 21)
+        return _pick(rng, ["Remind me to {m} at {h} o'clock.", "At {h}:00 I need a reminder to {m}."], m=msg, h=h), \
+            {"message": msg, "hour": h}
+
+    def reminder_result(rng, a):
+        return "reminder saved", f"I will remind you to {a['message']} at {a['hour']}:00.", f"{a['hour']}:00"
+
+    def spell(rng):
+        s = rng.choice(["I recieve the leter tomorow", "Their going too the park", "This sentense has erors"])
+        return _pick(rng, ["Check the spelling of: {s}", "Fix the typos in '{s}'."], s=s), {"sentence": s}
+
+    def spell_result(rng, a):
+        return "3 mistakes found", "I found 3 mistakes in that sentence.", "3 mistakes"
+
+    return [
+        ToolTask(_tool("weather_forecast", "Weather forecast for the coming days", location="string", days="integer"),
+                 forecast, forecast_result, "location"),
+        ToolTask(_tool("exchange_money", "Exchange money between currencies", value="number", source="string",
+                       target="string"), exchange, exchange_result, "value"),
+        ToolTask(_tool("find_restaurant", "Find a restaurant by cuisine and area", cuisine="string", area="string"),
+                 restaurant, restaurant_result, "cuisine"),
+        ToolTask(_tool("track_package", "Where a shipment is", tracking_number="string"), parcel, parcel_result,
+                 "tracking_number"),
+        ToolTask(_tool("book_taxi", "Order a taxi", pickup="string", dropoff="string"), taxi, taxi_result,
+                 "dropoff"),
+        ToolTask(_tool("get_population", "Population of a country", country="string"), population, population_result,
+                 "country"),
+        ToolTask(_tool("create_reminder", "Save a reminder for a time of day", message="string", hour="integer"),
+                 reminder, reminder_result, "message"),
+        ToolTask(_tool("spell_check", "Find spelling mistakes in a sentence", sentence="string"), spell, spell_result,
+                 "sentence"),
+    ]
+
+
+TRAIN_TASKS = _train_tasks()
+HELDOUT_TASKS = _heldout_tasks()
+
+
+def _offered(rng: random.Random, tasks: list[ToolTask], must: ToolTask | None, n: int) -> list[Tool]:
+    others = [t.tool for t in tasks if t is not must]
+    tools = rng.sample(others, n - (must is not None)) + ([must.tool] if must is not None else [])
+    rng.shuffle(tools)
+    return tools
+
+
+def call_reply(name: str, args: Args) -> str:
+    """The reply that calls ``name``: what the server's grammar produces, character for character."""
+    return json.dumps({"tool_calls": [{"name": name, "arguments": args}]}, ensure_ascii=False)
+
+
+def answer_reply(text: str) -> str:
+    return json.dumps({"response": text}, ensure_ascii=False)
+
+
+def _messages(tools: list[Tool], turns: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """Chat turns rendered as the server renders a request with these tools (tool_choice auto)."""
+    return render_messages([ChatMessage(**t) for t in turns], ToolPlan(tools, "auto"))
+
+
+def train_examples(calls: int, no_fit: int, results: int, no_fit_pairs: list[tuple[str, str]], seed: int) -> list[Example]:
+    """``calls``/``no_fit``/``results`` examples of each kind; ``no_fit_pairs`` are (question,
+    answer) pairs from the other domains, answered in text beside unrelated tools."""
+    rng = random.Random(f"tools-train-{seed}")
+    out: list[Example] = []
+    for _ in range(calls):
+        task = rng.choice(TRAIN_TASKS)
+        question, args = task.ask(rng)
+        tools = _offered(rng, TRAIN_TASKS, task, rng.randint(1, 3))
+        msgs = _messages(tools, [{"role": "user", "content": question}])
+        out.append(Example(tuple(msgs) + ({"role": "assistant", "content": call_reply(task.tool.name, args)},), "tools"))
+    for i in range(no_fit):
+        question, answer = no_fit_pairs[i % len(no_fit_pairs)]
+        tools = _offered(rng, TRAIN_TASKS, None, rng.randint(1, 3))
+        msgs = _messages(tools, [{"role": "user", "content": question}])
+        out.append(Example(tuple(msgs) + ({"role": "assistant", "content": answer_reply(answer)},), "tools"))
+    for _ in range(results):
+        task = rng.choice(TRAIN_TASKS)
+        question, args = task.ask(rng)
+        output, reply, _ = task.result(rng, args)
+        tools = _offered(rng, TRAIN_TASKS, task, rng.randint(1, 3))
+        call_id = f"call_{rng.randrange(16**8):08x}"
+        turns = [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": call_id, "type": "function",
+                 "function": {"name": task.tool.name, "arguments": json.dumps(args, ensure_ascii=False)}}]},
+            {"role": "tool", "tool_call_id": call_id, "content": output},
+        ]
+        msgs = _messages(tools, turns)
+        out.append(Example(tuple(msgs) + ({"role": "assistant", "content": answer_reply(reply)},), "tools"))
+    return out
+
+
+@dataclass(frozen=True)
+class ToolEvalItem(EvalItem):
+    """A held-out tool item: the request's ``tools`` and ``messages`` (OpenAI bodies) and the
+    call (name and key argument) or answer text it expects."""
+
+    tools: tuple = ()
+    messages: tuple = ()
+    tool_name: str = ""
+    key: str = ""
+    key_value: Any = None
+
+    def request(self) -> dict[str, Any]:
+        return {"messages": list(self.messages), "tools": list(self.tools), "tool_choice": "auto"}
+
+    def to_json(self) -> dict:
+        return {**super().to_json(), **self.request(), "tool_name": self.tool_name, "key": self.key,
+                "key_value": self.key_value}
+
+
+def _openai_tools(tools: list[Tool]) -> tuple:
+    return tuple({"type": "function", "function": {"name": t.name, "description": t.description,
+                                                   "parameters": t.parameters}} for t in tools)
+
+
+def heldout_items(per_kind: int, no_fit_questions: list[str], seed: int) -> list[ToolEvalItem]:
+    """Three suites: ``tool_call`` (the right held-out tool with the right key argument),
+    ``tool_no_call`` (no offered tool fits: an answer, no call) and ``tool_result`` (the reply
+    uses the tool's output)."""
+    rng = random.Random(f"tools-heldout-{seed}")
+    items: list[ToolEvalItem] = []
+    for _ in range(per_kind):
+        task = rng.choice(HELDOUT_TASKS)
+        question, args = task.ask(rng)
+        tools = _openai_tools(_offered(rng, HELDOUT_TASKS, task, rng.randint(2, 3)))
+        items.append(ToolEvalItem("tool_call", "tools", question, task.tool.name, "tool", 96, tools=tools,
+                                  messages=({"role": "user", "content": question},), tool_name=task.tool.name,
+                                  key=task.key, key_value=args[task.key]))
+    for i in range(per_kind):
+        question = no_fit_questions[i % len(no_fit_questions)]
+        tools = _openai_tools(_offered(rng, HELDOUT_TASKS, None, rng.randint(2, 3)))
+        items.append(ToolEvalItem("tool_no_call", "tools", question, "", "tool", 96, tools=tools,
+                                  messages=({"role": "user", "content": question},)))
+    for _ in range(per_kind):
+        task = rng.choice(HELDOUT_TASKS)
+        question, args = task.ask(rng)
+        output, _, must = task.result(rng, args)
+        tools = _openai_tools(_offered(rng, HELDOUT_TASKS, task, rng.randint(2, 3)))
+        call_id = f"call_{rng.randrange(16**8):08x}"
+        messages = (
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": call_id, "type": "function",
+                 "function": {"name": task.tool.name, "arguments": json.dumps(args, ensure_ascii=False)}}]},
+            {"role": "tool", "tool_call_id": call_id, "content": output},
+        )
+        items.append(ToolEvalItem("tool_result", "tools", question, must, "tool", 96, tools=tools, messages=messages))
+    return items
+
+
+def score_tool_reply(item: ToolEvalItem, message: dict[str, Any]) -> bool:
+    """``message``: the chat completion's ``message`` (content, tool_calls)."""
+    calls = message.get("tool_calls") or []
+    if item.suite == "tool_call":
+        if len(calls) != 1 or calls[0]["function"]["name"] != item.tool_name:
+            return False
+        try:
+            got = json.loads(calls[0]["function"]["arguments"]).get(item.key)
+        except (ValueError, AttributeError):
+            return False
+        if isinstance(item.key_value, str):
+            return isinstance(got, str) and got.strip().lower() == item.key_value.lower()
+        return got == item.key_value
+    content = message.get("content") or ""
+    if item.suite == "tool_no_call":
+        return not calls and bool(content.strip())
+    return not calls and item.answer.lower() in content.lower()
+
+
+def _plan(item: ToolEvalItem) -> ToolPlan:
+    return ToolPlan([Tool(t["function"]["name"], t["function"].get("description", ""), t["function"]["parameters"])
+                     for t in item.tools], "auto")
+
+
+def rendered_request(item: ToolEvalItem) -> list[dict[str, str]]:
+    """The item's messages as the server renders them (offline evaluation)."""
+    return render_messages([ChatMessage(**m) for m in item.messages], _plan(item))
+
+
+def reply_message(item: ToolEvalItem, text: str) -> dict[str, Any]:
+    """An unconstrained reply parsed as the server parses one: the response ``message``."""
+    reply = parse_reply(text.strip(), _plan(item))
+    return {"content": reply.content, "tool_calls": [c.body() for c in reply.tool_calls]}

@@ -107,8 +107,8 @@ COMPLETION_400 = [
     ({"prompt": "hi", "logprobs": 9}, "logprobs"),
     ({"prompt": "hi", "best_of": 3}, None),
     ({"prompt": "hi", "suffix": "tail"}, None),
-    ({"prompt": "hi", "echo": True, "logprobs": 1}, "echo"),
-    ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "hi", "max_tokens": -1}, "max_tokens"),
+    ({"prompt": "hi", "prompt_logprobs": 21}, "prompt_logprobs"),
 ]
 
 

@@ -19,7 +19,7 @@ from pesc_serve.deltas.table import DeltaTable
 from pesc_serve.engine.detokenizer import IncrementalDetokenizer
 from pesc_serve.engine.expert_load import ExpertLoad
 from pesc_serve.engine.kv_cache import KVCacheManager
-from pesc_serve.engine.model_runner import ModelRunner, kv_bytes_per_token
+from pesc_serve.engine.model_runner import ModelRunner, PromptScores, kv_bytes_per_token
 from pesc_serve.engine.request import FinishReason, Request, RequestError, RequestOutput, SamplingParams, TokenLogprob
 from pesc_serve.engine.scheduler import Scheduler
 from pesc_serve.engine.structured_output import StructuredOutputFactory
@@ -41,6 +41,7 @@ class _Tracked:
     request: Request
     detok: IncrementalDetokenizer
     error: str | None = None
+    sent_prompt_logprobs: bool = False
 
 
 @dataclass
@@ -134,7 +135,7 @@ class LLMEngine:
         if bad:
             raise RequestError(f"prompt token id {bad[0]} is outside the vocabulary (size {self.vocab_size})", "prompt")
         n = len(prompt_token_ids)
-        if n >= self.max_model_len:
+        if n > self.max_model_len or (n == self.max_model_len and params.max_tokens != 0):
             raise RequestError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt "
                 f"has {n} tokens, which leaves no room for a completion. Please shorten the prompt.",
@@ -220,11 +221,19 @@ class LLMEngine:
             logger.exception("engine step failed; failing %d request(s)", len(out.chunks))
             return outputs + self._fail([c.request for c in out.chunks], "engine step", exc)
         self._record_expert_load(result.expert_choices)
+        for rid, scores in result.prompt_logprobs.items():
+            tracked = self._tracked.get(rid)
+            if tracked is not None:
+                _add_prompt_scores(tracked.request, scores)
         for row, req in enumerate(result.requests):
             tracked = self._tracked.get(req.request_id)
             if tracked is None:
                 continue
             try:
+                if req.max_tokens == 0:  # max_tokens 0: the prompt was only to be scored
+                    self._finish(req, FinishReason.LENGTH)
+                    outputs.append(self._output(tracked, [], [], finished=True))
+                    continue
                 token = token_ids[row]
                 req.output_token_ids.append(token)
                 logprobs = []
@@ -311,6 +320,9 @@ class LLMEngine:
         req = tracked.request
         if finished:
             self._tracked.pop(req.request_id, None)
+        prompt_logprobs = None
+        if req.prompt_logprobs is not None and not tracked.sent_prompt_logprobs:
+            prompt_logprobs, tracked.sent_prompt_logprobs = req.prompt_logprobs, True
         return RequestOutput(
             request_id=req.request_id,
             new_text=tracked.detok.pop_delta(finished),
@@ -323,6 +335,7 @@ class LLMEngine:
             num_output_tokens=len(req.output_token_ids),
             num_cached_tokens=req.num_cached_tokens,
             error=tracked.error if finished else None,
+            prompt_logprobs=prompt_logprobs,
         )
 
     def _fail(self, requests: list[Request], stage: str, exc: Exception) -> list[RequestOutput]:
@@ -351,3 +364,12 @@ class LLMEngine:
                 )
             )
         return outputs
+
+
+def _add_prompt_scores(req: Request, scores: PromptScores) -> None:
+    """Append a step's prompt-token scores (prompt_logprobs) to the request's list."""
+    k = req.params.prompt_logprobs or 0
+    for i, (lp, rank) in enumerate(zip(scores.logprobs, scores.ranks)):
+        token = req.prompt_token_ids[scores.first + 1 + i]
+        top = list(zip(scores.top_ids[i][:k], scores.top_logprobs[i][:k]))
+        req.prompt_logprobs.append(TokenLogprob(token, lp, top, rank))

@@ -43,6 +43,22 @@ class StepResult:
     sampled: SamplerOutput
     # (local expert ids [L, T, k] with -1 pads, delta slot of each row) per part of the step
     expert_choices: list[tuple[torch.Tensor, list[int]]] = field(default_factory=list)
+    # request id -> the scores of the prompt tokens this step's chunk reached (prompt_logprobs)
+    prompt_logprobs: dict[str, "PromptScores"] = field(default_factory=dict)
+
+
+@dataclass
+class PromptScores:
+    """Logprobs of prompt tokens ``first + 1`` .. ``first + n`` (each scored by the position before it)."""
+
+    first: int
+    logprobs: list[float]
+    ranks: list[int]
+    top_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+
+
+PROMPT_SCORE_ROWS = 256  # prompt positions per LM-head pass: bounds the [rows, vocab] logits
 
 
 class ModelRunner:
@@ -200,9 +216,11 @@ class ModelRunner:
         logits, choices = self.decode_model.forward(ids, positions, self.kv_caches, slots, tables, bs, deltas.slots)
         return logits, (choices, deltas.owners)
 
-    def _model_logits(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor | None, list[Request], tuple | None]:
-        """Logits of the sampling rows of ``chunks`` through the PyTorch model, and the layers'
-        (expert choices, delta slots)."""
+    def _model_logits(
+        self, chunks: list[ScheduledChunk]
+    ) -> tuple[torch.Tensor | None, list[Request], tuple | None, dict[str, PromptScores]]:
+        """Logits of the sampling rows of ``chunks`` through the PyTorch model, the layers'
+        (expert choices, delta slots), and the prompt scores of requests that want them."""
         input_ids, positions, meta, sample_rows = self.prepare(chunks)
         deltas = DeltaBatch.from_runs([(c.request.delta_slot, c.num_new_tokens) for c in chunks], self.device)
         hidden = self.model(input_ids, positions, self.kv_caches, meta, deltas)
@@ -211,7 +229,41 @@ class ModelRunner:
         for layer in self.model.layers:
             object.__setattr__(layer.mlp, "last_topk", None)  # plain attribute: skip nn.Module's hook
         choices = (torch.stack(per_layer), deltas.owners) if all(c is not None for c in per_layer) else None
-        return (self.model.compute_logits(hidden[sample_rows]) if reqs else None), reqs, choices
+        scores = self._prompt_scores(chunks, hidden)
+        return (self.model.compute_logits(hidden[sample_rows]) if reqs else None), reqs, choices, scores
+
+    def _prompt_scores(self, chunks: list[ScheduledChunk], hidden: torch.Tensor) -> dict[str, PromptScores]:
+        """For requests asking for prompt_logprobs: the logprob, rank and top alternatives of each
+        prompt token that a position of this step predicts.  Positions a recompute (after
+        preemption) revisits were scored before and are skipped."""
+        out: dict[str, PromptScores] = {}
+        row = 0
+        for c in chunks:
+            req = c.request
+            k = req.params.prompt_logprobs
+            if k is not None and req.prompt_logprobs is not None:
+                first = max(c.start, len(req.prompt_logprobs) - 1)
+                last = min(c.start + c.num_new_tokens, req.num_prompt_tokens - 1)
+                if first < last:
+                    scores = PromptScores(first, [], [], [], [])
+                    for p0 in range(first, last, PROMPT_SCORE_ROWS):
+                        p1 = min(p0 + PROMPT_SCORE_ROWS, last)
+                        logits = self.model.compute_logits(hidden[row + p0 - c.start : row + p1 - c.start]).float()
+                        lp = torch.log_softmax(logits, dim=-1)
+                        target = torch.tensor(req.prompt_token_ids[p0 + 1 : p1 + 1], device=lp.device)
+                        chosen = lp.gather(1, target.unsqueeze(1)).squeeze(1)
+                        scores.logprobs += chosen.tolist()
+                        scores.ranks += ((lp > chosen.unsqueeze(1)).sum(-1) + 1).tolist()
+                        if k:
+                            top_lp, top_ids = lp.topk(k, dim=-1)
+                            scores.top_ids += top_ids.tolist()
+                            scores.top_logprobs += top_lp.tolist()
+                        else:
+                            scores.top_ids += [[] for _ in range(p1 - p0)]
+                            scores.top_logprobs += [[] for _ in range(p1 - p0)]
+                    out[req.request_id] = scores
+            row += c.num_new_tokens
+        return out
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
@@ -228,22 +280,23 @@ class ModelRunner:
         logits: list[torch.Tensor] = []
         reqs: list[Request] = []
         choices: list[tuple[torch.Tensor, list[int]]] = []
+        scores: dict[str, PromptScores] = {}
         if cpp:
             decode_logits, decode_choices = self._decode_logits(cpp)
             logits.append(decode_logits)
             reqs.extend(c.request for c in cpp)
             choices.append(decode_choices)
         if rest:
-            model_logits, model_reqs, model_choices = self._model_logits(rest)
+            model_logits, model_reqs, model_choices, scores = self._model_logits(rest)
             if model_logits is not None:
                 logits.append(model_logits)
                 reqs.extend(model_reqs)
             if model_choices is not None:
                 choices.append(model_choices)
         if not reqs:
-            return StepResult([], SamplerOutput(torch.empty(0, dtype=torch.long)), choices)
+            return StepResult([], SamplerOutput(torch.empty(0, dtype=torch.long)), choices, scores)
         batch = logits[0] if len(logits) == 1 else torch.cat(logits)
-        return StepResult(reqs, sample(batch, self.sampling_batch(reqs)), choices)
+        return StepResult(reqs, sample(batch, self.sampling_batch(reqs)), choices, scores)
 
 
 def _is_cpp_decode(chunk: ScheduledChunk) -> bool:

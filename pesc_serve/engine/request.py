@@ -49,6 +49,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     json_mode: bool = False  # constrain the output to a JSON object (or to ``json_schema``)
     json_schema: dict | None = None
+    prompt_logprobs: int | None = None  # None: off; k >= 0: each prompt token's logprob plus k alternatives
 
     MAX_LOGPROBS = 20
 
@@ -56,8 +57,8 @@ class SamplingParams:
         def bad(name: str, why: str) -> RequestError:
             return RequestError(f"{name} {why}", name if name.isidentifier() else None)
 
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
-            raise bad("max_tokens", f"must be at least 1, got {self.max_tokens}")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 0):
+            raise bad("max_tokens", f"must be at least 0 (0: score the prompt only), got {self.max_tokens}")
         if not 0.0 <= self.temperature <= 2.0:
             raise bad("temperature", f"must be in [0, 2], got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
@@ -78,6 +79,8 @@ class SamplingParams:
             raise bad("min_tokens", f"({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         if self.logprobs is not None and not 0 <= self.logprobs <= self.MAX_LOGPROBS:
             raise bad("top_logprobs", f"must be in [0, {self.MAX_LOGPROBS}], got {self.logprobs}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= self.MAX_LOGPROBS:
+            raise bad("prompt_logprobs", f"must be in [0, {self.MAX_LOGPROBS}], got {self.prompt_logprobs}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", "strings must be non-empty")
         if len(self.stop) > 16:
@@ -104,6 +107,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)
+    rank: int | None = None  # 1 + the number of tokens the model found likelier (prompt logprobs)
 
 
 @dataclass
@@ -121,6 +125,9 @@ class RequestOutput:
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None
+    # With prompt_logprobs: entry j scores prompt token j (entry 0, with no context, is None);
+    # sent once, on the request's first output.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class RequestStatus(enum.Enum):
@@ -150,6 +157,11 @@ class Request:
     model: str = ""  # the served model name it asked for
     delta_slot: int | None = 0  # the slot of that model's delta (None: not resident yet, it waits)
     cache_salt: str = ""  # the model's prefix-cache namespace (KV is never shared across models)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # filled as prefill goes, with prompt_logprobs
+
+    def __post_init__(self) -> None:
+        if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = [None]
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -100,7 +100,9 @@ class Scheduler:
             if req.delta_slot is None:
                 skipped.append(self.waiting.popleft())
                 continue
-            cached = self.kv.find_cached_prefix(req) if req.num_computed_tokens == 0 else []
+            # Scoring the prompt needs every prompt position's logits: no cached prefix then.
+            wants_cache = req.num_computed_tokens == 0 and req.params.prompt_logprobs is None
+            cached = self.kv.find_cached_prefix(req) if wants_cache else []
             num_cached = len(cached) * self.kv.block_size
             num_new = min(req.num_tokens - max(num_cached, req.num_computed_tokens), budget)
             if not self.kv.allocate(req, num_new, cached):

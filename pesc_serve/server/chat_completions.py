@@ -12,7 +12,14 @@ from fastapi.responses import JSONResponse
 from pesc_serve.server.chat import ChatTemplateError
 from pesc_serve.server.errors import APIError
 from pesc_serve.server.protocol import ChatCompletionRequest
-from pesc_serve.server.responses import ChoiceState, chat_logprobs, chunk_envelope, now, openai_finish_reason
+from pesc_serve.server.responses import (
+    ChoiceState,
+    chat_logprobs,
+    chunk_envelope,
+    now,
+    openai_finish_reason,
+    prompt_logprobs_body,
+)
 from pesc_serve.server.serving import OpenAIServing, Choice, request_params, usage_of
 from pesc_serve.server.tools import RESPONSE_PREFIX, ToolError, ToolPlan, ToolStreamParser, parse_reply
 
@@ -58,6 +65,8 @@ async def create_chat_completion(serving: OpenAIServing, req: ChatCompletionRequ
                 "logprobs": {"content": chat_logprobs(s.logprobs, serving.text_of)} if req.logprobs else None,
                 "finish_reason": finish_reason,
                 "stop_reason": s.stop_reason,
+                **({"prompt_logprobs": prompt_logprobs_body(s.prompt_logprobs, serving.text_of)}
+                   if req.prompt_logprobs is not None else {}),
             }
         )
     return JSONResponse(
@@ -106,18 +115,18 @@ async def _chat_events(
                     finish_reason = tool_finish_reason(tools, finish_reason)
             else:
                 delta = {"content": out.new_text} if out.new_text or not out.finished else {}
-            if not (delta or out.finished or (req.logprobs and out.logprobs)):
+            scored = req.prompt_logprobs is not None and out.prompt_logprobs is not None
+            if not (delta or out.finished or scored or (req.logprobs and out.logprobs)):
                 continue
-            yield chunk(
-                [
-                    {
-                        "index": c.index,
-                        "delta": delta,
-                        "logprobs": {"content": chat_logprobs(out.logprobs, serving.text_of)} if req.logprobs else None,
-                        "finish_reason": finish_reason,
-                    }
-                ]
-            )
+            choice = {
+                "index": c.index,
+                "delta": delta,
+                "logprobs": {"content": chat_logprobs(out.logprobs, serving.text_of)} if req.logprobs else None,
+                "finish_reason": finish_reason,
+            }
+            if scored:  # the request's first output: the prompt's scores, once
+                choice["prompt_logprobs"] = prompt_logprobs_body(out.prompt_logprobs, serving.text_of)
+            yield chunk([choice])
     if req.include_usage:
         yield chunk([], usage_of(list(states.values()), req.n))
 

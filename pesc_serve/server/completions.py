@@ -15,8 +15,11 @@ from pesc_serve.server.responses import (
     ChoiceState,
     chunk_envelope,
     completion_logprobs,
+    echo_logprobs,
+    joined_logprobs,
     now,
     openai_finish_reason,
+    prompt_logprobs_body,
     text_length,
 )
 from pesc_serve.server.serving import OpenAIServing, Choice, request_params, usage_of
@@ -25,8 +28,6 @@ from pesc_serve.server.serving import OpenAIServing, Choice, request_params, usa
 async def create_completion(serving: OpenAIServing, req: CompletionRequest, raw: Request) -> Any:
     model = serving.check_model(req.model)
     params = request_params(req)
-    if req.echo and req.logprobs is not None:
-        raise APIError(400, "echo together with logprobs is not supported", "echo", "unsupported")
     prompts = [
         serving.formatter.encode_completion_prompt(p) if isinstance(p, str) else list(p) for p in req.prompt_list()
     ]
@@ -38,16 +39,19 @@ async def create_completion(serving: OpenAIServing, req: CompletionRequest, raw:
     if req.stream:
         return serving.sse(_completion_events(serving, obj_id, choices, req, echo))
     states = await serving.until_disconnect(raw, serving.collect(choices))
-    body_choices = [
-        {
+    prompts_of = {c.index: c.prompt_ids for c in choices}
+    body_choices = []
+    for s in states:
+        choice = {
             "index": s.index,
             "text": echo[s.index] + s.text,
-            "logprobs": completion_logprobs(s.logprobs, serving.text_of, 0) if req.logprobs is not None else None,
+            "logprobs": _logprobs(serving, req, prompts_of[s.index], s.prompt_logprobs, s.logprobs, 0, first=True),
             "finish_reason": openai_finish_reason(s.finish_reason),
             "stop_reason": s.stop_reason,
         }
-        for s in states
-    ]
+        if req.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = prompt_logprobs_body(s.prompt_logprobs, serving.text_of)
+        body_choices.append(choice)
     return JSONResponse(
         {
             "id": obj_id,
@@ -60,6 +64,19 @@ async def create_completion(serving: OpenAIServing, req: CompletionRequest, raw:
     )
 
 
+def _logprobs(serving: OpenAIServing, req: CompletionRequest, prompt_ids: list[int], prompt_scores, generated,
+              offset: int, first: bool) -> dict | None:
+    """The legacy ``logprobs`` object: under ``echo`` the prompt's tokens come first (in the
+    first chunk of a stream), then the generated ones, offsets counted from the prompt's start."""
+    if req.logprobs is None:
+        return None
+    if not (req.echo and first):
+        return completion_logprobs(generated, serving.text_of, offset)
+    head = echo_logprobs(prompt_ids, prompt_scores or [None] * len(prompt_ids), serving.text_of)
+    end = sum(text_length(t) for t in head["tokens"])
+    return joined_logprobs(head, completion_logprobs(generated, serving.text_of, end))
+
+
 def _echo_text(serving: OpenAIServing, req: CompletionRequest, prompt_ids: list[int]) -> str:
     return serving.engine.tokenizer.decode(prompt_ids, skip_special_tokens=False) if req.echo else ""
 
@@ -70,32 +87,32 @@ async def _completion_events(
     created = now()
     states = {c.index: ChoiceState(c.index) for c in choices}
     offsets = {c.index: 0 for c in choices}
+    first = {c.index for c in choices}
     async with aclosing(serving.merged(choices)) as outputs:
         async for c, out in outputs:
             states[c.index].add(out)
             if out.error:
                 raise APIError(500, out.error, code="engine_error")
             text = echo.pop(c.index, "") + out.new_text
-            if not (text or out.finished or (req.logprobs is not None and out.logprobs)):
+            is_first = c.index in first
+            first.discard(c.index)
+            opening = is_first and (req.echo or req.prompt_logprobs is not None)  # carries the prompt's part
+            if not (text or out.finished or opening or (req.logprobs is not None and out.logprobs)):
                 continue
-            logprobs = None
-            if req.logprobs is not None:
-                logprobs = completion_logprobs(out.logprobs, serving.text_of, offsets[c.index])
-                offsets[c.index] += sum(text_length(t) for t in logprobs["tokens"])
-            yield chunk_envelope(
-                obj_id,
-                "text_completion",
-                created,
-                choices[0].model,
-                [
-                    {
-                        "index": c.index,
-                        "text": text,
-                        "logprobs": logprobs,
-                        "finish_reason": openai_finish_reason(out.finish_reason) if out.finished else None,
-                    }
-                ],
-            )
+            logprobs = _logprobs(serving, req, c.prompt_ids, out.prompt_logprobs, out.logprobs, offsets[c.index],
+                                 is_first)
+            if logprobs is not None:
+                offsets[c.index] = (logprobs["text_offset"][-1] + text_length(logprobs["tokens"][-1])
+                                    if logprobs["tokens"] else offsets[c.index])
+            choice = {
+                "index": c.index,
+                "text": text,
+                "logprobs": logprobs,
+                "finish_reason": openai_finish_reason(out.finish_reason) if out.finished else None,
+            }
+            if req.prompt_logprobs is not None and is_first:
+                choice["prompt_logprobs"] = prompt_logprobs_body(out.prompt_logprobs, serving.text_of)
+            yield chunk_envelope(obj_id, "text_completion", created, choices[0].model, [choice])
     if req.include_usage:
         yield chunk_envelope(
             obj_id, "text_completion", created, choices[0].model, [], usage_of(list(states.values()), req.n)

@@ -133,6 +133,7 @@ class SamplingFields(OpenAIModel):
     skip_special_tokens: bool = True
     response_format: ResponseFormat | None = None
     user: str | None = None
+    prompt_logprobs: Annotated[int, Field(ge=0, le=SamplingParams.MAX_LOGPROBS)] | None = None  # vLLM's extension
 
     @field_validator("logit_bias")
     @classmethod
@@ -159,7 +160,8 @@ class SamplingFields(OpenAIModel):
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
-    def to_sampling_params(self, max_tokens: int | None, num_logprobs: int | None) -> SamplingParams:
+    def to_sampling_params(self, max_tokens: int | None, num_logprobs: int | None,
+                           prompt_logprobs: int | None = None) -> SamplingParams:
         fmt = self.response_format
         json_mode = fmt is not None and fmt.type != "text"
         json_schema = fmt.json_schema.schema_ if fmt is not None and fmt.type == "json_schema" else None
@@ -183,6 +185,7 @@ class SamplingFields(OpenAIModel):
             skip_special_tokens=self.skip_special_tokens,
             json_mode=json_mode,
             json_schema=json_schema,
+            prompt_logprobs=self.prompt_logprobs if prompt_logprobs is None else prompt_logprobs,
         )
         params.validate()
         return params
@@ -235,7 +238,7 @@ PromptType = Union[
 
 class CompletionRequest(SamplingFields):
     prompt: PromptType
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+    max_tokens: Annotated[int, Field(ge=0)] | None = 16  # 0: score the prompt only (with echo)
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
     echo: bool = False
     best_of: Annotated[int, Field(ge=1)] | None = None
@@ -252,7 +255,11 @@ class CompletionRequest(SamplingFields):
         return self
 
     def sampling_params(self) -> SamplingParams:
-        return self.to_sampling_params(self.max_tokens, self.logprobs)
+        """``echo`` with ``logprobs`` scores the prompt too (with the same number of alternatives)."""
+        prompt_k = self.prompt_logprobs
+        if self.echo and self.logprobs is not None:
+            prompt_k = max(prompt_k or 0, self.logprobs)
+        return self.to_sampling_params(self.max_tokens, self.logprobs, prompt_k)
 
     def prompt_list(self) -> list[str | list[int]]:
         """The prompt as a batch: strings and/or token-id lists."""

@@ -100,8 +100,11 @@ class ChoiceState:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     def add(self, out: RequestOutput) -> None:
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         self.text += out.new_text
         self.token_ids.extend(out.new_token_ids)
         self.logprobs.extend(out.logprobs)
@@ -139,6 +142,41 @@ def completion_logprobs(items: list[TokenLogprob], text_of: TokenText, start_off
         offsets.append(offset)
         offset += text_length(s)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def echo_logprobs(prompt_ids: list[int], scores: list[TokenLogprob | None], text_of: TokenText) -> dict:
+    """The prompt part of a legacy ``logprobs`` object under ``echo``: the first token, with no
+    context, has a null logprob, as OpenAI's and vLLM's have."""
+    tokens, token_lps, tops, offsets = [], [], [], []
+    offset = 0
+    for token, score in zip(prompt_ids, scores):
+        s = text_of(token)
+        tokens.append(s)
+        token_lps.append(None if score is None else score.logprob)
+        tops.append({text_of(t): lp for t, lp in score.top} if score is not None and score.top else None)
+        offsets.append(offset)
+        offset += text_length(s)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def joined_logprobs(first: dict, second: dict) -> dict:
+    return {k: first[k] + second[k] for k in first}
+
+
+def prompt_logprobs_body(scores: list[TokenLogprob | None] | None, text_of: TokenText) -> list | None:
+    """vLLM's ``prompt_logprobs``: per prompt token, null for the first, else
+    ``{token id: {logprob, rank, decoded_token}}`` for the token itself and its top alternatives."""
+    if scores is None:
+        return None
+    out: list[dict | None] = []
+    for score in scores:
+        if score is None:
+            out.append(None)
+            continue
+        entry = {str(t): {"logprob": lp, "rank": r + 1, "decoded_token": text_of(t)} for r, (t, lp) in enumerate(score.top)}
+        entry[str(score.token_id)] = {"logprob": score.logprob, "rank": score.rank, "decoded_token": text_of(score.token_id)}
+        out.append(entry)
+    return out
 
 
 def chunk_envelope(obj_id: str, obj: str, created: int, model: str, choices: list[dict], usage_: dict | None = None) -> dict:

@@ -75,8 +75,8 @@ def new_call_id() -> str:
 
 def parse_tools(tools: list[Any] | None, tool_choice: Any, parallel_tool_calls: bool | None) -> "ToolPlan | None":
     """Check ``tools`` and ``tool_choice`` (pydantic has checked their shapes) and say how to
-    decode; None when the request does not use tools."""
-    if tools is None:
+    decode; None when the request does not use tools (an empty list offers none, as vLLM reads it)."""
+    if not tools:
         if tool_choice is not None:
             raise ToolError("tool_choice needs tools", "tool_choice")
         return None

@@ -8,6 +8,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 from pesc_serve.config import EngineConfig, LoadConfig, ServerConfig
@@ -42,6 +43,7 @@ def running_server(
     server: ServerConfig | None = None,
     load: LoadConfig | None = None,
     profile: str | None = None,
+    chat_template: Path | None = None,
 ) -> Iterator[RunningServer]:
     """A server on a free port; ``profile`` (tests/profiles.py) sets the weights, kernels and
     KV-cache type, over the sizes of ``engine``."""
@@ -54,6 +56,7 @@ def running_server(
         load or LoadConfig(model=model, dtype=dtype, device="cpu"),
         engine or DEFAULT_TEST_ENGINE,
         built_cfg,
+        chat_template,
     )
     uv = http_server(built.app, built.engine, dataclasses.replace(built_cfg, port=port), log_level="warning")
     thread = threading.Thread(target=uv.run, daemon=True)

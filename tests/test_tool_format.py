@@ -61,3 +61,34 @@ def test_a_reply_cut_by_max_tokens_keeps_what_arrived():
     assert cut.content is None and [c.name for c in cut.tool_calls] == ["f", "g"]
     assert cut.tool_calls[0].arguments == '{"x": 1}' and cut.tool_calls[1].arguments == '{"y'
     assert parse_reply('{"tool', PLAN).content == '{"tool'  # not yet either form: the raw text
+
+
+NATIVE = ToolPlan(PLAN.tools, "auto", native=True)
+NATIVE_REPLIES = [
+    "Just an answer, no <tool_call here.",
+    '<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>',
+    'Let me check.\n<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>\n'
+    '<tool_call>\n{"name": "g", "arguments": {"s": "</tool"}}\n</tool_call>',
+]
+
+
+@pytest.mark.parametrize("text", NATIVE_REPLIES)
+def test_hermes_blocks_stream_as_calls_and_the_rest_as_content(text):
+    from pesc_serve.server.tools import NativeStreamParser
+
+    whole = parse_reply(text, NATIVE)
+    rng = random.Random(1)
+    for trial in range(30):
+        splits = sorted(rng.sample(range(1, len(text)), rng.randint(0, min(10, len(text) - 1))))
+        if trial == 0:
+            splits = list(range(1, len(text)))
+        parser, content, calls, last = NativeStreamParser(), "", [], 0
+        for cut in splits + [len(text)]:
+            step = parser.feed(text[last:cut])
+            last = cut
+            content += step.content
+            calls += [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in step.tool_calls]
+        content += parser.finish()
+        assert calls == [(c.name, json.loads(c.arguments)) for c in whole.tool_calls]
+        assert content.strip() == (whole.content or "")
+        assert "<tool_call>" not in content or not whole.tool_calls

@@ -7,6 +7,7 @@ calls and results renders; every bad tools input is a 400 naming its field.  Rea
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
 import jsonschema_rs
@@ -275,3 +276,58 @@ def test_langchain_bind_tools_gets_tool_calls(server):
         "Weather in Paris for 3 days?")
     assert msg.tool_calls and msg.tool_calls[0]["name"] == "get_weather"
     assert set(msg.tool_calls[0]["args"]) >= {"city", "days"}
+
+
+# --- a chat template that takes tools itself (Hermes / Qwen2.5 style) ----------------------------
+
+HERMES = Path(__file__).parent / "fixtures" / "hermes_tools.jinja"
+
+
+@pytest.fixture(scope="module")
+def hermes(tmp_path_factory):
+    ckpt = make_checkpoint("camelidae", tmp_path_factory.mktemp("hermes"), max_position_embeddings=2048)
+    engine = EngineConfig(max_num_seqs=8, max_model_len=2048, kv_cache_memory_gb=0.1)
+    with running_server(str(ckpt), profile="defaults", engine=engine, chat_template=HERMES) as s:
+        yield s
+
+
+def test_a_template_that_takes_tools_lays_them_out_itself(hermes):
+    history = ASK + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 3}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"},
+    ]
+    r = _chat(hermes, messages=history, tools=TOOLS, max_tokens=4)
+    assert r.status_code == 200, r.text
+    body = {"messages": history, "chat_template_kwargs": {"tools": TOOLS}}
+    assert httpx.post(hermes.url + "/tokenize", json=body, timeout=30).status_code == 400  # tools is reserved
+    tok = httpx.post(hermes.url + "/tokenize", json={"messages": history, "tools": TOOLS}, timeout=30).json()
+    text = httpx.post(hermes.url + "/detokenize", json={"tokens": tok["tokens"]}, timeout=30).json()["prompt"]
+    assert "<tools>" in text and '"name": "get_weather"' in text and "<tool_response>\nsunny, 21 C" in text
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}' in text
+    assert '{"tool_calls"' not in text  # not the generic format
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_required_gives_tool_call_blocks_that_match_their_schema(hermes, seed):
+    r = _chat(hermes, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, temperature=1.0, seed=seed)
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls", choice
+    assert choice["message"]["content"] is None and len(choice["message"]["tool_calls"]) == 1
+    _check_call(choice["message"]["tool_calls"][0], {"get_weather", "convert"})
+
+
+def test_a_named_function_through_the_template(hermes):
+    r = _chat(hermes, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "stop" and _check_call(choice["message"]["tool_calls"][0], {"get_weather"})
+
+
+def test_streamed_tool_call_blocks_assemble_without_leaking_into_content(hermes):
+    body = {"tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": False}
+    whole = _chat(hermes, **body).json()["choices"][0]
+    calls, finish, (text,) = _streamed(hermes, **body)
+    assert text["content"] == "" and finish == "tool_calls"
+    want = whole["message"]["tool_calls"]
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [
+        (w["function"]["name"], json.loads(w["function"]["arguments"])) for w in want]

@@ -162,7 +162,9 @@ class LLMEngine:
         max_tokens = min(params.max_tokens, room) if params.max_tokens is not None else room
         req = Request(request_id, list(prompt_token_ids), params, max_tokens, model=served.name,
                       cache_salt=served.cache_salt)
-        if params.json_mode:
+        if params.grammar is not None:
+            req.structured_output = self.structured_output.matcher(grammar=params.grammar)
+        elif params.json_mode:
             req.structured_output = self.structured_output.matcher(params.json_schema)
         detok = IncrementalDetokenizer(
             self.tokenizer, req.prompt_token_ids, params.stop, params.include_stop_str_in_output, params.skip_special_tokens

@@ -49,6 +49,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     json_mode: bool = False  # constrain the output to a JSON object (or to ``json_schema``)
     json_schema: dict | None = None
+    grammar: str | None = None  # an llguidance (Lark) grammar the output must match (e.g. tool-call blocks)
     prompt_logprobs: int | None = None  # None: off; k >= 0: each prompt token's logprob plus k alternatives
 
     MAX_LOGPROBS = 20

@@ -57,6 +57,12 @@ def grammar_for(schema: dict[str, Any] | None) -> str:
     )
 
 
+def lark_json(schema: dict[str, Any]) -> str:
+    """A JSON schema as a Lark ``%json`` term with this module's layout and closed objects, for
+    grammars that embed JSON between fixed text."""
+    return "%json " + json.dumps({**closed_objects(schema), "x-guidance": JSON_LAYOUT})
+
+
 def schema_error(schema: dict[str, Any]) -> str | None:
     """Why ``schema`` cannot constrain decoding, or None when it can (checked before queueing)."""
     import llguidance
@@ -127,12 +133,13 @@ class StructuredOutputFactory:
                 self._ll_tokenizer = llguidance.LLTokenizer(backend.to_str(), eos_token=eos)
             return self._ll_tokenizer
 
-    def matcher(self, schema: dict[str, Any] | None = None) -> OutputMatcher:
-        """A fresh matcher for a JSON object (``schema`` None) or a JSON schema."""
+    def matcher(self, schema: dict[str, Any] | None = None, grammar: str | None = None) -> OutputMatcher:
+        """A fresh matcher for a JSON object (``schema`` None), a JSON schema, or a ready
+        llguidance ``grammar`` (Lark text, e.g. from :func:`lark_json`)."""
         import llguidance
 
         tok = self._compiled_tokenizer()
-        m = llguidance.LLMatcher(tok, grammar_for(schema), log_level=0)
+        m = llguidance.LLMatcher(tok, grammar if grammar is not None else grammar_for(schema), log_level=0)
         if m.is_error():
             raise ValueError(f"response_format: {m.get_error()}")
         return OutputMatcher(m, tok.vocab_size)

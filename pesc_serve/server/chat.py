@@ -13,7 +13,7 @@ from typing import Any
 from jinja2.exceptions import TemplateError
 
 from pesc_serve.server.protocol import ChatMessage
-from pesc_serve.server.tools import ToolPlan, render_messages
+from pesc_serve.server.tools import ToolPlan, native_messages, render_messages
 
 
 class ChatTemplateError(RuntimeError):
@@ -52,18 +52,32 @@ class ChatFormatter:
     template_override: str | None = None
 
     @property
+    def takes_tools(self) -> bool:
+        """Whether the chat template lays out ``tools`` itself (Qwen2.5's, Hermes'); others get the
+        generic tool format (server/tools.py)."""
+        if self.uses_fallback:
+            return False
+        source = self.template_override or self.tokenizer.chat_template
+        return isinstance(source, str) and "tools" in source
+
+    @property
     def uses_fallback(self) -> bool:
         return self.template_override is None and not getattr(self.tokenizer, "chat_template", None)
 
-    def render(self, messages: list[ChatMessage], add_generation_prompt: bool = True, tools: ToolPlan | None = None,
-               **template_kwargs: Any) -> str:
+    def render(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
+               tool_plan: ToolPlan | None = None, **template_kwargs: Any) -> str:
         """The prompt text; tool calls, tool results and the offered tools in the generic tool
         format (server/tools.py).  Raises ToolError (a ValueError naming its field) for a tool
         message that answers no call."""
-        plain = render_messages(messages, tools)
         clash = sorted(set(template_kwargs) & _RESERVED_TEMPLATE_KWARGS)
         if clash:
             raise ValueError(f"chat_template_kwargs must not set {', '.join(clash)}")
+        if tool_plan is not None and tool_plan.native:  # the template lays out tools, calls and results
+            plain = native_messages(messages)
+            if tool_plan.active:
+                template_kwargs = {**template_kwargs, "tools": tool_plan.template_tools()}
+        else:
+            plain = render_messages(messages, tool_plan)
         if self.uses_fallback:
             return camelidae_prompt(plain, self.tokenizer.eos_token or "")
         try:

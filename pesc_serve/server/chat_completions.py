@@ -21,13 +21,13 @@ from pesc_serve.server.responses import (
     prompt_logprobs_body,
 )
 from pesc_serve.server.serving import OpenAIServing, Choice, request_params, usage_of
-from pesc_serve.server.tools import RESPONSE_PREFIX, ToolError, ToolPlan, ToolStreamParser, parse_reply
+from pesc_serve.server.tools import NativeStreamParser, ToolError, ToolPlan, ToolStreamParser, parse_reply
 
 
 async def create_chat_completion(serving: OpenAIServing, req: ChatCompletionRequest, raw: Request) -> Any:
     model = serving.check_model(req.model)
     try:
-        plan = req.tool_plan()
+        plan = req.tool_plan(native=serving.formatter.takes_tools)
     except ToolError as exc:
         raise APIError(400, str(exc), exc.param, "invalid_value") from None
     params = request_params(req, plan)
@@ -94,7 +94,7 @@ async def _chat_events(
 ) -> AsyncIterator[dict]:
     created = now()
     states = {c.index: ChoiceState(c.index) for c in choices}
-    parsers = {c.index: ToolStreamParser() for c in choices} if tools is not None else {}
+    parsers = {c.index: tools.stream_parser() for c in choices} if tools is not None else {}
 
     def chunk(choices_: list[dict], usage_: dict | None = None) -> dict:
         return chunk_envelope(obj_id, "chat.completion.chunk", created, choices[0].model, choices_, usage_)
@@ -131,16 +131,15 @@ async def _chat_events(
         yield chunk([], usage_of(list(states.values()), req.n))
 
 
-def _tool_delta(parser: ToolStreamParser, new_text: str, finished: bool) -> dict:
-    """The OpenAI delta for new text of a tool-format reply: the answer's words as content, a
-    call as ``tool_calls`` entries; an unfinished JSON wrapper cut by max_tokens sends its raw
-    text as content at the end, as the non-streamed body does."""
+def _tool_delta(parser: ToolStreamParser | NativeStreamParser, new_text: str, finished: bool) -> dict:
+    """The OpenAI delta for new text of a reply in a tool format: answer text as content, calls
+    as ``tool_calls`` entries; at the end, whatever never became either (max_tokens cut it)
+    goes out as content, as the non-streamed body has it."""
     step = parser.feed(new_text)
     delta: dict[str, Any] = {}
-    if step.content:
-        delta["content"] = step.content
+    content = step.content + (parser.finish() if finished else "")
+    if content:
+        delta["content"] = content
     if step.tool_calls:
         delta["tool_calls"] = step.tool_calls
-    if finished and not delta and not parser.is_call and not parser.text.startswith(RESPONSE_PREFIX) and parser.text:
-        delta["content"] = parser.text
     return delta

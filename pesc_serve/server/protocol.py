@@ -208,9 +208,12 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError("top_logprobs requires logprobs to be true")
         return self
 
-    def tool_plan(self) -> ToolPlan | None:
-        """How this request uses tools (None: it has none); raises ToolError naming the field."""
+    def tool_plan(self, native: bool = False) -> ToolPlan | None:
+        """How this request uses tools (None: it has none); ``native``: the chat template takes
+        tools itself.  Raises ToolError naming the field."""
         plan = parse_tools(self.tools, self.tool_choice, self.parallel_tool_calls)
+        if plan is not None:
+            plan.native = native
         if plan is not None and plan.active and self.response_format is not None and self.response_format.type != "text":
             raise ToolError("response_format cannot be combined with tools unless tool_choice is none",
                             "response_format")
@@ -222,7 +225,10 @@ class ChatCompletionRequest(SamplingFields):
         num_logprobs = (self.top_logprobs or 0) if self.logprobs else None
         params = self.to_sampling_params(limit, num_logprobs)
         if plan is not None and plan.active:
-            params.json_mode, params.json_schema = True, plan.output_schema()
+            if plan.native:
+                params.grammar = plan.native_grammar()
+            else:
+                params.json_mode, params.json_schema = True, plan.output_schema()
         return params
 
 
@@ -282,6 +288,7 @@ class TokenizeRequest(OpenAIModel):
     add_generation_prompt: bool = True
     return_token_strs: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[ToolDefinition] | None = None  # with messages: rendered as a chat completion with them
 
     @model_validator(mode="after")
     def _check(self) -> "TokenizeRequest":

@@ -23,17 +23,22 @@ knows system, user and assistant) can show them.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-from pesc_serve.engine.structured_output import schema_error
+from pesc_serve.engine.structured_output import lark_json, schema_error
 
 MAX_TOOLS = 128
 CALLS_PREFIX = '{"tool_calls": ['
 RESPONSE_PREFIX = '{"response": "'
 NAME_PREFIX = '{"name": "'
 ARGUMENTS_INFIX = '", "arguments": '
+# Hermes-style blocks (Qwen2.5's and NousResearch's templates ask for them)
+CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+CALL_OPEN_LARK, CALL_CLOSE_LARK = "<tool_call>\\n", "\\n</tool_call>"
+_NATIVE_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
 
 class ToolError(ValueError):
@@ -114,6 +119,33 @@ class ToolPlan:
     choice: str  # "none", "auto", "required", or the named function
     parallel: bool = True
     named: bool = False
+    native: bool = False  # the chat template takes ``tools``: Hermes-style <tool_call> blocks instead
+
+    def template_tools(self) -> list[dict[str, Any]]:
+        """The ``tools`` a template that takes them gets (OpenAI's shape)."""
+        return [{"type": "function", "function": t.spec()} for t in self.callable_tools()]
+
+    def native_grammar(self) -> str | None:
+        """The Lark grammar of ``<tool_call>`` blocks for ``required`` and a named function; None
+        for ``auto`` (the model may answer in text; calls are parsed from the reply)."""
+        if not self.calls_only:
+            return None
+        variants = [self._call_schema(t) for t in self.callable_tools()]
+        call = lark_json(variants[0] if len(variants) == 1 else {"anyOf": variants})
+        start = "start: call" if self.named or not self.parallel else 'start: call ("\\n" call)*'
+        return f'{start}\ncall: "{CALL_OPEN_LARK}" {call} "{CALL_CLOSE_LARK}"\n'
+
+    @staticmethod
+    def _call_schema(t: Tool) -> dict[str, Any]:
+        return {
+            "type": "object",
+            "properties": {"name": {"const": t.name}, "arguments": t.parameters},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+
+    def stream_parser(self) -> "ToolStreamParser | NativeStreamParser":
+        return NativeStreamParser() if self.native else ToolStreamParser()
 
     @property
     def active(self) -> bool:
@@ -129,15 +161,7 @@ class ToolPlan:
 
     def output_schema(self) -> dict[str, Any]:
         """The JSON schema that constrains the reply."""
-        call_variants = [
-            {
-                "type": "object",
-                "properties": {"name": {"const": t.name}, "arguments": t.parameters},
-                "required": ["name", "arguments"],
-                "additionalProperties": False,
-            }
-            for t in self.callable_tools()
-        ]
+        call_variants = [self._call_schema(t) for t in self.callable_tools()]
         calls: dict[str, Any] = {
             "type": "array",
             "items": call_variants[0] if len(call_variants) == 1 else {"anyOf": call_variants},
@@ -189,11 +213,7 @@ def render_messages(messages: list[Any], plan: ToolPlan | None) -> list[dict[str
             content = json.dumps({"tool_calls": calls}, ensure_ascii=False)
             out.append({"role": "assistant", "content": content})
         elif role == "tool":
-            if m.tool_call_id is None:
-                raise ToolError("a tool message needs tool_call_id", f"messages[{i}].tool_call_id")
-            if m.tool_call_id not in names_by_id:
-                raise ToolError(f"tool_call_id {m.tool_call_id!r} answers no earlier tool call",
-                                f"messages[{i}].tool_call_id")
+            _check_tool_message(m, i, names_by_id)
             result = {"name": names_by_id[m.tool_call_id], "content": m.text}
             out.append({"role": "user", "content": json.dumps({"tool_response": result}, ensure_ascii=False)})
         else:
@@ -207,6 +227,35 @@ def render_messages(messages: list[Any], plan: ToolPlan | None) -> list[dict[str
         else:
             out.insert(0, {"role": "system", "content": instructions})
     return out
+
+
+def native_messages(messages: list[Any]) -> list[dict[str, Any]]:
+    """Chat messages for a template that takes tools: assistant ``tool_calls`` (arguments as
+    objects, as Hugging Face templates expect them) and ``tool`` turns passed through.  Raises
+    ToolError for a ``tool`` message that answers no earlier call."""
+    out: list[dict[str, Any]] = []
+    ids: set[str] = set()
+    for i, m in enumerate(messages):
+        role = "system" if m.role == "developer" else m.role
+        if role == "assistant" and m.tool_calls:
+            ids.update(c.id for c in m.tool_calls)
+            calls = [{"id": c.id, "type": "function",
+                      "function": {"name": c.function.name, "arguments": _arguments_value(c.function.arguments)}}
+                     for c in m.tool_calls]
+            out.append({"role": "assistant", "content": m.text, "tool_calls": calls})
+        elif role == "tool":
+            _check_tool_message(m, i, ids)
+            out.append({"role": "tool", "content": m.text, "tool_call_id": m.tool_call_id})
+        else:
+            out.append({"role": role, "content": m.text})
+    return out
+
+
+def _check_tool_message(m: Any, i: int, ids: Any) -> None:
+    if m.tool_call_id is None:
+        raise ToolError("a tool message needs tool_call_id", f"messages[{i}].tool_call_id")
+    if m.tool_call_id not in ids:
+        raise ToolError(f"tool_call_id {m.tool_call_id!r} answers no earlier tool call", f"messages[{i}].tool_call_id")
 
 
 def _arguments_value(arguments: str) -> Any:
@@ -227,6 +276,8 @@ def parse_reply(text: str, plan: ToolPlan) -> ParsedReply:
     """The finished reply: its calls or its answer.  A reply max_tokens cut short keeps what
     had arrived, as a stream would have sent it: the answer's text so far, or the calls whose
     names are complete with their arguments' text so far."""
+    if plan.native:
+        return _parse_native(text)
     try:
         value = json.loads(text)
     except ValueError:
@@ -242,6 +293,89 @@ def parse_reply(text: str, plan: ToolPlan) -> ParsedReply:
         calls = [c for c in _scan_calls(text, len(CALLS_PREFIX)) if c.name is not None]
         return ParsedReply(None, [ToolCall(new_call_id(), c.name, c.arguments) for c in calls])
     return ParsedReply(text)
+
+
+def _parse_native(text: str) -> ParsedReply:
+    """``<tool_call>`` blocks holding ``{"name", "arguments"}``; the text around them is content.
+    A block that does not parse stays in the content, as written."""
+    calls: list[ToolCall] = []
+    kept: list[str] = []
+    last = 0
+    for m in _NATIVE_BLOCK.finditer(text):
+        call = _native_call(m.group(1))
+        if call is None:
+            continue
+        kept.append(text[last : m.start()])
+        last = m.end()
+        calls.append(call)
+    kept.append(text[last:])
+    content = "".join(kept).strip() if calls else text
+    return ParsedReply(content or None, calls)
+
+
+def _native_call(block: str) -> ToolCall | None:
+    try:
+        value = json.loads(block)
+    except ValueError:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        return None
+    args = value.get("arguments", {})
+    return ToolCall(new_call_id(), value["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False))
+
+
+class NativeStreamParser:
+    """Streams a Hermes-style reply: text outside ``<tool_call>`` blocks as content (holding back
+    what may be the start of a block), each block as one call delta once it closes."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self._pos = 0
+        self._inside = False
+        self._calls = 0
+
+    @property
+    def is_call(self) -> bool:
+        return self._calls > 0
+
+    def feed(self, new_text: str) -> StreamDelta:
+        self.text += new_text
+        delta = StreamDelta()
+        while True:
+            if self._inside:
+                end = self.text.find(CALL_CLOSE, self._pos)
+                if end == -1:
+                    break
+                call = _native_call(self.text[self._pos : end].strip())
+                if call is not None:
+                    delta.tool_calls.append({"index": self._calls, **call.body()})
+                    self._calls += 1
+                self._pos, self._inside = end + len(CALL_CLOSE), False
+                continue
+            start = self.text.find(CALL_OPEN, self._pos)
+            upto = start if start != -1 else len(self.text) - _held_prefix(self.text, self._pos, CALL_OPEN)
+            piece = self.text[self._pos : upto]
+            if piece and not (self.is_call and not piece.strip()):  # no stray newlines between calls
+                delta.content += piece
+            self._pos = upto
+            if start == -1:
+                break
+            self._pos, self._inside = start + len(CALL_OPEN), True
+        return delta
+
+    def finish(self) -> str:
+        """What is left when the reply ends: a held-back tail or an unclosed block, as content."""
+        rest = self.text[self._pos :]
+        self._pos = len(self.text)
+        return (CALL_OPEN + rest) if self._inside else rest
+
+
+def _held_prefix(text: str, start: int, marker: str) -> int:
+    """Length of the longest tail of ``text[start:]`` that begins ``marker``."""
+    for n in range(min(len(marker) - 1, len(text) - start), 0, -1):
+        if marker.startswith(text[len(text) - n :]):
+            return n
+    return 0
 
 
 @dataclass
@@ -299,6 +433,12 @@ class ToolStreamParser:
     @property
     def is_call(self) -> bool:
         return self.text.startswith(CALLS_PREFIX)
+
+    def finish(self) -> str:
+        """When the reply ends: text that never became either form (max_tokens cut it) as content."""
+        if self.is_call or self.text.startswith(RESPONSE_PREFIX) or self._sent_content:
+            return ""
+        return self.text
 
 
 def _string_prefix(text: str, start: int) -> str:

@@ -12,6 +12,7 @@ from fastapi import APIRouter
 
 from pesc_serve.server.chat import ChatTemplateError
 from pesc_serve.server.errors import APIError
+from pesc_serve.server.tools import ToolError, parse_tools
 from pesc_serve.server.protocol import DetokenizeRequest, TokenizeRequest
 from pesc_serve.server.serving import OpenAIServing
 
@@ -32,7 +33,12 @@ def build_utility_router(serving: OpenAIServing) -> APIRouter:
         fmt = serving.formatter
         if body.messages is not None:
             try:
-                text = fmt.render(body.messages, body.add_generation_prompt, **(body.chat_template_kwargs or {}))
+                plan = parse_tools(body.tools, None, None)  # as a chat completion with these tools renders them
+                if plan is not None:
+                    plan.native = fmt.takes_tools
+                text = fmt.render(body.messages, body.add_generation_prompt, plan, **(body.chat_template_kwargs or {}))
+            except ToolError as exc:
+                raise APIError(400, str(exc), exc.param, "invalid_value") from None
             except ValueError as exc:
                 raise APIError(400, str(exc), "messages", "invalid_value") from None
             except ChatTemplateError as exc:

@@ -20,6 +20,15 @@ REPLIES = [
 ]
 
 
+def _splits(text: str, seed: int, trials: int = 30) -> list[list[int]]:
+    """Cut points: a character at a time, then random ones."""
+    rng = random.Random(seed)
+    cuts = [list(range(1, len(text)))]
+    for _ in range(trials - 1):
+        cuts.append(sorted(rng.sample(range(1, len(text)), rng.randint(0, min(12, len(text) - 1)))))
+    return cuts
+
+
 def _stream(text: str, splits: list[int]) -> tuple[str, list[dict]]:
     parser = ToolStreamParser()
     content = ""
@@ -41,11 +50,7 @@ def _stream(text: str, splits: list[int]) -> tuple[str, list[dict]]:
 @pytest.mark.parametrize("text", REPLIES)
 def test_any_split_of_a_reply_assembles_to_its_parse(text):
     whole = parse_reply(text, PLAN)
-    rng = random.Random(0)
-    for trial in range(30):
-        splits = sorted(rng.sample(range(1, len(text)), rng.randint(0, min(12, len(text) - 1))))
-        if trial == 0:
-            splits = list(range(1, len(text)))  # a character at a time
+    for splits in _splits(text, seed=0):
         content, calls = _stream(text, splits)
         if whole.tool_calls:
             assert content == ""
@@ -77,11 +82,7 @@ def test_hermes_blocks_stream_as_calls_and_the_rest_as_content(text):
     from pesc_serve.server.tools import NativeStreamParser
 
     whole = parse_reply(text, NATIVE)
-    rng = random.Random(1)
-    for trial in range(30):
-        splits = sorted(rng.sample(range(1, len(text)), rng.randint(0, min(10, len(text) - 1))))
-        if trial == 0:
-            splits = list(range(1, len(text)))
+    for splits in _splits(text, seed=1):
         parser, content, calls, last = NativeStreamParser(), "", [], 0
         for cut in splits + [len(text)]:
             step = parser.feed(text[last:cut])

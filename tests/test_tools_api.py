@@ -37,6 +37,11 @@ TOOLS = [
 ]
 SCHEMAS = {"get_weather": WEATHER, "convert": CONVERT}
 ASK = [{"role": "user", "content": "What is the weather in Paris for 3 days?"}]
+HISTORY = ASK + [  # a call and its result
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 3}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -171,11 +176,7 @@ def test_a_streamed_answer_is_plain_content(server):
 
 
 def test_history_with_calls_and_results_renders(server):
-    history = ASK + [
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 3}'}}]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"},
-    ]
+    history = HISTORY
     r = _chat(server, messages=history, tools=TOOLS, max_tokens=8)
     assert r.status_code == 200, r.text
     longer = r.json()["usage"]["prompt_tokens"]
@@ -292,11 +293,7 @@ def hermes(tmp_path_factory):
 
 
 def test_a_template_that_takes_tools_lays_them_out_itself(hermes):
-    history = ASK + [
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 3}'}}]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"},
-    ]
+    history = HISTORY
     r = _chat(hermes, messages=history, tools=TOOLS, max_tokens=4)
     assert r.status_code == 200, r.text
     body = {"messages": history, "chat_template_kwargs": {"tools": TOOLS}}

@@ -262,6 +262,21 @@ def test_resume_continues_exactly(crafted_dir, data_file, tmp_path, monkeypatch)
     assert len(longer.losses) == 8 and longer.losses[:6] == full.losses
 
 
+def test_a_second_stage_starts_from_the_first_stages_weights(crafted_dir, data_file, tmp_path):
+    """--init-from: new data and schedule, the first stage's routers, adapters and LoRA."""
+    base = dict(model=str(crafted_dir), data=(str(data_file),), batch_size=4, micro_batch_size=2, lr=1e-2,
+                save_every=100, progress=False)
+    first = train(TrainConfig(out=tmp_path / "first", steps=6, **base), log=lambda s: None)
+    cold = train(TrainConfig(out=tmp_path / "cold", steps=2, **base), log=lambda s: None)
+    warm = train(TrainConfig(out=tmp_path / "warm", steps=2, init_from=tmp_path / "first" / "checkpoint.pt", **base),
+                 log=lambda s: None)
+    assert warm.losses[0] < cold.losses[0] and warm.losses[0] <= first.losses[0]
+    with pytest.raises(ValueError, match="init-from"):
+        bad = tmp_path / "bad.pt"
+        torch.save({"trainable": {"nope": torch.zeros(1)}}, bad)
+        train(TrainConfig(out=tmp_path / "bad", steps=1, init_from=bad, **base), log=lambda s: None)
+
+
 def test_dense_control_run_exports_lora_delta(dense_dir, data_file, tmp_path):
     train(TrainConfig(model=str(dense_dir), out=tmp_path / "d", data=(str(data_file),), steps=2, batch_size=4,
                       micro_batch_size=4, progress=False), log=lambda s: None)

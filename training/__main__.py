@@ -57,6 +57,8 @@ def _add_train(sub) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (for --resume)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument("--init-from", type=Path, default=None,
+                   help="another run's checkpoint.pt over the same --model: a second stage starts from its weights")
     t.add_argument("--merge", action="store_true", help="write a full Hugging Face model instead of a delta")
     t.add_argument("--max-examples", type=int, default=None)
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -110,6 +112,7 @@ def _run(args) -> None:
             lora_dropout=args.lora_dropout, lora_targets=tuple(t for t in args.lora_targets.split(",") if t),
             adapter_dropout=args.adapter_dropout, aux_loss_coef=args.aux_loss_coef, quantization=args.quantization,
             dtype=args.dtype, seed=args.seed, save_every=args.save_every, resume=args.resume, merge=args.merge,
+            init_from=args.init_from,
             max_examples=args.max_examples, note=args.note, progress=not args.no_progress,
         )
         train(cfg)

@@ -65,6 +65,7 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 50
     resume: bool = False
+    init_from: Path | None = None  # another run's checkpoint.pt: start from its routers, adapters and LoRA
     merge: bool = False
     max_examples: int | None = None
     note: str = ""
@@ -187,6 +188,13 @@ def _prepare(cfg: TrainConfig, log: Callable[[str], None]) -> _Run:
         if cfg.resume:
             log(f"--resume: no checkpoint in {cfg.out}, starting from step 0")
         (cfg.out / METRICS).unlink(missing_ok=True)
+        if cfg.init_from is not None:  # a second stage: new data and schedule, the first stage's weights
+            state = torch.load(cfg.init_from, map_location="cpu", weights_only=True)
+            try:
+                tm.load_trainable_state(state["trainable"])
+            except (KeyError, RuntimeError, ValueError) as exc:
+                raise ValueError(f"--init-from {cfg.init_from}: not a checkpoint of this model ({exc})") from None
+            log(f"started from the trainable weights of {cfg.init_from} (step {state.get('step')})")
     log(f"{'PESC' if tm.has_experts else 'dense'} training of {cfg.model}: {len(encoded)} examples ({dropped} "
         f"dropped: no answer within --max-len {cfg.max_len}), {total_steps} steps x {cfg.batch_size} examples, "
         f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters, base {cfg.dtype}"

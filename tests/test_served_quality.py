@@ -31,14 +31,3 @@ def test_default_serving_keeps_the_trained_arithmetic():
     assert exact["accuracy"] >= 40.0  # the delta's training shows (its base scores ~11)
     assert abs(default["accuracy"] - exact["accuracy"]) <= 3.0, (default, exact)
 
-
-def test_the_bundled_model_uses_tools_on_held_out_tools():
-    """Issue #13's targets, served with the default flags and tool_choice auto, on tools, argument
-    names and phrasings the delta never saw: the right tool with the right key argument, an
-    answer without a call when no tool fits, and a reply that uses the tool's result."""
-    cfg = EvalConfig(serving="defaults", suites=("tool_call", "tool_no_call", "tool_result"))
-    suites = evaluate_model("defaults", "camelidae", heldout_items(cfg), cfg).suites
-    assert all(suites[s]["total"] == 40 for s in cfg.suites)
-    assert suites["tool_call"]["accuracy"] >= 80.0, suites
-    assert suites["tool_no_call"]["accuracy"] >= 80.0, suites
-    assert suites["tool_result"]["accuracy"] >= 60.0, suites

@@ -68,6 +68,21 @@ def distill_chat(base: str, prompts: list[str], max_new_tokens: int, log: Callab
     return examples
 
 
+def no_fit_pairs(cfg: MixtureConfig, chat_replay: list[Example]) -> list[tuple[str, str]]:
+    """(question, answer) pairs answered in text beside unrelated tools: two thirds everyday and
+    factual chat (the base's own replies) where there is chat replay, the rest arithmetic and ISO
+    codes.  With arithmetic and ISO codes alone, a tuned camelidae called a tool for every
+    held-out question that no tool fitted (training/results/tools/): they are too easy to tell
+    apart from tool requests."""
+    n = cfg.tool_no_fit
+    chat = [(ex.messages[0]["content"], ex.messages[-1]["content"]) for ex in chat_replay][: n - n // 3]
+    rest = n - len(chat)
+    other = [(ex.messages[0]["content"], ex.messages[-1]["content"])
+             for ex in arithmetic.train_examples(rest // 2, 0, cfg.seed + 1)
+             + general.fact_examples(rest - rest // 2, 0, cfg.seed + 1)]
+    return (chat + other) or [("Hi", "Hello!")]
+
+
 def build_mixture(cfg: MixtureConfig, base: str | None, log: Callable[[str], None] = print) -> tuple[list[Example], dict]:
     """Training examples (shuffled) and a per-source count."""
     eval_cfg = EvalConfig(seed=cfg.seed)
@@ -77,14 +92,10 @@ def build_mixture(cfg: MixtureConfig, base: str | None, log: Callable[[str], Non
                                                           eval_cfg.code_outputs),
         "iso3166+stdlib_facts": general.fact_examples(cfg.country_codes, cfg.module_facts, cfg.seed),
     }
-    # Questions no tool fits, answered in text beside unrelated tools: other domains' pairs.
-    no_fit = [(ex.messages[0]["content"], ex.messages[-1]["content"])
-              for ex in arithmetic.train_examples(cfg.tool_no_fit // 2, 0, cfg.seed + 1)
-              + general.fact_examples(cfg.tool_no_fit - cfg.tool_no_fit // 2, 0, cfg.seed + 1)]
-    parts["tool_use"] = tools.train_examples(cfg.tool_calls, cfg.tool_no_fit, cfg.tool_results, no_fit or [("Hi", "Hello!")],
-                                             cfg.seed)
     if cfg.chat and base:
         parts["chat_replay"] = distill_chat(base, general.chat_prompts(cfg.chat, cfg.seed), cfg.chat_max_new_tokens, log)
+    parts["tool_use"] = tools.train_examples(cfg.tool_calls, cfg.tool_no_fit, cfg.tool_results,
+                                             no_fit_pairs(cfg, parts.get("chat_replay", [])), cfg.seed)
     examples = [ex for part in parts.values() for ex in part]
     random.Random(f"mixture-{cfg.seed}").shuffle(examples)
     counts = {name: len(part) for name, part in parts.items()}

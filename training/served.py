@@ -95,9 +95,19 @@ class ServedModel:
         """Greedy chat completions of OpenAI request bodies (e.g. with ``tools``), sent
         concurrently, in input order: each reply's ``message``."""
 
+        context = self.max_model_len
+
         def one(body: dict) -> dict:
+            # As complete() does: ask only for the room the rendered prompt leaves (none: no reply).
+            counted = self._client.post(self.url + "/tokenize", json={"messages": body["messages"],
+                                                                      "tools": body.get("tools")})
+            if counted.status_code != 200:
+                raise RuntimeError(f"pesc-serve answered {counted.status_code}: {counted.text[:500]}")
+            room = context - counted.json()["count"]
+            if room < 1:
+                return {"role": "assistant", "content": "", "tool_calls": []}
             r = self._client.post(self.url + "/v1/chat/completions",
-                                  json={**body, "max_tokens": max_tokens, "temperature": 0})
+                                  json={**body, "max_tokens": min(max_tokens, room), "temperature": 0})
             if r.status_code != 200:
                 raise RuntimeError(f"pesc-serve answered {r.status_code}: {r.text[:500]}")
             return r.json()["choices"][0]["message"]

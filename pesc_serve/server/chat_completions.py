@@ -9,7 +9,6 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from pesc_serve.server.chat import ChatTemplateError
 from pesc_serve.server.errors import APIError
 from pesc_serve.server.protocol import ChatCompletionRequest
 from pesc_serve.server.responses import (
@@ -31,16 +30,7 @@ async def create_chat_completion(serving: OpenAIServing, req: ChatCompletionRequ
     except ToolError as exc:
         raise APIError(400, str(exc), exc.param, "invalid_value") from None
     params = request_params(req, plan)
-    try:
-        text = serving.formatter.render(req.messages, req.add_generation_prompt, plan,
-                                        **(req.chat_template_kwargs or {}))
-    except ToolError as exc:
-        raise APIError(400, str(exc), exc.param, "invalid_value") from None
-    except ValueError as exc:
-        raise APIError(400, str(exc), "messages", "invalid_value") from None
-    except ChatTemplateError as exc:
-        raise APIError(500, str(exc), code="chat_template_error") from None
-    prompt_ids = serving.formatter.encode(text)
+    prompt_ids = serving.chat_prompt(req.messages, req.add_generation_prompt, plan, req.chat_template_kwargs)
     choices = serving.start([prompt_ids], params, req.n, serving.request_id(raw, "chatcmpl"), prompt_param="messages",
                             model=model)
     obj_id = choices[0].stream.request_id.rsplit("-", 1)[0]

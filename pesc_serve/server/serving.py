@@ -33,11 +33,12 @@ from pesc_serve.engine.async_engine import (
     RequestStream,
 )
 from pesc_serve.engine.request import RequestOutput, SamplingParams
-from pesc_serve.server.chat import ChatFormatter
+from pesc_serve.server.chat import ChatFormatter, ChatTemplateError
 from pesc_serve.server.errors import APIError, error_body, param_of
 from pesc_serve.server.metrics import ServerMetrics
 from pesc_serve.server.protocol import ChatCompletionRequest, CompletionRequest
 from pesc_serve.server.responses import ChoiceState, TokenText, new_id, now, usage
+from pesc_serve.server.tools import ToolError, ToolPlan
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +101,20 @@ class OpenAIServing:
             return self.engine.engine.models.get(model).name
         except UnknownModelError as exc:
             raise APIError(404, str(exc), "model", "model_not_found") from None
+
+    def chat_prompt(self, messages: list, add_generation_prompt: bool, tool_plan: ToolPlan | None,
+                    template_kwargs: dict[str, Any] | None) -> list[int]:
+        """Token ids of chat ``messages`` as the chat template renders them (with ``tool_plan``'s
+        tools); a bad message or tool input is a 400 naming its field, a broken template a 500."""
+        try:
+            text = self.formatter.render(messages, add_generation_prompt, tool_plan, **(template_kwargs or {}))
+        except ToolError as exc:
+            raise APIError(400, str(exc), exc.param, "invalid_value") from None
+        except ValueError as exc:
+            raise APIError(400, str(exc), "messages", "invalid_value") from None
+        except ChatTemplateError as exc:
+            raise APIError(500, str(exc), code="chat_template_error") from None
+        return self.formatter.encode(text)  # a rendered template carries its own special tokens
 
     def start(
         self, prompts: list[list[int]], params: SamplingParams, n: int, base_id: str, prompt_param: str = "prompt",

@@ -10,7 +10,6 @@ from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import APIRouter
 
-from pesc_serve.server.chat import ChatTemplateError
 from pesc_serve.server.errors import APIError
 from pesc_serve.server.tools import ToolError, parse_tools
 from pesc_serve.server.protocol import DetokenizeRequest, TokenizeRequest
@@ -34,16 +33,11 @@ def build_utility_router(serving: OpenAIServing) -> APIRouter:
         if body.messages is not None:
             try:
                 plan = parse_tools(body.tools, None, None)  # as a chat completion with these tools renders them
-                if plan is not None:
-                    plan.native = fmt.takes_tools
-                text = fmt.render(body.messages, body.add_generation_prompt, plan, **(body.chat_template_kwargs or {}))
             except ToolError as exc:
                 raise APIError(400, str(exc), exc.param, "invalid_value") from None
-            except ValueError as exc:
-                raise APIError(400, str(exc), "messages", "invalid_value") from None
-            except ChatTemplateError as exc:
-                raise APIError(500, str(exc), code="chat_template_error") from None
-            tokens = fmt.encode(text)  # a rendered template carries its own special tokens
+            if plan is not None:
+                plan.native = fmt.takes_tools
+            tokens = serving.chat_prompt(body.messages, body.add_generation_prompt, plan, body.chat_template_kwargs)
         else:
             tokens = fmt.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         strs = fmt.tokenizer.convert_ids_to_tokens(tokens) if body.return_token_strs else None

@@ -308,6 +308,18 @@ def _messages(tools: list[Tool], turns: list[dict[str, Any]]) -> list[dict[str, 
     return render_messages([ChatMessage(**t) for t in turns], ToolPlan(tools, "auto"))
 
 
+def _result_turns(rng: random.Random, task: ToolTask, question: str, args: Args, output: str) -> list[dict[str, Any]]:
+    """A question, the call that answers it and the tool's output, as OpenAI chat messages."""
+    call_id = f"call_{rng.randrange(16**8):08x}"
+    return [
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": call_id, "type": "function",
+             "function": {"name": task.tool.name, "arguments": json.dumps(args, ensure_ascii=False)}}]},
+        {"role": "tool", "tool_call_id": call_id, "content": output},
+    ]
+
+
 def train_examples(calls: int, no_fit: int, results: int, no_fit_pairs: list[tuple[str, str]], seed: int) -> list[Example]:
     """``calls``/``no_fit``/``results`` examples of each kind; ``no_fit_pairs`` are (question,
     answer) pairs from the other domains, answered in text beside unrelated tools."""
@@ -329,15 +341,7 @@ def train_examples(calls: int, no_fit: int, results: int, no_fit_pairs: list[tup
         question, args = task.ask(rng)
         output, reply, _ = task.result(rng, args)
         tools = _offered(rng, TRAIN_TASKS, task, rng.randint(1, 3))
-        call_id = f"call_{rng.randrange(16**8):08x}"
-        turns = [
-            {"role": "user", "content": question},
-            {"role": "assistant", "content": None, "tool_calls": [
-                {"id": call_id, "type": "function",
-                 "function": {"name": task.tool.name, "arguments": json.dumps(args, ensure_ascii=False)}}]},
-            {"role": "tool", "tool_call_id": call_id, "content": output},
-        ]
-        msgs = _messages(tools, turns)
+        msgs = _messages(tools, _result_turns(rng, task, question, args, output))
         out.append(Example(tuple(msgs) + ({"role": "assistant", "content": answer_reply(reply)},), "tools"))
     return out
 
@@ -389,14 +393,7 @@ def heldout_items(per_kind: int, no_fit_questions: list[str], seed: int) -> list
         question, args = task.ask(rng)
         output, _, must = task.result(rng, args)
         tools = _openai_tools(_offered(rng, HELDOUT_TASKS, task, rng.randint(2, 3)))
-        call_id = f"call_{rng.randrange(16**8):08x}"
-        messages = (
-            {"role": "user", "content": question},
-            {"role": "assistant", "content": None, "tool_calls": [
-                {"id": call_id, "type": "function",
-                 "function": {"name": task.tool.name, "arguments": json.dumps(args, ensure_ascii=False)}}]},
-            {"role": "tool", "tool_call_id": call_id, "content": output},
-        )
+        messages = tuple(_result_turns(rng, task, question, args, output))
         items.append(ToolEvalItem("tool_result", "tools", question, must, "tool", 96, tools=tools, messages=messages))
     return items
 
@@ -427,7 +424,7 @@ def _plan(item: ToolEvalItem) -> ToolPlan:
 
 def rendered_request(item: ToolEvalItem) -> list[dict[str, str]]:
     """The item's messages as the server renders them (offline evaluation)."""
-    return render_messages([ChatMessage(**m) for m in item.messages], _plan(item))
+    return _messages(_plan(item).tools, list(item.messages))
 
 
 def reply_message(item: ToolEvalItem, text: str) -> dict[str, Any]:

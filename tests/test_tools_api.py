@@ -45,10 +45,10 @@ HISTORY = ASK + [  # a call and its result
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, profile):
     ckpt = make_checkpoint("camelidae", tmp_path_factory.mktemp("tools"), max_position_embeddings=2048)
     engine = EngineConfig(max_num_seqs=8, max_model_len=2048, kv_cache_memory_gb=0.1)
-    with running_server(str(ckpt), profile="defaults", engine=engine) as s:
+    with running_server(str(ckpt), profile=profile, engine=engine) as s:
         yield s
 
 

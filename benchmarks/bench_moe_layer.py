@@ -105,11 +105,12 @@ def strategy(mlp: PescMLP, experts: ExpertSet, name: str):
 
 
 def install_kernels(mlp: PescMLP, dtype: torch.dtype) -> bool:
-    """What the server does on CPU (models/cpu_decode.py's CpuKernels): the C++ grouped adapters,
+    """What the server does on CPU (kernels/cpu_kernels.py's CpuKernels): the C++ grouped adapters,
     over a one-slot AdapterStack, when the extension builds and the delta fits the bf16 kernel."""
     if mlp.ffn.gate_up_proj.weight.device.type != "cpu":
         return False
-    from pesc_serve.models.cpu_decode import GroupedAdapters, grouped_adapters_fit, load_extension
+    from pesc_serve.kernels.build import load_extension
+    from pesc_serve.kernels.cpu_kernels import GroupedAdapters, grouped_adapters_fit
 
     try:
         ext = load_extension()

@@ -1,4 +1,4 @@
-"""The C++ decode step (csrc/cpu_decode.cpp) against the PyTorch path it replaces."""
+"""The C++ decode step (csrc/decode_model.h) against the PyTorch path it replaces."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ from pesc_serve.engine.request import SamplingParams
 from pesc_serve.layers.attention import AttentionMetadata, PrefillChunk
 from pesc_serve.deltas.table import DeltaTable
 from pesc_serve.layers.pesc_mlp import ExpertSet, PescMLP
-from pesc_serve.models.cpu_decode import (
+from pesc_serve.kernels.build import load_extension
+from pesc_serve.kernels.cpu_kernels import (
     CpuKernels,
     GroupedAdapters,
     UnsupportedModel,
     build_decode_model,
     install_packed_kernels,
-    load_extension,
     try_build,
 )
 from pesc_serve.models import loader
@@ -296,7 +296,7 @@ def test_a_build_lock_left_by_a_killed_build_is_cleared(tmp_path):
     import os
     import time
 
-    from pesc_serve.models.cpu_decode import clear_stale_build_lock
+    from pesc_serve.kernels.build import clear_stale_build_lock
 
     lock = tmp_path / "lock"
     assert not clear_stale_build_lock(tmp_path)  # none there
@@ -308,7 +308,7 @@ def test_a_build_lock_left_by_a_killed_build_is_cleared(tmp_path):
 
 
 def test_the_extension_builds_per_python_and_torch_version(monkeypatch, tmp_path):
-    from pesc_serve.models.cpu_decode import build_directory
+    from pesc_serve.kernels.build import build_directory
 
     monkeypatch.setenv("PESC_SERVE_CACHE", str(tmp_path))
     d = build_directory()
@@ -317,15 +317,29 @@ def test_the_extension_builds_per_python_and_torch_version(monkeypatch, tmp_path
 
 def test_the_extension_builds_per_cpu(monkeypatch, tmp_path):
     """-march=native: a build cached on one CPU must not be loaded on another."""
-    import pesc_serve.models.cpu_decode as cd
+    from pesc_serve.kernels import build, cpu_features
 
     monkeypatch.setenv("PESC_SERVE_CACHE", str(tmp_path))
-    here = cd.build_directory()
+    here = build.build_directory()
     amd = "model name\t: AMD EPYC\nflags\t\t: fpu avx512f avx512_vnni avx512_bf16\n"
     intel = "model name\t: Intel(R) Xeon(R)\nflags\t\t: fpu avx512f avx512_vnni avx512_bf16 amx_tile amx_int8\n"
     dirs = {}
     for name, text in (("amd", amd), ("intel", intel)):
-        monkeypatch.setattr(cd.Path, "read_text", lambda self, text=text: text)
-        dirs[name] = cd.build_directory()
+        monkeypatch.setattr(cpu_features, "cpu_info_text", lambda text=text: text)
+        dirs[name] = build.build_directory()
     assert dirs["amd"] != dirs["intel"] and here not in dirs.values()
     assert all(d.parent == here.parent for d in dirs.values())
+
+
+def test_the_extension_builds_anew_when_a_header_changes(monkeypatch, tmp_path):
+    """The extension is one source file and its headers: an edited header must not load the
+    build of the old one."""
+    from pesc_serve.kernels import build
+
+    for f in build.CSRC.glob("*.[ch]*"):
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    monkeypatch.setattr(build, "CSRC", tmp_path)
+    before = build.build_directory()
+    header = tmp_path / "lora.h"
+    header.write_text(header.read_text() + "\n// edited\n")
+    assert build.build_directory() != before

@@ -217,7 +217,7 @@ def test_defaults_profile_runs_what_users_run(parts):
         assert engine.runner.decode_model is None
     else:
         assert "int4" in text and engine.runner.kv_caches.dtype == torch.float16
-        from pesc_serve.models.cpu_decode import load_extension
+        from pesc_serve.kernels.build import load_extension
 
         try:
             load_extension()

@@ -141,7 +141,7 @@ def test_the_lm_head_is_the_files_q8_0_blocks(smollm2):
 
 
 def test_grouped_int8_kernel_matches_its_dequantized_weight():
-    from pesc_serve.models.cpu_decode import load_extension
+    from pesc_serve.kernels.build import load_extension
 
     ext = load_extension()
     if not ext.have_vnni():

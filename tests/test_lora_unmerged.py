@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from pesc_serve.deltas.table import DeltaTable
 from pesc_serve.layers.lora import LoRAWeights, SlotLoRA
-from pesc_serve.models.cpu_decode import CpuKernels, build_decode_model, install_packed_kernels, load_extension
+from pesc_serve.kernels.build import load_extension
+from pesc_serve.kernels.cpu_kernels import CpuKernels, build_decode_model, install_packed_kernels
 from pesc_serve.models.decoder import lora_site
 from pesc_serve.models.loader import load_model
 from pesc_serve.registry import resolve_model

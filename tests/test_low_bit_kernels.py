@@ -1,4 +1,4 @@
-"""The AVX512-VNNI int4/int8 kernels (csrc/cpu_decode.cpp) against the weights they encode."""
+"""The AVX512-VNNI int4/int8 kernels (csrc/low_bit_gemm.h) against the weights they encode."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from pesc_serve.layers.quant import AtenInt4Packing, Int4WeightOnlyLinear, Int8WeightOnlyLinear
-from pesc_serve.models.cpu_decode import install_packed_kernels, load_extension
+from pesc_serve.kernels.build import load_extension
+from pesc_serve.kernels.cpu_kernels import install_packed_kernels
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pesc_serve.deltas.delta import Delta
 from pesc_serve.models.decoder import PescForCausalLM, lora_site
 
 if TYPE_CHECKING:
-    from pesc_serve.models.cpu_decode import CpuKernels
+    from pesc_serve.kernels.cpu_kernels import CpuKernels
 
 
 class DeltaTable:

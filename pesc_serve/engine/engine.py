@@ -23,7 +23,7 @@ from pesc_serve.engine.model_runner import ModelRunner, PromptScores, kv_bytes_p
 from pesc_serve.engine.request import FinishReason, Request, RequestError, RequestOutput, SamplingParams, TokenLogprob
 from pesc_serve.engine.scheduler import Scheduler
 from pesc_serve.engine.structured_output import StructuredOutputFactory
-from pesc_serve.models.cpu_decode import try_build
+from pesc_serve.kernels.cpu_kernels import try_build
 from pesc_serve.models.loader import LoadedModel, load_delta
 
 logger = logging.getLogger(__name__)

@@ -73,7 +73,7 @@ class ModelRunner:
         decode_model: object | None = None,
     ) -> None:
         cfg = model.config
-        self.decode_model = decode_model  # the C++ decode step (models/cpu_decode.py), if built
+        self.decode_model = decode_model  # the C++ decode step (kernels/cpu_kernels.py), if built
         self.model = model
         self.config = cfg
         self.block_size = block_size

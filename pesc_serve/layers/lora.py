@@ -5,7 +5,7 @@ the base weights and re-quantizing rounds most of it away (the bundled camelidae
 held-out arithmetic that way).  Kept apart, the base stays exactly its checkpoint, the
 update runs in the activation dtype, and many deltas share one base: each layer holds every
 resident delta's pair by slot and each token gets its own delta's (the C++ decode step runs
-the same product, models/cpu_decode.py hands it the pairs).
+the same product, kernels/cpu_kernels.py hands it the pairs).
 
 Our fused projections (q/k/v in ``qkv_proj``, gate/up in ``gate_up_proj``) get one LoRA over
 all their parts: the parts' A matrices stacked, their B matrices placed block-diagonally at
@@ -77,7 +77,7 @@ class SlotLoRA(nn.Module):
         super().__init__()
         self.by_slot: dict[int, LoRAWeights] = {}
         # (y, x, A, B^T, columns) -> None adding the update in place, row by row: the C++ kernel
-        # the CPU decode step also runs (models/cpu_decode.py installs it, and ``columns_of``,
+        # the CPU decode step also runs (kernels/cpu_kernels.py installs it, and ``columns_of``,
         # each rank's nonzero columns: a fused layer's B is block-diagonal), so both paths agree
         # and a row's numbers never depend on the batch.  None: matmuls (e.g. on CUDA).
         self.kernel = None

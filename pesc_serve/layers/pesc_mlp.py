@@ -229,7 +229,7 @@ class PescMLP(nn.Module):
         # The last forward's local expert choices [T, k] (-1: fewer), read for router-load metrics.
         self.last_topk: torch.Tensor | None = None
         # (x, f, slots, k) -> (f + adapters, ids) on the C++ expert-grouped kernel, for the slots in
-        # ``packed_slots`` (models/cpu_decode.py installs it); other slots take the dispatches.
+        # ``packed_slots`` (kernels/cpu_kernels.py installs it); other slots take the dispatches.
         self.grouped_adapters: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]] | None = None
         self.packed_slots: set[int] = set()
 

@@ -7,7 +7,7 @@
   not a multiple of 32, out_features not a multiple of 16) gets int8 instead.
 * ``nf4``: bitsandbytes ``Linear4bit`` with double quantization, as in the PESC/QLoRA recipe.
 
-On CPUs with AVX512-VNNI, models/cpu_decode.py repacks int8 and int4 layers for its own
+On CPUs with AVX512-VNNI, kernels/cpu_kernels.py repacks int8 and int4 layers for its own
 kernels (:meth:`_CastingLinear.use_packed`), which multiply int8-quantized activations by
 the integer weights and beat both ATen's low-bit kernels and bf16 at every batch size.
 
@@ -35,7 +35,7 @@ class _CastingLinear(nn.Module):
     CPU model runs best in float32 (tiny bf16 matmuls carry a large fixed cost there).
 
     A faster kernel can take over with :meth:`use_packed`: it gets the activations as they
-    come and the weight in its own layout (the C++ kernels of models/cpu_decode.py).
+    come and the weight in its own layout (the C++ kernels of kernels/cpu_kernels.py).
     """
 
     kernel_dtype: torch.dtype
@@ -137,7 +137,7 @@ class Int4WeightOnlyLinear(_CastingLinear):
     stores them, so a Q4_1 checkpoint loads bit for bit (:meth:`from_blocks`, no float round
     trip); float weights are quantized to the same form (min/max per group).  ``qweight`` holds
     two 4-bit values per byte (feature 2i in the low nibble) until a kernel repacks it: the C++
-    kernel of models/cpu_decode.py when installed, else ATen's CPU int4 kernel on first use
+    kernel of kernels/cpu_kernels.py when installed, else ATen's CPU int4 kernel on first use
     (which wants bf16 scales in its own zero-point convention, derived then).
     """
 

@@ -44,7 +44,7 @@ from pesc_serve.layers.quant import (
     quantize_modules,
 )
 from pesc_serve.models.checkpoint_files import iter_tensors, weight_files
-from pesc_serve.models.cpu_decode import cpu_has_vnni
+from pesc_serve.kernels.cpu_features import cpu_has_vnni
 from pesc_serve.models.decoder import PescForCausalLM
 from pesc_serve.models.gguf_reader import GGUFCheckpoint, Q4Blocks, Q8Blocks
 from pesc_serve.registry import ModelSource

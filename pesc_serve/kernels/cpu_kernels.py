@@ -1,11 +1,11 @@
-"""The C++ decode step for CPUs (csrc/cpu_decode.cpp), built on first use and cached.
+"""The CPU kernels installed on a loaded model, and the one-call decode step (``csrc/``).
 
 It also provides kernels that the PyTorch path uses on CPU: the expert-grouped adapter
 kernel over every resident delta's experts (:class:`CpuKernels`), and int4/int8 (AVX512-VNNI) and bf16 GEMMs on
 weights repacked once at start-up (:func:`install_packed_kernels`).
 
 At decode batch sizes a PyTorch forward is mostly per-op dispatch cost, not arithmetic; the
-extension runs a whole decode step in one call (see the C++ file for why and how).  It
+extension runs a whole decode step in one call (see ``csrc/decode_model.h`` for why and how).  It
 takes the weights of an already-loaded :class:`PescForCausalLM`, so loading, quantization
 and the Python path stay the single source of truth, and it is only used where it applies:
 CPU, float32 activations and KV cache, linears that are dense, int8 or int4 (optionally with
@@ -15,19 +15,15 @@ PyTorch path.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import sys
-import time
-from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from pesc_serve.cache_dirs import cache_dir
+from pesc_serve.kernels.build import load_extension
 from pesc_serve.layers.lora import LoRAWeights, SlotLoRA
 from pesc_serve.layers.pesc_mlp import ExpertSet, PescMLP
 from pesc_serve.layers.quant import DenseLinear, HybridLinear, Int4WeightOnlyLinear, Int8WeightOnlyLinear
@@ -38,89 +34,13 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "cpu_decode.cpp"
 DENSE, INT8, INT4 = 0, 1, 2
 LOW_BIT_ROWS, LOW_BIT_GROUP = 16, 32  # the VNNI kernels' row block and activation group
 _EMPTY = torch.empty(0)
-STALE_BUILD_LOCK_S = 600.0  # a build takes about a minute on 2 cores
 
 
 class UnsupportedModel(ValueError):
     """The loaded model uses something the C++ step does not implement."""
-
-
-def cpu_has_vnni() -> bool:
-    """Whether this CPU runs the AVX512-VNNI low-bit kernels (read before building them, so the
-    loader can plan quantization around them)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512_vnni" in flags and "avx512bw" in flags
-
-
-def cpu_tag() -> str:
-    """A short digest of this CPU's model and feature flags.  The build uses -march=native, so
-    a cache made on one CPU must never load on another (it could stop on an illegal
-    instruction): the machine behind a home directory can change between runs."""
-    model = flags = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key == "model name" and not model:
-                model = value.strip()
-            elif key == "flags" and not flags:
-                flags = " ".join(sorted(value.split()))
-    except OSError:
-        pass
-    return hashlib.sha1(f"{model}|{flags}".encode()).hexdigest()[:10]
-
-
-def build_directory() -> Path:
-    """Where the extension is compiled and cached: one directory per Python and torch
-    version (builds that cannot load into each other) and per CPU."""
-    tag = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}-cpu{cpu_tag()}"
-    return cache_dir("kernels") / tag
-
-
-def clear_stale_build_lock(directory: Path, max_age_s: float = STALE_BUILD_LOCK_S) -> bool:
-    """Remove a build lock older than any build takes; True if one was removed.
-
-    torch's builder waits, forever, while its lock file exists; a build killed midway
-    (a server stopped during its first start) leaves one behind.
-    """
-    lock = directory / "lock"
-    try:
-        age = time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
-        return False
-    if age < max_age_s:
-        return False
-    logger.warning("removing %s, left %.0f s ago by an interrupted kernel build", lock, age)
-    lock.unlink(missing_ok=True)
-    return True
-
-
-def load_extension() -> ModuleType:
-    """Compile (first time, ~1 min on 2 cores) or load the cached extension."""
-    from torch.utils.cpp_extension import load
-
-    start = time.monotonic()
-    directory = build_directory()
-    directory.mkdir(parents=True, exist_ok=True)
-    clear_stale_build_lock(directory)
-    # Reassociation lets GCC vectorise the dot-product loops; no finite-math assumptions.
-    # -fopenmp: at::parallel_for is a header template that runs serially without it (the
-    # OpenMP runtime itself is the one torch has already loaded).
-    flags = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
-             "-fno-trapping-math"]
-    ext = load(name="pesc_cpu_decode", sources=[str(SOURCE)], extra_cflags=flags, build_directory=str(directory),
-               verbose=False)
-    elapsed = time.monotonic() - start
-    if elapsed > 5:
-        logger.info("compiled the CPU decode kernels in %.0f s (cached for later starts)", elapsed)
-    return ext
 
 
 def _linear(ext: ModuleType, module: nn.Module) -> object:

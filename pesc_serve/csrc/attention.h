@@ -1,0 +1,283 @@
+// Paged attention straight from the KV blocks (float32 or float16 cache).
+#pragma once
+
+#include "common.h"
+
+namespace pesc {
+
+// Context positions per attention chunk.  A sequence's context is split by its length alone,
+// never by the batch size or the thread count, so its numbers (and a seeded request's text) do
+// not depend on what else runs in the step; the chunks also keep both threads busy when few
+// sequences with long contexts decode.
+constexpr int64_t kChunkPositions = 256;
+
+template <typename KV>
+struct AttentionTask {
+  const float* q;        // [heads, D] contiguous
+  int64_t heads, d;
+  int64_t first, n;      // attend to positions first .. first + n - 1
+  const int64_t* table;  // the sequence's block table
+  int64_t block_size;
+  const KV* k;           // this KV head's K in the layer's cache (row stride kv_stride)
+  const KV* v;
+  int64_t kv_stride;
+  float scale;
+  float* out;            // [heads, D]
+};
+
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+#endif
+
+// One token's K or V row into the cache, rounded to nearest for a half cache.
+inline void store_kv(const float* src, float* dst, int64_t n) { std::copy(src, src + n, dst); }
+inline void store_kv(const float* src, at::Half* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) {
+    const __m256i h = _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), h);
+  }
+#endif
+  for (; i < n; ++i) dst[i] = at::Half(src[i]);
+}
+
+
+// Softmax over each head's n scores in place.
+#if defined(__AVX512F__)
+// e^x for x <= 0 (softmax arguments), Cephes' expf polynomial (relative error ~1e-7): a
+// scalar std::exp per score was the largest part of attention over long contexts.
+inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));  // e^-87 ~ 1.6e-38: still a normal float
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // x - n ln2, in two parts
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);  // p * 2^n
+}
+#endif
+
+// With `lse`, each head's log-sum-exp too (to merge softmaxes taken over parts of a context).
+inline void softmax_rows(float* scores, int64_t heads, int64_t n, float* lse) {
+  for (int64_t g = 0; g < heads; ++g) {
+    float* sg = scores + g * n;
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t c = 0; c < n; ++c) mx = std::max(mx, sg[c]);
+    float total = 0.f;
+    int64_t c = 0;
+#if defined(__AVX512F__)
+    __m512 sum = _mm512_setzero_ps();
+    for (; c + 16 <= n; c += 16) {
+      const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(sg + c), _mm512_set1_ps(mx)));
+      _mm512_storeu_ps(sg + c, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    total = _mm512_reduce_add_ps(sum);
+#endif
+    for (; c < n; ++c) {
+      sg[c] = std::exp(sg[c] - mx);
+      total += sg[c];
+    }
+    const float inv = 1.0f / total;
+    for (int64_t c = 0; c < n; ++c) sg[c] *= inv;
+    if (lse != nullptr) lse[g] = mx + std::log(total);
+  }
+}
+
+// DV = D / 16 AVX-512 vectors per head (K/V rows held in registers); 0 = portable loops.
+template <int DV, typename KV>
+void attend(const AttentionTask<KV>& t, float* scores, float* lse) {
+  const int64_t n = t.n, G = t.heads, D = t.d;
+  // Row offsets once per position: the block-table lookup (a division) leaves the loops.
+  thread_local std::vector<int64_t> rows;
+  rows.resize(n);
+  for (int64_t c = 0, p = t.first; c < n;) {
+    const int64_t blk = p / t.block_size, off = p % t.block_size;
+    const int64_t run = std::min(t.block_size - off, n - c);
+    const int64_t base = (t.table[blk] * t.block_size + off) * t.kv_stride;
+    for (int64_t j = 0; j < run; ++j) rows[c + j] = base + j * t.kv_stride;
+    c += run;
+    p += run;
+  }
+#if defined(__AVX512F__)
+  if constexpr (DV > 0) {
+    // Scores, four positions at a time: their four dot products share one horizontal sum.
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qg = t.q + g * D;
+      __m512 q[DV];
+#pragma GCC unroll 8
+      for (int i = 0; i < DV; ++i) q[i] = _mm512_loadu_ps(qg + 16 * i);
+      float* sg = scores + g * n;
+      int64_t c = 0;
+      for (; c + 4 <= n; c += 4) {
+        __m512 acc[4];
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) {
+          const KV* kr = t.k + rows[c + j];
+          acc[j] = _mm512_mul_ps(q[0], load16(kr));
+#pragma GCC unroll 8
+          for (int i = 1; i < DV; ++i) acc[j] = _mm512_fmadd_ps(q[i], load16(kr + 16 * i), acc[j]);
+        }
+        // Per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3], then [a, b, c, d] partials.
+        const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(acc[0], acc[1]), _mm512_unpackhi_ps(acc[0], acc[1]));
+        const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(acc[2], acc[3]), _mm512_unpackhi_ps(acc[2], acc[3]));
+        const __m512 abcd = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))),
+                                          _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))));
+        const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
+        const __m128 four = _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+        _mm_storeu_ps(sg + c, _mm_mul_ps(four, _mm_set1_ps(t.scale)));
+      }
+      for (; c < n; ++c) {
+        const KV* kr = t.k + rows[c];
+        __m512 acc = _mm512_mul_ps(q[0], load16(kr));
+#pragma GCC unroll 8
+        for (int i = 1; i < DV; ++i) acc = _mm512_fmadd_ps(q[i], load16(kr + 16 * i), acc);
+        sg[c] = _mm512_reduce_add_ps(acc) * t.scale;
+      }
+    }
+    softmax_rows(scores, G, n, lse);
+    // Values: each V row is read once for up to kHeads heads (accumulators in registers).
+    constexpr int kHeads = DV <= 4 ? 4 : 2;
+    for (int64_t g0 = 0; g0 < G; g0 += kHeads) {
+      const int64_t hg = std::min<int64_t>(kHeads, G - g0);
+      __m512 acc[kHeads][DV];
+#pragma GCC unroll 4
+      for (int h = 0; h < kHeads; ++h) {
+#pragma GCC unroll 8
+        for (int i = 0; i < DV; ++i) acc[h][i] = _mm512_setzero_ps();
+      }
+      for (int64_t c = 0; c < n; ++c) {
+        const KV* vr = t.v + rows[c];
+        __m512 v[DV];
+#pragma GCC unroll 8
+        for (int i = 0; i < DV; ++i) v[i] = load16(vr + 16 * i);
+#pragma GCC unroll 4
+        for (int h = 0; h < kHeads; ++h) {
+          if (h < hg) {
+            const __m512 w = _mm512_set1_ps(scores[(g0 + h) * n + c]);
+#pragma GCC unroll 8
+            for (int i = 0; i < DV; ++i) acc[h][i] = _mm512_fmadd_ps(w, v[i], acc[h][i]);
+          }
+        }
+      }
+      for (int64_t h = 0; h < hg; ++h) {
+#pragma GCC unroll 8
+        for (int i = 0; i < DV; ++i) _mm512_storeu_ps(t.out + (g0 + h) * D + 16 * i, acc[h][i]);
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t c = 0; c < n; ++c) {
+    const KV* kr = t.k + rows[c];
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qg = t.q + g * D;
+      float s = 0.f;
+      for (int64_t i = 0; i < D; ++i) s += qg[i] * static_cast<float>(kr[i]);
+      scores[g * n + c] = s * t.scale;
+    }
+  }
+  softmax_rows(scores, G, n, lse);
+  std::fill(t.out, t.out + G * D, 0.f);
+  for (int64_t c = 0; c < n; ++c) {
+    const KV* vr = t.v + rows[c];
+    for (int64_t g = 0; g < G; ++g) {
+      const float w = scores[g * n + c];
+      float* og = t.out + g * D;
+      for (int64_t i = 0; i < D; ++i) og[i] += w * static_cast<float>(vr[i]);
+    }
+  }
+}
+
+// A model's attention heads: query heads, KV heads, head size and sliding window (-1: none).
+struct AttentionShape {
+  int64_t hq, hkv, d, window;
+};
+
+// Paged attention straight from the KV blocks.  A task is one token's KV head with the
+// query heads that share it (GQA), so each K/V row is read (and, from a float16 cache,
+// converted) once for the whole group.  With too few such tasks to feed every thread (a
+// few short requests), long contexts are split into chunks whose softmaxes are merged by
+// their log-sum-exp (flash-decoding).
+template <typename KV>
+void paged_attention(const AttentionShape& shape, const float* qkvp, const KV* kc, const KV* vc, const int64_t* pos,
+                     const int64_t* tables, int64_t table_w, int64_t block_size, int64_t B, float* ap) {
+  const int64_t hkv = shape.hkv, D = shape.d, window = shape.window;
+  const int64_t q_size = shape.hq * D, kv_size = hkv * D, row_w = q_size + 2 * kv_size;
+  const int64_t G = shape.hq / hkv;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  // (b * hkv + kvh, first position, count, chunk index, chunks of this head)
+  thread_local std::vector<std::array<int64_t, 5>> tasks;
+  tasks.clear();
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t last = pos[b];
+    const int64_t first = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;
+    const int64_t n = last - first + 1;
+    const int64_t chunks = (n + kChunkPositions - 1) / kChunkPositions;
+    for (int64_t kvh = 0; kvh < hkv; ++kvh) {
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t c0 = first + c * n / chunks, c1 = first + (c + 1) * n / chunks;
+        tasks.push_back({b * hkv + kvh, c0, c1 - c0, c, chunks});
+      }
+    }
+  }
+  const int64_t num_tasks = static_cast<int64_t>(tasks.size());
+  thread_local std::vector<float> partial;  // per task: G x D outputs, then G log-sum-exps
+  partial.resize(num_tasks * G * (D + 1));
+  const auto* tp = tasks.data();
+  float* pp = partial.data();
+  at::parallel_for(0, num_tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t i = begin; i < end; ++i) {
+      const auto& [bh, c0, n, c, chunks] = tp[i];
+      const int64_t b = bh / hkv, kvh = bh % hkv;
+      float* out = chunks == 1 ? ap + b * q_size + kvh * G * D : pp + i * G * (D + 1);
+      const AttentionTask<KV> t{qkvp + b * row_w + kvh * G * D, G, D, c0, n, tables + b * table_w, block_size,
+                                kc + kvh * D, vc + kvh * D, kv_size, scale, out};
+      scores.resize(G * n);
+      float* lse = chunks == 1 ? nullptr : out + G * D;
+      switch (D) {
+        case 64: attend<4, KV>(t, scores.data(), lse); break;
+        case 128: attend<8, KV>(t, scores.data(), lse); break;
+        default: attend<0, KV>(t, scores.data(), lse);
+      }
+    }
+  });
+  // Merge the chunks of each split head: weights exp(lse_c - max lse), renormalised.
+  for (int64_t i = 0; i < num_tasks;) {
+    const auto& [bh, c0, n, c, chunks] = tp[i];
+    if (chunks == 1) {
+      ++i;
+      continue;
+    }
+    const int64_t b = bh / hkv, kvh = bh % hkv;
+    for (int64_t g = 0; g < G; ++g) {
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < chunks; ++j) mx = std::max(mx, pp[(i + j) * G * (D + 1) + G * D + g]);
+      float* o = ap + b * q_size + (kvh * G + g) * D;
+      std::fill(o, o + D, 0.f);
+      float total = 0.f;
+      for (int64_t j = 0; j < chunks; ++j) {
+        const float* part = pp + (i + j) * G * (D + 1);
+        const float w = std::exp(part[G * D + g] - mx);
+        total += w;
+        for (int64_t e = 0; e < D; ++e) o[e] += w * part[g * D + e];
+      }
+      const float inv = 1.0f / total;
+      for (int64_t e = 0; e < D; ++e) o[e] *= inv;
+    }
+    i += chunks;
+  }
+}
+
+}  // namespace pesc

@@ -1,0 +1,103 @@
+// The CPU kernels' Python bindings: one extension, built on first use by pesc_serve/kernels/build.py.
+//
+// The kernels live in one header per family, each self-contained:
+//   bf16_gemm.h     small-batch bf16 GEMM on weights packed once (AVX512-BF16)
+//   low_bit_gemm.h  int4/int8 weight-only GEMM on int8 activations (AVX512-VNNI)
+//   adapters.h      PESC routing and the expert-grouped adapter kernel over every resident delta
+//   lora.h          unmerged LoRA beside a linear layer
+//   linear.h        one linear layer: its kernels by batch size, its LoRA by delta slot
+//   attention.h     paged attention over the KV blocks
+//   decode_model.h  the one-call decode step that strings them together
+// Everything compiles as this one translation unit (one compiler pass, about a minute on 2 cores).
+
+#include "decode_model.h"
+
+using namespace pesc;
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  py::class_<PackedBf16>(m, "PackedBf16")
+      .def(py::init(&pack_bf16), "pack a [N, K] weight (any float dtype) for bf16_linear")
+      .def_readonly("data", &PackedBf16::data)
+      .def_readonly("out_features", &PackedBf16::n)
+      .def_readonly("in_features", &PackedBf16::k);
+  // `dense` is the large-batch weight; `packed` (a PackedBf16 or None) is it already packed.
+  // A bf16 `dense` without one is packed here when the CPU has the bf16 GEMM.
+  py::class_<PackedInt4>(m, "PackedInt4")
+      .def(py::init(&pack_int4), "pack qweight uint8 [N, K/2] (low nibble first) and scale_min [K/32, N, 2] (w = q * scale + min)")
+      .def_readonly("data", &PackedInt4::data)
+      .def_readonly("scales", &PackedInt4::scales)
+      .def_readonly("out_features", &PackedInt4::n)
+      .def_readonly("in_features", &PackedInt4::k);
+  py::class_<PackedInt8>(m, "PackedInt8")
+      .def(py::init(&pack_int8), "pack an int8 weight [N, K] with its per-row scales [N] or group scales [N, K/32]")
+      .def_readonly("data", &PackedInt8::data)
+      .def_readonly("out_features", &PackedInt8::n)
+      .def_readonly("in_features", &PackedInt8::k);
+  m.def("int4_linear", &int4_linear, "x [M, K] @ W^T for W packed by PackedInt4 (float32 out)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("int8_linear", &int8_linear, "x [M, K] @ W^T for W packed by PackedInt8 (float32 out)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("have_vnni", &have_vnni, "whether this build has the AVX512-VNNI low-bit kernels");
+  // `low_bit` (a PackedInt4 or PackedInt8 or None) is the small-batch weight in this
+  // extension's layout; with it, `a` and `b` are ignored.
+  py::class_<Linear>(m, "Linear")
+      .def(py::init([](int64_t kind, torch::Tensor a, torch::Tensor b, int64_t group, int64_t max_rows,
+                       torch::Tensor dense, torch::Tensor bias, int64_t out_features, py::object packed,
+                       py::object low_bit) {
+        Linear lin{kind, a, b, group, max_rows, dense, bias, out_features};
+        if (py::isinstance<PackedInt4>(low_bit)) lin.int4 = low_bit.cast<PackedInt4>();
+        if (py::isinstance<PackedInt8>(low_bit)) lin.int8 = low_bit.cast<PackedInt8>();
+        if (kind == INT8 && !present(lin.int8.data)) lin.scale_f32 = b.to(at::kFloat).contiguous();
+        if (!packed.is_none()) {
+          lin.packed = packed.cast<PackedBf16>();
+        } else if (max_rows >= 0 && present(dense) && dense.scalar_type() == at::kBFloat16 && have_bf16_gemm()) {
+          lin.packed = pack_bf16(dense);
+        }
+        return lin;
+      }));
+  m.def("lora_add",
+        [](torch::Tensor y, torch::Tensor x, torch::Tensor a, torch::Tensor bt, torch::Tensor cols) {
+          lora_add(y, x, a, bt, cols);
+        },
+        "y += (x A^T) B^T in place for bt = B^T [r, N], row by row (the same numbers whatever the batch); "
+        "cols [r, 2]: each rank's nonzero columns (empty: all)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("lora_columns", [](torch::Tensor bt) { return lora_nonzero_columns(bt.to(at::kFloat).contiguous()); },
+        "each row's [first, last + 1) nonzero column of bt [r, N], as lora_add takes them");
+  m.def("bf16_linear", &bf16_linear, "x [M, K] float32 @ W^T with W packed by PackedBf16",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("have_bf16_gemm", &have_bf16_gemm, "whether this build has the AVX512-BF16 GEMM");
+  py::class_<Layer>(m, "Layer")
+      .def(py::init([](torch::Tensor in_norm, torch::Tensor post_norm, Linear qkv, Linear o, Linear gate_up,
+                       Linear down) {
+        return Layer{in_norm, post_norm, qkv, o, gate_up, down, {}, nullptr};
+      }));
+  py::class_<PackedAdapters>(m, "PackedAdapters")
+      .def(py::init(&pack_adapters), "router [E, H], adapter_down [E, r, H], adapter_up [E, H, r], topk")
+      .def_readonly("num_experts", &PackedAdapters::e)
+      .def_readonly("topk", &PackedAdapters::k)
+      .def_property_readonly("nbytes", [](const PackedAdapters& a) {
+        int64_t n = a.router.numel() * a.router.element_size();
+        for (const auto& p : a.down) n += p.data.numel() * p.data.element_size();
+        for (const auto& p : a.up) n += p.data.numel() * p.data.element_size();
+        return n;
+      });
+  py::class_<AdapterStack, std::shared_ptr<AdapterStack>>(m, "AdapterStack")
+      .def(py::init<>())
+      .def("set", &AdapterStack::set, "put a delta's packed experts in a slot")
+      .def("clear", &AdapterStack::clear, "empty a slot")
+      .def("has", [](const AdapterStack& s, int64_t slot) { return s.at(slot) != nullptr; });
+  m.def("routed_adapters", &routed_adapters,
+        "(f + routed adapters, local top-k ids [T, kout]) for x, f [T, H] and delta slots [T]",
+        py::call_guard<py::gil_scoped_release>());
+  py::class_<DecodeModel>(m, "DecodeModel")
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, int64_t, torch::Tensor, torch::Tensor,
+                    Linear, bool, torch::Tensor>())
+      .def("add_layer", &DecodeModel::add_layer)
+      .def("set_lora", &DecodeModel::set_lora,
+           "layer, linear (0 qkv, 1 o, 2 gate_up, 3 down), slot, A [r, K], B^T [r, N] (float32: shared, not copied)")
+      .def("set_experts", &DecodeModel::set_experts, "layer, slot, router [E, H], down [E, r, H], up_t [E, r, H], topk")
+      .def("use_adapter_stack", &DecodeModel::use_adapter_stack)
+      .def("reserve_topk", &DecodeModel::reserve_topk)
+      .def("forward", &DecodeModel::forward, py::call_guard<py::gil_scoped_release>());
+}

@@ -1,0 +1,92 @@
+// One linear layer as the loader built it: its small- and large-batch kernels and its LoRA by
+// delta slot.
+#pragma once
+
+#include "bf16_gemm.h"
+#include "low_bit_gemm.h"
+#include "lora.h"
+
+namespace pesc {
+
+constexpr int64_t kGemvMaxRows = 4;  // int8_gemv serves up to this many rows (ATen's kernel above)
+
+// A linear layer as the Python loader built it: a weight-only kernel for small batches and,
+// optionally, dense weights for batches above max_rows.  Kernels run in kernel_dtype.
+struct Linear {
+  int64_t kind;
+  torch::Tensor a;      // DENSE: weight [N, K]; INT8: int8 weight [N, K]; INT4: packed weight
+  torch::Tensor b;      // INT8: scale [N]; INT4: scales_zeros [G, N, 2]; DENSE: unused
+  int64_t group;        // INT4 group size
+  int64_t max_rows;     // use `dense` above this many rows (-1: never)
+  torch::Tensor dense;  // dense weight [N, K] for large batches (undefined: none)
+  torch::Tensor bias;   // [N] float32 or undefined
+  int64_t out_features;
+
+  // Derived at construction (not part of the aggregate the binding fills in):
+  torch::Tensor scale_f32;  // INT8: the scales as float32, for int8_gemv
+  PackedBf16 packed;        // `dense` packed for bf16_linear when it is bf16 (else empty)
+  PackedInt4 int4;          // INT4 weights for int4_linear (when `a` is that packing's data)
+  PackedInt8 int8;          // INT8 weights for int8_linear (likewise)
+  std::vector<LoRA> loras;  // unmerged LoRA beside the weight, by delta slot (undefined a: none)
+
+  torch::Tensor run_small(const torch::Tensor& x) const {
+    if (present(int4.data)) return int4_linear(x, int4);
+    if (present(int8.data)) return int8_linear(x, int8);
+    switch (kind) {
+      case INT8:
+        // ATen's kernel needs in_features in multiples of 16 (it crashes otherwise).
+        if (x.size(0) <= kGemvMaxRows || a.size(1) % 16 != 0) return int8_gemv(x.contiguous(), a, scale_f32);
+        return at::_weight_int8pack_mm(x.to(b.scalar_type()), a, b);
+      case INT4: return at::_weight_int4pack_mm_for_cpu(x.to(b.scalar_type()), a, group, b);
+      default: return at::linear(x.to(a.scalar_type()), a);
+    }
+  }
+
+  // x: [T, K] float32 -> [T, N] float32; row t gets the LoRA of delta slot slots[t] (null: none).
+  torch::Tensor operator()(const torch::Tensor& x, const int64_t* slots = nullptr) const {
+    torch::Tensor y;
+    if (max_rows >= 0 && present(dense) && x.size(0) > max_rows) {
+      y = present(packed.data) ? bf16_linear(x, packed) : at::linear(x.to(dense.scalar_type()), dense);
+    } else {
+      y = run_small(x);
+    }
+    if (y.scalar_type() != at::kFloat) y = y.to(at::kFloat);
+    if (present(bias)) y.add_(bias);
+    if (slots && !loras.empty()) add_loras(y, x, slots);
+    return y;
+  }
+
+  void add_loras(torch::Tensor& y, const torch::Tensor& x, const int64_t* slots) const {
+    y = y.contiguous();
+    const torch::Tensor xc = x.contiguous();
+    const int64_t M = x.size(0), K = x.size(1), N = y.size(1);
+    std::vector<int64_t> rows;
+    for (int64_t s = 0; s < static_cast<int64_t>(loras.size()); ++s) {
+      const LoRA& l = loras[s];
+      if (!present(l.a)) continue;
+      rows.clear();
+      for (int64_t m = 0; m < M; ++m)
+        if (slots[m] == s) rows.push_back(m);
+      if (rows.empty()) continue;
+      lora_add_rows(y.data_ptr<float>(), xc.data_ptr<float>(), K, N, l.a.data_ptr<float>(), l.bt.data_ptr<float>(),
+                    l.a.size(0), rows.data(), static_cast<int64_t>(rows.size()), l.cols.data_ptr<int64_t>());
+    }
+  }
+
+  // One delta's LoRA in `slot`, B given transposed ([r, N], the layout lora_add reads); empty
+  // tensors remove it.  Float32 contiguous tensors are shared with the caller, not copied.
+  void set_lora_t(int64_t slot, const torch::Tensor& a, const torch::Tensor& bt) {
+    TORCH_CHECK(slot >= 0, "slot must be >= 0");
+    if (slot >= static_cast<int64_t>(loras.size())) loras.resize(slot + 1);
+    if (!present(a)) {
+      loras[slot] = LoRA();
+      return;
+    }
+    TORCH_CHECK(a.dim() == 2 && bt.dim() == 2 && a.size(0) == bt.size(0) && bt.size(1) == out_features,
+                "LoRA A [r, K] and B^T [r, N] must fit the layer");
+    torch::Tensor b32 = bt.to(at::kFloat).contiguous();
+    loras[slot] = LoRA{a.to(at::kFloat).contiguous(), b32, lora_nonzero_columns(b32)};
+  }
+};
+
+}  // namespace pesc

@@ -284,8 +284,8 @@ def test_heldout_tools_are_new_tools_with_new_argument_names():
     from training.evaluate import EvalConfig, heldout_items
     from training.tasks import tools
 
-    train_names = {t.tool.name for t in tools.TRAIN_TASKS}
-    train_args = {k for t in tools.TRAIN_TASKS for k in t.tool.parameters["properties"]}
+    train_names = {n for t in tools.TRAIN_TASKS for n in t.names()}
+    train_args = {k for t in tools.TRAIN_TASKS for k in t.argument_names()}
     held = [it for it in heldout_items(EvalConfig()) if it.domain == "tools"]
     assert {it.suite for it in held} == {"tool_call", "tool_no_call", "tool_result"}
     for it in held:

@@ -35,9 +35,9 @@ class MixtureConfig:
     country_codes: int = 150
     chat: int = 1200
     chat_max_new_tokens: int = 96
-    tool_calls: int = 400
-    tool_no_fit: int = 150
-    tool_results: int = 150
+    tool_calls: int = 800
+    tool_no_fit: int = 300
+    tool_results: int = 300
 
     def __post_init__(self) -> None:
         for k, v in asdict(self).items():

@@ -33,13 +33,36 @@ class ToolTask:
     """A tool, how people ask for it, and what it answers.
 
     ``ask(rng)`` -> (question, arguments); ``result(rng, args)`` -> (tool output, the reply
-    that uses it, the part of the output a good reply must repeat).
+    that uses it, the part of the output a good reply must repeat).  ``tool`` is the tool under
+    its canonical name and argument names (those ``ask`` uses); a training tool may list other
+    names and argument names (``aliases``), drawn per example, so the model learns to read the
+    schema instead of recalling one spelling.
     """
 
     tool: Tool
     ask: Callable[[random.Random], tuple[str, Args]]
     result: Callable[[random.Random, Args], tuple[str, str, str]]
     key: str  # the argument a call must get right
+    aliases: tuple[tuple[str, ...], dict[str, tuple[str, ...]]] = ((), {})
+
+    def names(self) -> set[str]:
+        """Every name this tool goes by."""
+        return {self.tool.name, *self.aliases[0]}
+
+    def argument_names(self) -> set[str]:
+        """Every name any of its arguments goes by."""
+        return set(self.tool.parameters["properties"]) | {a for alts in self.aliases[1].values() for a in alts}
+
+    def variant(self, rng: random.Random) -> tuple[Tool, dict[str, str]]:
+        """The tool under one of its names, and the renaming of its canonical arguments."""
+        names, args = self.aliases
+        if not names and not args:
+            return self.tool, {k: k for k in self.tool.parameters["properties"]}
+        name = rng.choice((self.tool.name, *names))
+        rename = {k: rng.choice((k, *args.get(k, ()))) for k in self.tool.parameters["properties"]}
+        props = {rename[k]: v for k, v in self.tool.parameters["properties"].items()}
+        return Tool(name, self.tool.description, {**self.tool.parameters, "properties": props,
+                                                  "required": [rename[k] for k in self.tool.parameters["required"]]}), rename
 
 
 def _tool(name: str, description: str, **params: str) -> Tool:
@@ -67,6 +90,20 @@ TICKERS = ["AAPL", "MSFT", "TSLA", "AMZN", "NVDA", "IBM", "INTC", "ORCL"]
 NAMES = ["alice@example.com", "bob@example.com", "carol@example.org", "dan@example.net"]
 SUBJECTS = ["meeting notes", "lunch on Friday", "project update", "holiday plans"]
 ZONES = ["Europe/Paris", "Asia/Tokyo", "America/New_York", "Australia/Sydney", "Africa/Cairo"]
+# Chores, texts with typos, genres and countries of the training tools; none of them is a
+# held-out value (and no country is in the knowledge probe).
+CHORES = ["pay the rent", "renew my passport", "walk the dog", "clean the kitchen", "pick up the kids",
+          "return the library books", "fix the bike", "email the landlord", "pay the phone bill", "bake a cake"]
+WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+TYPO_TEXTS = ["Teh cat sat on teh mat", "I definately agree with you", "We will meat at noon",
+              "She recieved a pakage", "The wether is nice todya", "Lets go to the libary",
+              "He has alot of freinds", "My computor is to slow"]
+SNIPPETS = ["gracias por todo", "merci beaucoup", "danke schoen", "grazie mille", "obrigado amigo", "tack så mycket"]
+GENRES = ["jazz", "rock", "classical", "hip hop", "folk", "opera"]
+NATIONS = ["Argentina", "Morocco", "Finland", "Denmark", "Malaysia", "Nigeria", "Colombia", "Ukraine", "Romania",
+           "Iceland"]
+CONTACTS = ["Anna", "Ben", "Chloe", "David", "Emma", "Farid", "Grace", "Hugo"]
+ROOMS = ["living room", "bedroom", "kitchen", "office"]
 
 
 def _train_tasks() -> list[ToolTask]:
@@ -173,24 +210,164 @@ def _train_tasks() -> list[ToolTask]:
         n = rng.randint(2, 12)
         return f"{n} new articles", f"There are {n} new articles about {a['topic']}.", str(n)
 
+    def todo(rng):
+        task, day = rng.choice(CHORES), rng.choice(WEEKDAYS)
+        return _pick(rng, ["Add '{t}' to my to-do list for {d}.", "Put {t} on my list for {d}.",
+                           "I have to {t} on {d}, please note it.", "On {d} I must {t}; add it to my tasks."],
+                     t=task, d=day), {"task": task, "weekday": day}
+
+    def todo_result(rng, a):
+        n = rng.randint(2, 9)
+        return f"added, {n} tasks on {a['weekday']}", f"I added '{a['task']}' for {a['weekday']}; you now have {n} tasks " \
+            f"on {a['weekday']}.", f"{n} tasks"
+
+    def call(rng):
+        who, h = rng.choice(CONTACTS), rng.randint(7, 21)
+        return _pick(rng, ["Schedule a call with {w} at {h} o'clock.", "At {h}:00 I want to call {w}; put it in my "
+                           "calendar.", "Book a phone call with {w} for {h}:00."], w=who, h=h), \
+            {"contact": who, "start_hour": h}
+
+    def call_result(rng, a):
+        return "scheduled", f"Your call with {a['contact']} is booked for {a['start_hour']}:00.", f"{a['start_hour']}:00"
+
+    def words(rng):
+        text = rng.choice(TYPO_TEXTS)
+        return _pick(rng, ["How many words are in '{x}'?", "Count the words of this text: {x}",
+                           "Give me the word count of \"{x}\"."], x=text), {"text": text}
+
+    def words_result(rng, a):
+        n = len(a["text"].split())
+        return f"{n} words", f"That text has {n} words.", f"{n} words"
+
+    def language(rng):
+        text = rng.choice(SNIPPETS + TYPO_TEXTS)
+        return _pick(rng, ["Which language is '{x}' written in?", "Detect the language of: {x}"], x=text), \
+            {"text": text}
+
+    def language_result(rng, a):
+        lang = rng.choice(LANGUAGES + ["English"])
+        return f"language: {lang}", f"That text is in {lang}.", lang
+
+    def gdp(rng):
+        c = rng.choice(NATIONS)
+        return _pick(rng, ["What is the GDP of {c}?", "How big is the economy of {c}?",
+                           "Look up the gross domestic product of {c}."], c=c), {"nation": c}
+
+    def gdp_result(rng, a):
+        n = rng.randint(20, 900)
+        return f"{n} billion USD", f"The GDP of {a['nation']} is about {n} billion USD.", f"{n} billion"
+
+    def order(rng):
+        ref = f"{rng.choice(['AB', 'QK', 'MN', 'TR'])}-{rng.randint(10000, 99999)}"
+        return _pick(rng, ["Where is my order {r}?", "What's the status of order {r}?", "Has order {r} shipped yet?"],
+                     r=ref), {"order_id": ref}
+
+    def order_result(rng, a):
+        city = rng.choice(TRAIN_CITIES)
+        return f"shipped, now in {city}", f"Order {a['order_id']} has shipped and is now in {city}.", city
+
+    def flight_status(rng):
+        code = f"{rng.choice(['LH', 'BA', 'AF', 'KL', 'IB'])}{rng.randint(100, 9999)}"
+        return _pick(rng, ["Is flight {f} on time?", "What's the status of flight {f}?"], f=code), {"flight_number": code}
+
+    def flight_status_result(rng, a):
+        m = rng.randint(5, 90)
+        return f"delayed by {m} min", f"Flight {a['flight_number']} is delayed by {m} minutes.", f"{m} min"
+
+    def hotel(rng):
+        city, n = rng.choice(TRAIN_CITIES), rng.randint(1, 6)
+        return _pick(rng, ["Find a hotel in {c} for {n} nights.", "I need a room in {c} for {n} nights.",
+                           "Book me somewhere to stay in {c}, {n} nights."], c=city, n=n), {"city": city, "nights": n}
+
+    def hotel_result(rng, a):
+        name = rng.choice(["Hotel Astoria", "Park Inn", "Grand Central", "Sea View"])
+        return f"{name}, {rng.randint(60, 300)} EUR per night", f"{name} in {a['city']} has a room for " \
+            f"{a['nights']} nights.", name
+
+    def concerts(rng):
+        genre, city = rng.choice(GENRES), rng.choice(TRAIN_CITIES)
+        return _pick(rng, ["Are there any {g} concerts in {c}?", "Find {g} gigs in {c} this week.",
+                           "I want to hear some {g} music live in {c}."], g=genre, c=city), {"genre": genre, "city": city}
+
+    def concerts_result(rng, a):
+        n = rng.randint(1, 8)
+        return f"{n} events", f"There are {n} {a['genre']} events in {a['city']} this week.", f"{n}"
+
+    def directions(rng):
+        a, b = rng.sample(TRAIN_CITIES, 2)
+        return _pick(rng, ["How do I drive from {a} to {b}?", "Give me directions from {a} to {b}.",
+                           "What is the route from {a} to {b} by car?"], a=a, b=b), {"start": a, "end": b}
+
+    def directions_result(rng, a):
+        h = rng.randint(2, 14)
+        return f"{h} hours by road", f"The drive from {a['start']} to {a['end']} takes about {h} hours.", f"{h} hours"
+
+    def thermostat(rng):
+        room, deg = rng.choice(ROOMS), rng.randint(16, 25)
+        return _pick(rng, ["Set the {r} to {d} degrees.", "Make the {r} {d} degrees warm.",
+                           "Heat the {r} to {d} degrees, please."], r=room, d=deg), {"room": room, "degrees": deg}
+
+    def thermostat_result(rng, a):
+        return f"{a['room']} set to {a['degrees']} C", f"The {a['room']} is now set to {a['degrees']} C.", \
+            f"{a['degrees']} C"
+
     return [
-        ToolTask(_tool("get_weather", "Current weather in a city", city="string"), weather, weather_result, "city"),
+        ToolTask(_tool("get_weather", "Current weather in a city", city="string"), weather, weather_result, "city",
+                 (("current_weather", "weather_now"), {"city": ("town", "place")})),
         ToolTask(_tool("convert_currency", "Convert an amount between currencies", amount="number",
-                       from_currency="string", to_currency="string"), money, money_result, "amount"),
-        ToolTask(_tool("get_stock_price", "Latest price of a stock", ticker="string"), stock, stock_result, "ticker"),
+                       from_currency="string", to_currency="string"), money, money_result, "amount",
+                 (("currency_converter", "fx_convert"), {"amount": ("sum", "quantity"),
+                  "from_currency": ("base_currency", "currency_from"), "to_currency": ("quote_currency", "currency_to")})),
+        ToolTask(_tool("get_stock_price", "Latest price of a stock", ticker="string"), stock, stock_result, "ticker",
+                 (("stock_quote", "share_price"), {"ticker": ("symbol",)})),
         ToolTask(_tool("translate_text", "Translate text into a language", text="string", target_language="string"),
-                 translate, translate_result, "target_language"),
-        ToolTask(_tool("set_timer", "Start a countdown timer", minutes="integer"), timer, timer_result, "minutes"),
-        ToolTask(_tool("send_email", "Send an email", to="string", subject="string"), email, email_result, "to"),
+                 translate, translate_result, "target_language",
+                 (("translate", "translator"), {"text": ("phrase", "input_text"), "target_language": ("language", "to_language")})),
+        ToolTask(_tool("set_timer", "Start a countdown timer", minutes="integer"), timer, timer_result, "minutes",
+                 (("start_timer", "countdown"), {"minutes": ("duration_minutes", "mins")})),
+        ToolTask(_tool("send_email", "Send an email", to="string", subject="string"), email, email_result, "to",
+                 (("email_send", "compose_email"), {"to": ("recipient", "address"), "subject": ("title", "topic_line")})),
         ToolTask(_tool("search_flights", "Search flights between two cities", origin="string", destination="string"),
-                 flights, flights_result, "destination"),
-        ToolTask(_tool("get_time", "Local time in a time zone", timezone="string"), clock, clock_result, "timezone"),
+                 flights, flights_result, "destination",
+                 (("find_flights", "flight_search"), {"origin": ("from_city", "departure_city"),
+                                                      "destination": ("to_city", "arrival_city")})),
+        ToolTask(_tool("get_time", "Local time in a time zone", timezone="string"), clock, clock_result, "timezone",
+                 (("local_time", "world_clock"), {"timezone": ("tz", "zone")})),
         ToolTask(_tool("calculate_tip", "Tip for a restaurant bill", bill="number", percent="integer"), tip,
-                 tip_result, "bill"),
+                 tip_result, "bill", (("tip_calculator",), {"bill": ("total", "bill_amount"), "percent": ("tip_percent", "rate")})),
         ToolTask(_tool("lookup_definition", "Dictionary definition of a word", word="string"), define, define_result,
-                 "word"),
-        ToolTask(_tool("play_music", "Play a song", song="string"), music, music_result, "song"),
-        ToolTask(_tool("get_news", "Latest news on a topic", topic="string"), news, news_result, "topic"),
+                 "word", (("define_word", "dictionary"), {"word": ("term", "entry")})),
+        ToolTask(_tool("play_music", "Play a song", song="string"), music, music_result, "song",
+                 (("play_song", "music_player"), {"song": ("track", "song_title")})),
+        ToolTask(_tool("get_news", "Latest news on a topic", topic="string"), news, news_result, "topic",
+                 (("news_headlines", "latest_news"), {"topic": ("query", "keyword")})),
+        ToolTask(_tool("add_todo", "Add a task to the to-do list", task="string", weekday="string"), todo, todo_result,
+                 "task", (("todo_add", "add_task"), {"task": ("item", "todo_text"), "weekday": ("due_day", "day_name")})),
+        ToolTask(_tool("schedule_call", "Put a phone call in the calendar at an hour of the day", contact="string",
+                       start_hour="integer"), call, call_result, "contact",
+                 (("book_call", "plan_call"), {"contact": ("person", "callee"), "start_hour": ("at_hour", "hour_of_day")})),
+        ToolTask(_tool("count_words", "Count the words of a text", text="string"), words, words_result, "text",
+                 (("word_counter", "text_stats"), {"text": ("passage", "content")})),
+        ToolTask(_tool("detect_language", "Which language a text is written in", text="string"), language,
+                 language_result, "text", (("identify_language", "language_id"), {"text": ("snippet", "sample")})),
+        ToolTask(_tool("get_gdp", "Gross domestic product of a nation", nation="string"), gdp, gdp_result, "nation",
+                 (("economy_size", "gdp_lookup"), {"nation": ("state", "country_name")})),
+        ToolTask(_tool("order_status", "Status of an online order", order_id="string"), order, order_result, "order_id",
+                 (("check_order", "get_order"), {"order_id": ("order_number", "reference")})),
+        ToolTask(_tool("flight_status", "Whether a flight is on time", flight_number="string"), flight_status,
+                 flight_status_result, "flight_number", (("check_flight",), {"flight_number": ("flight", "code")})),
+        ToolTask(_tool("find_hotel", "Find a hotel room in a city", city="string", nights="integer"), hotel,
+                 hotel_result, "city", (("book_hotel", "hotel_search"), {"city": ("town", "destination_city"),
+                                                                        "nights": ("stay_nights", "num_nights")})),
+        ToolTask(_tool("search_events", "Concerts and events of a music genre in a city", genre="string", city="string"),
+                 concerts, concerts_result, "genre", (("find_concerts", "event_finder"), {"genre": ("style", "kind"),
+                                                                                          "city": ("town", "place")})),
+        ToolTask(_tool("get_directions", "Driving route between two places", start="string", end="string"),
+                 directions, directions_result, "end", (("route_planner", "directions"),
+                                                        {"start": ("from_place", "begin"), "end": ("to_place", "finish")})),
+        ToolTask(_tool("set_thermostat", "Set the heating of a room", room="string", degrees="integer"), thermostat,
+                 thermostat_result, "room", (("heating_control", "set_temperature"), {"room": ("zone_name", "space"),
+                                                                                     "degrees": ("celsius", "temp")})),
     ]
 
 
@@ -288,10 +465,23 @@ HELDOUT_TASKS = _heldout_tasks()
 
 
 def _offered(rng: random.Random, tasks: list[ToolTask], must: ToolTask | None, n: int) -> list[Tool]:
+    """``n`` tools under their canonical names, ``must`` among them (the held-out items)."""
     others = [t.tool for t in tasks if t is not must]
     tools = rng.sample(others, n - (must is not None)) + ([must.tool] if must is not None else [])
     rng.shuffle(tools)
     return tools
+
+
+def _offered_variants(rng: random.Random, must: ToolTask | None, n: int) -> tuple[list[Tool], Tool | None, dict[str, str]]:
+    """``n`` training tools, each under a name and argument names drawn for this example, and
+    ``must``'s drawn tool and argument renaming."""
+    chosen = rng.sample([t for t in TRAIN_TASKS if t is not must], n - (must is not None))
+    tools = [t.variant(rng)[0] for t in chosen]
+    tool, rename = must.variant(rng) if must is not None else (None, {})
+    if tool is not None:
+        tools.append(tool)
+    rng.shuffle(tools)
+    return tools, tool, rename
 
 
 def call_reply(name: str, args: Args) -> str:
@@ -308,14 +498,14 @@ def _messages(tools: list[Tool], turns: list[dict[str, Any]]) -> list[dict[str, 
     return render_messages([ChatMessage(**t) for t in turns], ToolPlan(tools, "auto"))
 
 
-def _result_turns(rng: random.Random, task: ToolTask, question: str, args: Args, output: str) -> list[dict[str, Any]]:
+def _result_turns(rng: random.Random, name: str, question: str, args: Args, output: str) -> list[dict[str, Any]]:
     """A question, the call that answers it and the tool's output, as OpenAI chat messages."""
     call_id = f"call_{rng.randrange(16**8):08x}"
     return [
         {"role": "user", "content": question},
         {"role": "assistant", "content": None, "tool_calls": [
             {"id": call_id, "type": "function",
-             "function": {"name": task.tool.name, "arguments": json.dumps(args, ensure_ascii=False)}}]},
+             "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}}]},
         {"role": "tool", "tool_call_id": call_id, "content": output},
     ]
 
@@ -328,20 +518,22 @@ def train_examples(calls: int, no_fit: int, results: int, no_fit_pairs: list[tup
     for _ in range(calls):
         task = rng.choice(TRAIN_TASKS)
         question, args = task.ask(rng)
-        tools = _offered(rng, TRAIN_TASKS, task, rng.randint(1, 3))
+        tools, tool, rename = _offered_variants(rng, task, rng.randint(1, 4))
         msgs = _messages(tools, [{"role": "user", "content": question}])
-        out.append(Example(tuple(msgs) + ({"role": "assistant", "content": call_reply(task.tool.name, args)},), "tools"))
+        named = {rename[k]: v for k, v in args.items()}
+        out.append(Example(tuple(msgs) + ({"role": "assistant", "content": call_reply(tool.name, named)},), "tools"))
     for i in range(no_fit):
         question, answer = no_fit_pairs[i % len(no_fit_pairs)]
-        tools = _offered(rng, TRAIN_TASKS, None, rng.randint(1, 3))
+        tools, _, _ = _offered_variants(rng, None, rng.randint(1, 4))
         msgs = _messages(tools, [{"role": "user", "content": question}])
         out.append(Example(tuple(msgs) + ({"role": "assistant", "content": answer_reply(answer)},), "tools"))
     for _ in range(results):
         task = rng.choice(TRAIN_TASKS)
         question, args = task.ask(rng)
         output, reply, _ = task.result(rng, args)
-        tools = _offered(rng, TRAIN_TASKS, task, rng.randint(1, 3))
-        msgs = _messages(tools, _result_turns(rng, task, question, args, output))
+        tools, tool, rename = _offered_variants(rng, task, rng.randint(1, 4))
+        named = {rename[k]: v for k, v in args.items()}
+        msgs = _messages(tools, _result_turns(rng, tool.name, question, named, output))
         out.append(Example(tuple(msgs) + ({"role": "assistant", "content": answer_reply(reply)},), "tools"))
     return out
 
@@ -393,7 +585,7 @@ def heldout_items(per_kind: int, no_fit_questions: list[str], seed: int) -> list
         question, args = task.ask(rng)
         output, _, must = task.result(rng, args)
         tools = _openai_tools(_offered(rng, HELDOUT_TASKS, task, rng.randint(2, 3)))
-        messages = tuple(_result_turns(rng, task, question, args, output))
+        messages = tuple(_result_turns(rng, task.tool.name, question, args, output))
         items.append(ToolEvalItem("tool_result", "tools", question, must, "tool", 96, tools=tools, messages=messages))
     return items
 

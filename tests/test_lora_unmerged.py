@@ -13,7 +13,7 @@ from pesc_serve.config import LoadConfig
 from safetensors.torch import load_file
 
 from pesc_serve.deltas.table import DeltaTable
-from pesc_serve.layers.lora import LoRAWeights, SlotLoRA
+from pesc_serve.layers.lora import LoRAPart, LoRAWeights, SlotLoRA
 from pesc_serve.kernels.build import load_extension
 from pesc_serve.kernels.cpu_kernels import CpuKernels, build_decode_model, install_packed_kernels
 from pesc_serve.models.decoder import lora_site
@@ -126,22 +126,46 @@ def test_the_cpp_step_runs_the_lora_too(delta):
     assert float((logits[0] - logits[1]).norm() / logits[1].norm()) > 0.05
 
 
-def test_the_lora_update_of_a_row_does_not_depend_on_the_batch():
+def _fused_qkv_lora(dtype: torch.dtype) -> tuple[LoRAWeights, torch.Tensor]:
+    """A q/k/v LoRA of three rank-4 parts on a fused [1728, 576] layer, and its update matrix."""
+    g = torch.Generator().manual_seed(0)
+    parts = [LoRAPart(torch.randn(4, 576, generator=g) * 0.05, torch.randn(576, 4, generator=g) * 0.05,
+                      slice(576 * i, 576 * (i + 1))) for i in range(3)]
+    parts = [LoRAPart(p.a.to(dtype), p.b.to(dtype), p.rows) for p in parts]
+    full = torch.cat([1.5 * p.b.float() @ p.a.float() for p in parts])  # [1728, 576]
+    return LoRAWeights(parts, 1.5, dtype, torch.device("cpu")), full
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_lora_update_of_a_row_does_not_depend_on_the_batch(dtype):
     """ATen's matmul rounds a row differently at M=1 and M=9 (its blocking changes); through the
     int8 activation rounding and the router that changed whole seeded texts on the real model.
-    The row-by-row kernel, which both paths run, gives every row the same numbers in any batch."""
+    The row-by-row kernel, which both paths run, gives every row the same numbers in any batch,
+    also when enough rows split the columns between threads."""
     ext = load_extension()
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(9, 576, generator=g)
-    a, b = torch.randn(12, 576, generator=g) * 0.05, torch.randn(1728, 12, generator=g) * 0.05
+    x = torch.randn(40, 576, generator=torch.Generator().manual_seed(1))
+    weights, full = _fused_qkv_lora(dtype)
     module = SlotLoRA()
-    module.by_slot[0] = LoRAWeights(a, b)
+    module.by_slot[0] = weights
     install_packed_kernels(module, ext)
     assert module.kernel is not None
     with torch.no_grad():  # a zero base output: only the update is compared
-        alone, batched = module(torch.zeros(1, 1728), x[:1]), module(torch.zeros(9, 1728), x)
-    assert torch.equal(alone[0], batched[0])
-    assert torch.allclose(batched, (x @ a.t()) @ b.t(), atol=1e-5)
+        alone = module(torch.zeros(1, 1728), x[:1])
+        batched = [module(torch.zeros(n, 1728), x[:n]) for n in (9, 40)]
+    assert all(torch.equal(alone[0], b[0]) for b in batched)
+    assert torch.allclose(batched[-1], x @ full.t(), atol=1e-5)
+    assert torch.allclose(batched[-1], weights.update(x, 1728), atol=1e-5)  # the matmul path, where no kernel runs
+
+
+def test_a_bf16_lora_is_held_as_the_file_holds_it(delta):
+    """No fused block-diagonal zeros and no float32 copies: the resident LoRA takes the bytes of
+    the file's LoRA tensors (the shipped `camel` delta took 2.9x its file before)."""
+    _, delta_dir = delta
+    lm = _load(delta_dir, "int4")
+    tensors = load_file(str(delta_dir / "adapter_model.safetensors"))
+    lora_bytes = sum(t.numel() * t.element_size() for n, t in tensors.items() if ".lora_" in n)
+    assert {t.dtype for n, t in tensors.items() if ".lora_" in n} == {torch.bfloat16}
+    assert sum(w.nbytes for w in lm.delta.lora.values()) == lora_bytes
 
 
 def test_the_cpp_step_with_a_delta_gives_a_row_the_same_logits_in_any_batch(delta):

@@ -79,9 +79,9 @@ class DecodeModel {
   void add_layer(Layer layer) { layers_.push_back(std::move(layer)); }
 
   // A delta's pieces, per layer and slot (empty tensors clear them).  Called between steps.
-  void set_lora(int64_t layer, int64_t which, int64_t slot, const torch::Tensor& a, const torch::Tensor& bt) {
+  void set_lora(int64_t layer, int64_t which, int64_t slot, std::shared_ptr<LoRA> lora) {
     TORCH_CHECK(layer >= 0 && layer < static_cast<int64_t>(layers_.size()), "layer out of range");
-    layers_[layer].linear(which).set_lora_t(slot, a, bt);
+    layers_[layer].linear(which).set_lora(slot, std::move(lora));
   }
 
   void set_experts(int64_t layer, int64_t slot, const torch::Tensor& router, const torch::Tensor& down,

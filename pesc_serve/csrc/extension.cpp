@@ -55,15 +55,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         }
         return lin;
       }));
-  m.def("lora_add",
-        [](torch::Tensor y, torch::Tensor x, torch::Tensor a, torch::Tensor bt, torch::Tensor cols) {
-          lora_add(y, x, a, bt, cols);
-        },
-        "y += (x A^T) B^T in place for bt = B^T [r, N], row by row (the same numbers whatever the batch); "
-        "cols [r, 2]: each rank's nonzero columns (empty: all)",
+  py::class_<LoRA, std::shared_ptr<LoRA>>(m, "LoRA")
+      .def(py::init(&make_lora),
+           "one delta's LoRA on one linear layer: per part A [r, K] and B^T [r, n] (float32 or bfloat16, shared, "
+           "not copied when contiguous), the part's first output column, and the scaling",
+           py::arg("a"), py::arg("bt"), py::arg("offsets"), py::arg("scale"))
+      .def_property_readonly("nbytes", &LoRA::nbytes);
+  m.def("lora_add", [](torch::Tensor y, torch::Tensor x, const LoRA& l) { lora_add(y, x, l); },
+        "y += scale * (x A^T) B^T in place, row by row (the same numbers whatever the batch)",
         py::call_guard<py::gil_scoped_release>());
-  m.def("lora_columns", [](torch::Tensor bt) { return lora_nonzero_columns(bt.to(at::kFloat).contiguous()); },
-        "each row's [first, last + 1) nonzero column of bt [r, N], as lora_add takes them");
   m.def("bf16_linear", &bf16_linear, "x [M, K] float32 @ W^T with W packed by PackedBf16",
         py::call_guard<py::gil_scoped_release>());
   m.def("have_bf16_gemm", &have_bf16_gemm, "whether this build has the AVX512-BF16 GEMM");
@@ -95,7 +95,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                     Linear, bool, torch::Tensor>())
       .def("add_layer", &DecodeModel::add_layer)
       .def("set_lora", &DecodeModel::set_lora,
-           "layer, linear (0 qkv, 1 o, 2 gate_up, 3 down), slot, A [r, K], B^T [r, N] (float32: shared, not copied)")
+           "layer, linear (0 qkv, 1 o, 2 gate_up, 3 down), slot, a LoRA (None: remove)")
       .def("set_experts", &DecodeModel::set_experts, "layer, slot, router [E, H], down [E, r, H], up_t [E, r, H], topk")
       .def("use_adapter_stack", &DecodeModel::use_adapter_stack)
       .def("reserve_topk", &DecodeModel::reserve_topk)

@@ -27,7 +27,7 @@ struct Linear {
   PackedBf16 packed;        // `dense` packed for bf16_linear when it is bf16 (else empty)
   PackedInt4 int4;          // INT4 weights for int4_linear (when `a` is that packing's data)
   PackedInt8 int8;          // INT8 weights for int8_linear (likewise)
-  std::vector<LoRA> loras;  // unmerged LoRA beside the weight, by delta slot (undefined a: none)
+  std::vector<std::shared_ptr<const LoRA>> loras;  // unmerged LoRA beside the weight, by delta slot (null: none)
 
   torch::Tensor run_small(const torch::Tensor& x) const {
     if (present(int4.data)) return int4_linear(x, int4);
@@ -59,33 +59,29 @@ struct Linear {
   void add_loras(torch::Tensor& y, const torch::Tensor& x, const int64_t* slots) const {
     y = y.contiguous();
     const torch::Tensor xc = x.contiguous();
-    const int64_t M = x.size(0), K = x.size(1), N = y.size(1);
-    std::vector<int64_t> rows;
+    const int64_t M = x.size(0);
+    thread_local std::vector<int64_t> rows;
     for (int64_t s = 0; s < static_cast<int64_t>(loras.size()); ++s) {
-      const LoRA& l = loras[s];
-      if (!present(l.a)) continue;
+      if (!loras[s]) continue;
+      TORCH_CHECK(loras[s]->in_features == x.size(1), "a LoRA takes ", loras[s]->in_features, " features, the layer ",
+                  x.size(1));
       rows.clear();
       for (int64_t m = 0; m < M; ++m)
         if (slots[m] == s) rows.push_back(m);
-      if (rows.empty()) continue;
-      lora_add_rows(y.data_ptr<float>(), xc.data_ptr<float>(), K, N, l.a.data_ptr<float>(), l.bt.data_ptr<float>(),
-                    l.a.size(0), rows.data(), static_cast<int64_t>(rows.size()), l.cols.data_ptr<int64_t>());
+      if (!rows.empty()) lora_add_rows(y.data_ptr<float>(), y.size(1), xc.data_ptr<float>(), *loras[s], rows.data(),
+                                       static_cast<int64_t>(rows.size()));
     }
   }
 
-  // One delta's LoRA in `slot`, B given transposed ([r, N], the layout lora_add reads); empty
-  // tensors remove it.  Float32 contiguous tensors are shared with the caller, not copied.
-  void set_lora_t(int64_t slot, const torch::Tensor& a, const torch::Tensor& bt) {
+  // One delta's LoRA in `slot` (shared with the PyTorch path's layer); null removes it.
+  void set_lora(int64_t slot, std::shared_ptr<const LoRA> lora) {
     TORCH_CHECK(slot >= 0, "slot must be >= 0");
     if (slot >= static_cast<int64_t>(loras.size())) loras.resize(slot + 1);
-    if (!present(a)) {
-      loras[slot] = LoRA();
-      return;
+    if (lora) {
+      for (const auto& part : lora->parts)
+        TORCH_CHECK(part.offset + part.bt.size(1) <= out_features, "a LoRA part reaches past the layer's outputs");
     }
-    TORCH_CHECK(a.dim() == 2 && bt.dim() == 2 && a.size(0) == bt.size(0) && bt.size(1) == out_features,
-                "LoRA A [r, K] and B^T [r, N] must fit the layer");
-    torch::Tensor b32 = bt.to(at::kFloat).contiguous();
-    loras[slot] = LoRA{a.to(at::kFloat).contiguous(), b32, lora_nonzero_columns(b32)};
+    loras[slot] = std::move(lora);
   }
 };
 

@@ -1,87 +1,164 @@
-// Unmerged LoRA beside a linear layer: y += (x A^T) B^T, row by row.
+// Unmerged LoRA beside a linear layer: y += scale * (x A^T) B^T, row by row.
 #pragma once
 
 #include "common.h"
 
 namespace pesc {
 
-// y [M, N] += (x [M, K] A^T) B^T for an unmerged LoRA (A [r, K]; B given transposed, bt [r, N],
-// scaling folded in).  Row by row with the same loops for every row, instead of ATen's matmul,
-// whose blocking (and so its rounding) changes with M: a row's update, and through the int8
-// activation rounding and the router its whole continuation, must not depend on the batch.
-// Both loops run over contiguous memory (a dot product over K, then r AXPYs over N) and vectorise.
-// `rows` (n entries, null: rows 0..n-1) picks the rows of y [*, N] and x [*, K] to update.
-// `cols` ([R, 2], null: all) gives each rank's nonzero columns of B^T: a fused layer's B is
-// block-diagonal (each part's rank updates only its own rows), and skipping exact zeros leaves
-// every sum as it was (adding 0 * u changes nothing).
-inline void lora_add_rows(float* yp, const float* xp, int64_t K, int64_t N, const float* ap, const float* bp, int64_t R,
-                   const int64_t* rows, int64_t M, const int64_t* cols = nullptr) {
-  constexpr int64_t kRows = 4;  // rows sharing each pass over B (every row's own sums stay in order)
-  at::parallel_for(0, (M + kRows - 1) / kRows, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> u(kRows * R);
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t m0 = blk * kRows, n = std::min(kRows, M - m0);
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t row = rows ? rows[m0 + i] : m0 + i;
-        const float* xr = xp + row * K;
-        for (int64_t r = 0; r < R; ++r) {
-          const float* ar = ap + r * K;
-          float s = 0.f;
-          for (int64_t k = 0; k < K; ++k) s += xr[k] * ar[k];
-          u[i * R + r] = s;
-        }
+// One checkpoint pair on a (possibly fused) linear layer: A [r, K] and B transposed [r, n],
+// float32 or bf16 as the delta stores them, updating output columns offset .. offset + n - 1
+// (a fused q/k/v or gate/up layer has one part per projection: no block-diagonal zeros are
+// stored or multiplied).
+struct LoRAPart {
+  torch::Tensor a, bt;
+  int64_t offset = 0;
+};
+
+// One delta's LoRA on one linear layer: its parts and the scaling (alpha / r), kept out of the
+// weights so they stay exactly the file's.
+struct LoRA {
+  std::vector<LoRAPart> parts;
+  float scale = 1.f;
+  int64_t in_features = 0, ranks = 0;  // K and the parts' summed rank
+
+  int64_t nbytes() const {
+    int64_t n = 0;
+    for (const auto& p : parts) n += p.a.numel() * p.a.element_size() + p.bt.numel() * p.bt.element_size();
+    return n;
+  }
+};
+
+inline std::shared_ptr<LoRA> make_lora(const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>& bt,
+                                       const std::vector<int64_t>& offsets, double scale) {
+  TORCH_CHECK(!a.empty() && a.size() == bt.size() && a.size() == offsets.size(), "LoRA: one A, B^T and offset per part");
+  auto l = std::make_shared<LoRA>();
+  l->scale = static_cast<float>(scale);
+  l->in_features = a[0].size(1);
+  for (size_t i = 0; i < a.size(); ++i) {
+    TORCH_CHECK(a[i].dim() == 2 && bt[i].dim() == 2 && a[i].size(0) == bt[i].size(0) && a[i].size(1) == l->in_features,
+                "LoRA part ", i, ": A [r, K] and B^T [r, n] must share r and K");
+    TORCH_CHECK(a[i].scalar_type() == bt[i].scalar_type() &&
+                    (a[i].scalar_type() == at::kFloat || a[i].scalar_type() == at::kBFloat16),
+                "LoRA part ", i, ": A and B^T must both be float32 or both bfloat16");
+    TORCH_CHECK(offsets[i] >= 0, "LoRA part ", i, ": negative offset");
+    l->parts.push_back(LoRAPart{a[i].contiguous(), bt[i].contiguous(), offsets[i]});
+    l->ranks += a[i].size(0);
+  }
+  return l;
+}
+
+inline float to_float(float v) { return v; }
+inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
+
+#if defined(__AVX512F__)
+inline __m512 load_f32x16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load_f32x16(const at::BFloat16* p) {  // bf16 -> float32 is exact: the bits shifted up
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+#endif
+
+// sum_k x[k] * w[k] in a fixed order (16 lanes, then the lanes in order): the same for every row.
+template <typename W>
+inline float lora_dot(const float* x, const W* w, int64_t K) {
+  int64_t k = 0;
+  float s = 0.f;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; k + 16 <= K; k += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), load_f32x16(w + k), acc);
+  s = _mm512_reduce_add_ps(acc);
+#endif
+  for (; k < K; ++k) s += x[k] * to_float(w[k]);
+  return s;
+}
+
+// y[c] += sum_r u[r] * bt[r][c] for c in [c0, c1): y is loaded and stored once per column block.
+template <typename W>
+inline void lora_axpy(float* y, const float* u, const W* bt, int64_t R, int64_t n, int64_t c0, int64_t c1) {
+  int64_t c = c0;
+#if defined(__AVX512F__)
+  for (; c + 16 <= c1; c += 16) {
+    __m512 acc = _mm512_loadu_ps(y + c);
+    for (int64_t r = 0; r < R; ++r) acc = _mm512_fmadd_ps(_mm512_set1_ps(u[r]), load_f32x16(bt + r * n + c), acc);
+    _mm512_storeu_ps(y + c, acc);
+  }
+#endif
+  for (; c < c1; ++c) {
+    float acc = y[c];
+    for (int64_t r = 0; r < R; ++r) acc += u[r] * to_float(bt[r * n + c]);
+    y[c] = acc;
+  }
+}
+
+template <typename W>
+inline void part_dots(const float* xr, const LoRAPart& p, float scale, float* u) {
+  const W* a = p.a.data_ptr<W>();
+  const int64_t R = p.a.size(0), K = p.a.size(1);
+  for (int64_t r = 0; r < R; ++r) u[r] = scale * lora_dot(xr, a + r * K, K);
+}
+
+template <typename W>
+inline void part_axpy(float* yr, const float* u, const LoRAPart& p, int64_t c0, int64_t c1) {
+  lora_axpy(yr + p.offset, u, p.bt.data_ptr<W>(), p.bt.size(0), p.bt.size(1), c0, c1);
+}
+
+// y [*, ldy] += scale * (x [*, K] A^T) B^T on the rows `rows` (M entries, null: 0 .. M-1).
+// Why row by row, not ATen's matmul: its blocking (and so its rounding) changes with M, and a
+// row's update, through the int8 activation rounding and the router its whole continuation,
+// must not depend on the batch.  Every row runs the same loops whatever M is and however the
+// work is split between threads (each output element's sum has one fixed order).  One row is
+// a few microseconds of work, cheaper than waking the other thread; many rows split columns.
+inline void lora_add_rows(float* yp, int64_t ldy, const float* xp, const LoRA& l, const int64_t* rows, int64_t M) {
+  const int64_t K = l.in_features, R = l.ranks;
+  thread_local std::vector<float> u_buf;
+  u_buf.resize(M * R);
+  float* u = u_buf.data();  // [M, R]: every part's scaled x A^T, per row
+  auto row = [&](int64_t i) { return rows ? rows[i] : i; };
+  const bool bf16 = l.parts[0].a.scalar_type() == at::kBFloat16;
+  at::parallel_for(0, M, M >= 8 ? 1 : M, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      int64_t r0 = 0;
+      for (const auto& p : l.parts) {
+        if (bf16) part_dots<at::BFloat16>(xp + row(m) * K, p, l.scale, u + m * R + r0);
+        else part_dots<float>(xp + row(m) * K, p, l.scale, u + m * R + r0);
+        r0 += p.a.size(0);
       }
-      for (int64_t r = 0; r < R; ++r) {
-        const float* br = bp + r * N;
-        const int64_t c0 = cols ? cols[2 * r] : 0, c1 = cols ? cols[2 * r + 1] : N;
-        for (int64_t i = 0; i < n; ++i) {
-          const float ur = u[i * R + r];
-          float* yr = yp + (rows ? rows[m0 + i] : m0 + i) * N;
-          for (int64_t c = c0; c < c1; ++c) yr[c] += ur * br[c];
-        }
+    }
+  });
+  constexpr int64_t kCols = 256;  // columns per task (a multiple of the 16-wide vector)
+  thread_local std::vector<std::array<int64_t, 4>> task_buf;  // (part, first rank, c0, c1)
+  task_buf.clear();
+  int64_t r0 = 0, work = 0;
+  for (int64_t i = 0; i < static_cast<int64_t>(l.parts.size()); ++i) {
+    const int64_t n = l.parts[i].bt.size(1);
+    for (int64_t c = 0; c < n; c += kCols) task_buf.push_back({i, r0, c, std::min(n, c + kCols)});
+    r0 += l.parts[i].a.size(0);
+    work += M * l.parts[i].a.size(0) * n;
+  }
+  const auto* tasks = task_buf.data();  // workers read the caller's list (a thread_local names their own)
+  const int64_t num_tasks = static_cast<int64_t>(task_buf.size());
+  at::parallel_for(0, num_tasks, work >= (1 << 16) ? 1 : num_tasks, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const auto& [pi, first, c0, c1] = tasks[t];
+      const LoRAPart& p = l.parts[pi];
+      for (int64_t m = 0; m < M; ++m) {
+        float* yr = yp + row(m) * ldy;
+        if (bf16) part_axpy<at::BFloat16>(yr, u + m * R + first, p, c0, c1);
+        else part_axpy<float>(yr, u + m * R + first, p, c0, c1);
       }
     }
   });
 }
 
-// cols: int64 [R, 2] (each rank's nonzero column range of bt) or empty for all columns.
-inline void lora_add(torch::Tensor& y, const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& bt,
-              const torch::Tensor& cols) {
-  TORCH_CHECK(y.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && y.is_contiguous(), "lora_add: float32");
-  const int64_t M = x.size(0), K = x.size(1), R = a.size(0), N = bt.size(1);
-  TORCH_CHECK(a.size(1) == K && bt.size(0) == R && y.size(0) == M && y.size(1) == N, "lora_add: shapes do not fit");
-  TORCH_CHECK(!present(cols) || (cols.scalar_type() == at::kLong && cols.numel() == 2 * R && cols.is_contiguous()),
-              "lora_add: cols must be int64 [R, 2]");
+// The Python entry: y [M, N] float32 (contiguous) += the update for x [M, K] float32.
+inline void lora_add(torch::Tensor& y, const torch::Tensor& x, const LoRA& l) {
+  TORCH_CHECK(y.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && y.is_contiguous() && y.dim() == 2,
+              "lora_add: y and x must be float32, y contiguous [M, N]");
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == y.size(0) && x.size(1) == l.in_features, "lora_add: x must be [M, K]");
+  for (const auto& p : l.parts)
+    TORCH_CHECK(p.offset + p.bt.size(1) <= y.size(1), "lora_add: a part reaches past the layer's outputs");
   const torch::Tensor xc = x.contiguous();
-  lora_add_rows(y.data_ptr<float>(), xc.data_ptr<float>(), K, N, a.data_ptr<float>(), bt.data_ptr<float>(), R,
-                nullptr, M, present(cols) ? cols.data_ptr<int64_t>() : nullptr);
+  lora_add_rows(y.data_ptr<float>(), y.size(1), xc.data_ptr<float>(), l, nullptr, y.size(0));
 }
-
-// One delta's unmerged LoRA on one linear layer: A [r, K] and B transposed [r, N], float32,
-// scaling folded in (layers/lora.py), and each rank's nonzero columns of B^T ([r, 2]).
-struct LoRA {
-  torch::Tensor a, bt, cols;
-};
-
-// Each row's [first, last + 1) nonzero column (an all-zero row: an empty range).
-inline torch::Tensor lora_nonzero_columns(const torch::Tensor& bt) {
-  const int64_t R = bt.size(0), N = bt.size(1);
-  torch::Tensor cols = torch::zeros({R, 2}, torch::TensorOptions().dtype(at::kLong));
-  const float* b = bt.data_ptr<float>();
-  int64_t* c = cols.data_ptr<int64_t>();
-  for (int64_t r = 0; r < R; ++r) {
-    int64_t lo = N, hi = 0;
-    for (int64_t n = 0; n < N; ++n) {
-      if (b[r * N + n] != 0.f) {
-        lo = std::min(lo, n);
-        hi = n + 1;
-      }
-    }
-    c[2 * r] = lo < hi ? lo : 0;
-    c[2 * r + 1] = hi;
-  }
-  return cols;
-}
-
 
 }  // namespace pesc

@@ -21,7 +21,7 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from pesc_serve.config import ModelConfig, expert_geometry
-from pesc_serve.layers.lora import LoRAPart, LoRAWeights, fuse_parts
+from pesc_serve.layers.lora import LoRAPart, LoRAWeights
 from pesc_serve.layers.pesc_mlp import ExpertSet
 
 _EXPERT_SPELLING = re.compile(r"\.experts\.(?:expert_)?(\d+)\.")
@@ -88,8 +88,8 @@ class Delta:
             e = self.experts[0]
             parts.append(f"{e.num_experts} adapter experts, top-{e.topk}, adapter dim {e.adapter_dim}")
         if self.lora:
-            rank = next(iter(self.lora.values())).a.shape[0]
-            parts.append(f"LoRA on {len(self.lora)} linears (fused rank {rank})")
+            rank = max(a.shape[0] for w in self.lora.values() for a in w.a)
+            parts.append(f"rank-{rank} LoRA on {len(self.lora)} linears")
         size = f"{self.nbytes / 2**20:.1f} MiB resident, {self.file_bytes / 2**20:.1f} MiB on disk"
         return f"{self.name}: " + (", ".join(parts) or "no tensors") + f" ({size})"
 
@@ -160,11 +160,15 @@ class ExpertCollector:
         return layers
 
 
-def fuse_lora(pairs: dict[str, dict[str, torch.Tensor]], sites: dict[str, LoRASite], scaling: float,
-              origin: Path | str, dtype: torch.dtype, device: torch.device,
-              out_features: dict[str, int]) -> dict[str, LoRAWeights]:
-    """Checked LoRA pairs (target weight name -> {"A", "B"}) fused per linear module."""
+def lora_weights(pairs: dict[str, dict[str, torch.Tensor]], sites: dict[str, LoRASite], scaling: float,
+              origin: Path | str, dtype: torch.dtype, device: torch.device) -> dict[str, LoRAWeights]:
+    """Checked LoRA pairs (target weight name -> {"A", "B"}) grouped per (fused) linear module.
+
+    A float32 CPU model keeps the pairs in the dtype the file stores them in (bf16 or float32:
+    what the row kernel reads, computing in float32), so a delta costs the bytes of its file;
+    elsewhere they take the model's dtype."""
     parts: dict[str, list[LoRAPart]] = {}
+    stored: set[torch.dtype] = set()
     for name, pair in pairs.items():
         if set(pair) != {"A", "B"}:
             raise ValueError(f"{origin}: LoRA for {name!r} has only lora_{''.join(pair)}")
@@ -172,13 +176,16 @@ def fuse_lora(pairs: dict[str, dict[str, torch.Tensor]], sites: dict[str, LoRASi
         if site is None:
             raise ValueError(f"{origin}: LoRA targets {name!r}, which is not one of the base's attention or FFN "
                              f"projections (LoRA on embeddings, norms or the LM head is not supported)")
-        a, b = pair["A"].float(), pair["B"].float()
+        stored |= {pair["A"].dtype, pair["B"].dtype}
+        a, b = pair["A"], pair["B"]
         if a.dim() != 2 or b.dim() != 2 or a.shape[1] != site.shape[1] or b.shape[0] != site.shape[0] \
                 or a.shape[0] != b.shape[1]:
             raise ValueError(f"{origin}: LoRA for {name!r} has A {list(a.shape)} and B {list(b.shape)}, which do not "
                              f"fit the base's weight {list(site.shape)} (a delta for another base?)")
         parts.setdefault(site.module, []).append(LoRAPart(a, b, site.rows))
-    return {module: LoRAWeights(*fuse_parts(p, out_features[module], scaling, dtype, device))
+    keep = device.type == "cpu" and dtype == torch.float32 and stored == {torch.bfloat16}
+    held = torch.bfloat16 if keep else dtype
+    return {module: LoRAWeights(sorted(p, key=lambda part: part.rows.start or 0), scaling, held, device)
             for module, p in parts.items()}
 
 
@@ -288,7 +295,7 @@ def check_declared_geometry(source: DeltaSource, base: ModelConfig, base_name: s
 
 
 def read_delta(source: DeltaSource, base: ModelConfig, base_name: str, sites: dict[str, LoRASite],
-               out_features: dict[str, int], dtype: torch.dtype, device: torch.device) -> Delta:
+               dtype: torch.dtype, device: torch.device) -> Delta:
     """Read and check ``source`` against the base; raises ValueError naming the file and the problem."""
     check_declared_geometry(source, base, base_name)
     origin = source.weights
@@ -319,7 +326,7 @@ def read_delta(source: DeltaSource, base: ModelConfig, base_name: str, sites: di
         name=source.name,
         origin=str(source.path),
         experts=experts.build(dtype, device) if experts is not None else None,
-        lora=fuse_lora(pairs, sites, scaling, origin, dtype, device, out_features),
+        lora=lora_weights(pairs, sites, scaling, origin, dtype, device),
         file_bytes=sum(p.stat().st_size for p in _files(source.path)),
         stored_dtype=stored,
     )

@@ -104,13 +104,33 @@ def install_packed_kernels(model: nn.Module, ext: ModuleType) -> int:
                 module.use_packed(*found)
                 count += 1
         if isinstance(module, SlotLoRA):
-            module.kernel, module.columns_of = ext.lora_add, ext.lora_columns
+            module.kernel = _LoRAKernel(ext)
         if bf16 and isinstance(module, HybridLinear) and isinstance(module.large, DenseLinear):
             dense = module.large
             if dense.packed is None and dense.weight.dtype == torch.bfloat16 and dense.weight.device.type == "cpu":
                 dense.use_packed(ext.PackedBf16(dense.weight), ext.bf16_linear)
                 count += 1
     return count
+
+
+class _LoRAKernel:
+    """``(y, x, LoRAWeights) -> None``: the row-by-row LoRA kernel on a layer's rows (the C++
+    handle on the weights is made once and shared with the decode step)."""
+
+    def __init__(self, ext: ModuleType) -> None:
+        self.ext = ext
+
+    def __call__(self, y: torch.Tensor, x: torch.Tensor, weights: LoRAWeights) -> None:
+        self.ext.lora_add(y, x, lora_handle(self.ext, weights))
+
+
+def lora_handle(ext: ModuleType, weights: LoRAWeights) -> object:
+    """The C++ ``LoRA`` over ``weights``' own tensors (float32 or bf16, shared, not copied)."""
+    if weights.packed is None:
+        if any(a.dtype not in (torch.float32, torch.bfloat16) for a in weights.a):
+            raise UnsupportedModel(f"the CPU LoRA kernel reads float32 or bf16 pairs, not {weights.a[0].dtype}")
+        weights.packed = ext.LoRA(weights.a, weights.b_t, weights.offsets, weights.scaling)
+    return weights.packed
 
 
 class GroupedAdapters:
@@ -201,10 +221,7 @@ class CpuKernels:
             return
         parts = module_name.split(".")  # layers.{l}.<attn or mlp...>.<leaf>
         layer, which = int(parts[1]), _LINEAR_INDEX[parts[-1]]
-        if weights is None:
-            self.decode_model.set_lora(layer, which, slot, _EMPTY, _EMPTY)
-        else:
-            self.decode_model.set_lora(layer, which, slot, _f32(weights.a), _f32(weights.b_t))
+        self.decode_model.set_lora(layer, which, slot, None if weights is None else lora_handle(self.ext, weights))
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""LoRA beside a (possibly quantized) linear layer: ``y = base(x) + (x A^T) B^T``.
+"""LoRA beside a (possibly quantized) linear layer: ``y = base(x) + scaling * (x A^T) B^T``.
 
 Why not merge: a rank-4 update is smaller than one int4 quantization step, so merging it into
 the base weights and re-quantizing rounds most of it away (the bundled camelidae lost half its
@@ -7,9 +7,10 @@ update runs in the activation dtype, and many deltas share one base: each layer 
 resident delta's pair by slot and each token gets its own delta's (the C++ decode step runs
 the same product, kernels/cpu_kernels.py hands it the pairs).
 
-Our fused projections (q/k/v in ``qkv_proj``, gate/up in ``gate_up_proj``) get one LoRA over
-all their parts: the parts' A matrices stacked, their B matrices placed block-diagonally at
-the parts' output rows, so one pair of small matmuls serves the fused layer.
+Our fused projections (q/k/v in ``qkv_proj``, gate/up in ``gate_up_proj``) get one LoRA made
+of their parts: each checkpoint pair stays as it is (A ``[r, in]``, B ``[rows, r]``) and updates
+its own projection's output rows of the fused layer.  Nothing is padded with zeros, so a
+delta's LoRA takes the bytes of its file.
 """
 
 from __future__ import annotations
@@ -33,37 +34,37 @@ class LoRAPart:
     rows: slice
 
 
-def fuse_parts(parts: list[LoRAPart], out_features: int, scaling: float, dtype: torch.dtype,
-               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A [sum r, in], B [out, sum r]) with ``scaling`` folded into B."""
-    a = torch.cat([p.a.float() for p in parts]).to(device=device, dtype=dtype).contiguous()
-    b = torch.zeros(out_features, a.shape[0], dtype=torch.float32)
-    col = 0
-    for p in parts:
-        r = p.a.shape[0]
-        b[p.rows, col : col + r] = p.b.float() * scaling
-        col += r
-    return a, b.to(device=device, dtype=dtype).contiguous()
-
-
 class LoRAWeights:
-    """One delta's update on one (fused) linear layer: A ``[r, in]``, B ``[out, r]`` (scaling in).
+    """One delta's update on one (fused) linear layer: per part, A ``[r, in]`` and B transposed
+    ``[r, rows]`` (what the row kernel reads) with the part's first output row, and the scaling
+    (``alpha / r``, kept out of the weights so they stay the file's numbers).
 
-    Held once, as A and B transposed (``b_t [r, out]``, what the row kernel and the C++ step
-    read; the step shares these tensors)."""
+    ``packed`` is the C++ kernel's handle on the same tensors (kernels/cpu_kernels.py makes it
+    once; the PyTorch path and the decode step share it)."""
 
-    def __init__(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        self.a = a.contiguous()
-        self.b_t = b.t().contiguous()
-        self.columns: torch.Tensor | None = None  # the row kernel's [r, 2] nonzero column ranges of b_t
+    def __init__(self, parts: list[LoRAPart], scaling: float, dtype: torch.dtype, device: torch.device) -> None:
+        self.a = [p.a.to(device=device, dtype=dtype).contiguous() for p in parts]
+        self.b_t = [p.b.t().to(device=device, dtype=dtype).contiguous() for p in parts]
+        self.offsets = [p.rows.start or 0 for p in parts]
+        self.scaling = float(scaling)
+        self.packed: object | None = None
 
     @property
-    def b(self) -> torch.Tensor:
-        return self.b_t.t()
+    def rank(self) -> int:
+        return sum(a.shape[0] for a in self.a)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.a, self.b_t))
+        return sum(t.numel() * t.element_size() for t in (*self.a, *self.b_t))
+
+    def update(self, x: torch.Tensor, out_features: int) -> torch.Tensor:
+        """``scaling * (x A^T) B^T`` as ``[*, out_features]`` by matmuls, in x's dtype (the
+        reference the row kernel is checked against, and the path where it does not run)."""
+        out = x.new_zeros(*x.shape[:-1], out_features)
+        for a, b_t, offset in zip(self.a, self.b_t, self.offsets):
+            u = (x @ a.to(x.dtype).t()) * self.scaling
+            out[..., offset : offset + b_t.shape[1]] += u @ b_t.to(x.dtype)
+        return out
 
 
 class SlotLoRA(nn.Module):
@@ -76,12 +77,10 @@ class SlotLoRA(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.by_slot: dict[int, LoRAWeights] = {}
-        # (y, x, A, B^T, columns) -> None adding the update in place, row by row: the C++ kernel
-        # the CPU decode step also runs (kernels/cpu_kernels.py installs it, and ``columns_of``,
-        # each rank's nonzero columns: a fused layer's B is block-diagonal), so both paths agree
-        # and a row's numbers never depend on the batch.  None: matmuls (e.g. on CUDA).
+        # (y, x, LoRAWeights) -> None adding the update in place, row by row: the C++ kernel the
+        # CPU decode step also runs (kernels/cpu_kernels.py installs it), so both paths agree and a
+        # row's numbers never depend on the batch.  None: matmuls (e.g. on CUDA).
         self.kernel = None
-        self.columns_of = None
 
     def forward(self, y: torch.Tensor, x: torch.Tensor, deltas: DeltaBatch | None = None) -> torch.Tensor:
         if not self.by_slot:
@@ -97,11 +96,9 @@ class SlotLoRA(nn.Module):
         return y
 
     def _add(self, y: torch.Tensor, x: torch.Tensor, w: LoRAWeights) -> torch.Tensor:
-        if self.kernel is not None and y.dtype == torch.float32 and x.dtype == torch.float32 and w.a.dtype == torch.float32:
-            if w.columns is None:
-                w.columns = self.columns_of(w.b_t)
+        if self.kernel is not None and y.dtype == torch.float32 and x.dtype == torch.float32:
             shape = y.shape
             y = y.reshape(-1, shape[-1]).contiguous()
-            self.kernel(y, x.reshape(-1, x.shape[-1]), w.a, w.b_t, w.columns)
+            self.kernel(y, x.reshape(-1, x.shape[-1]), w)
             return y.view(shape)
-        return y + ((x.to(w.a.dtype) @ w.a.t()) @ w.b_t).to(y.dtype)
+        return y + w.update(x, y.shape[-1]).to(y.dtype)

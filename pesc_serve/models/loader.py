@@ -133,14 +133,6 @@ def lora_sites(cfg: ModelConfig) -> dict[str, LoRASite]:
             if p.param == "weight" and p.module.rsplit(".", 1)[-1] in LORA_MODULES}
 
 
-def linear_out_features(cfg: ModelConfig) -> dict[str, int]:
-    """Output width of each LoRA-capable linear module."""
-    out: dict[str, int] = {}
-    for site in lora_sites(cfg).values():
-        out[site.module] = max(out.get(site.module, 0), site.rows.stop)
-    return out
-
-
 @contextlib.contextmanager
 def _skip_init() -> Iterator[None]:
     """Build modules without running their random initialisation: every parameter is loaded
@@ -365,8 +357,8 @@ def load_model(source: ModelSource, load: LoadConfig, max_positions: int | None 
 
 def load_delta(loaded: LoadedModel, source: DeltaSource) -> Delta:
     """Read ``source`` over ``loaded``'s base (checked against its geometry)."""
-    return read_delta(source, loaded.config, loaded.source.name, lora_sites(loaded.config),
-                      linear_out_features(loaded.config), loaded.dtype, loaded.device)
+    return read_delta(source, loaded.config, loaded.source.name, lora_sites(loaded.config), loaded.dtype,
+                      loaded.device)
 
 
 def _install_blocks(model: nn.Module, assigner: _Assigner, plan: QuantPlan, dtype: torch.dtype) -> None:

@@ -32,6 +32,11 @@ from pesc_serve.registry import ALIASES  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The server's flags; ``python -m pesc_serve.ray`` adds its own on top of the same parser."""
     aliases = "; ".join(f"{k}: {v}" for k, v in ALIASES.items())
     p = argparse.ArgumentParser(
         prog="python -m pesc_serve",
@@ -76,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "with finish_reason 'abort' and their partial output")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
-    return p.parse_args(argv)
+    return p
 
 
 def configs_from_args(args: argparse.Namespace) -> tuple[LoadConfig, EngineConfig, ServerConfig]:

@@ -29,6 +29,9 @@ def plot(results: list[dict], png: Path) -> None:
         ax.grid(alpha=0.3)
     axes[1].set_yscale("log")
     axes[0].legend()
+    hosts = sorted({r["host"]["model_name"] for r in results if r.get("host")})
+    if hosts:  # figures from different CPUs do not compare: the plot names its own
+        fig.suptitle(f"{' / '.join(hosts)}, {results[0]['host'].get('usable_cpus') or '?'} CPUs")
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)

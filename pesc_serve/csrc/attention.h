@@ -280,4 +280,133 @@ void paged_attention(const AttentionShape& shape, const float* qkvp, const KV* k
   }
 }
 
+// ---- prefill: blocked causal attention over the paged KV (flash-attention style) -------------
+// Why: a prompt chunk attends to its whole context.  Gathering that context out of the KV
+// blocks into a dense copy and building a [queries, context] mask (the PyTorch path) costs
+// memory traffic proportional to their product; here each task reads K/V blocks straight from
+// the cache once for a block of queries and keeps a running softmax (max, sum, output), so
+// nothing of size queries x context is ever stored.
+//
+// A query's numbers depend only on its position and the cache: key blocks are aligned to
+// absolute positions (0, 64, 128, ...) and visited in order, so a prompt prefilled in one
+// chunk or several, or after a cached prefix, gives each position the same output.
+
+constexpr int64_t kPrefillKeys = 64;     // keys per block (four 16-wide vectors of scores)
+constexpr int64_t kPrefillQueries = 16;  // query positions per task (x the GQA group's heads)
+
+template <typename KV>
+inline float kv_value(const KV* p, int64_t i) { return static_cast<float>(p[i]); }
+
+// One task: query positions q0 .. q0 + nq - 1 (chunk rows r0 ..) of one KV head's G query heads.
+template <typename KV>
+void prefill_task(const AttentionShape& shape, const float* q, int64_t row_stride, int64_t r0, int64_t nq, int64_t start,
+                  int64_t kvh, const KV* kc, const KV* vc, const int64_t* table, int64_t block_size, float scale,
+                  float* out, int64_t out_stride) {
+  const int64_t D = shape.d, G = shape.hq / shape.hkv, kv_stride = shape.hkv * D;
+  const int64_t rows = nq * G;  // query vectors: position-major, then the group's heads
+  const int64_t q_first = start + r0, q_last = q_first + nq - 1;
+  const int64_t window = shape.window;
+  const int64_t lo = window > 0 ? std::max<int64_t>(0, q_first - window + 1) : 0;
+  thread_local std::vector<float> kt, vb, sc, acc, mx, sum;
+  kt.resize(D * kPrefillKeys);      // the block's keys, transposed: [D][64]
+  vb.resize(kPrefillKeys * D);      // its values: [64][D]
+  sc.resize(rows * kPrefillKeys);   // scores, then probabilities
+  acc.assign(rows * D, 0.f);
+  mx.assign(rows, -std::numeric_limits<float>::infinity());
+  sum.assign(rows, 0.f);
+  for (int64_t k0 = lo - lo % kPrefillKeys; k0 <= q_last; k0 += kPrefillKeys) {
+    const int64_t nk = std::min(kPrefillKeys, q_last + 1 - k0);
+    for (int64_t j = 0; j < kPrefillKeys; ++j) {
+      const int64_t pos = k0 + j;
+      if (j >= nk) {  // past the last query: zero keys, masked below
+        for (int64_t d = 0; d < D; ++d) kt[d * kPrefillKeys + j] = 0.f;
+        std::fill(vb.begin() + j * D, vb.begin() + (j + 1) * D, 0.f);
+        continue;
+      }
+      const int64_t slot = table[pos / block_size] * block_size + pos % block_size;
+      const KV* kr = kc + slot * kv_stride + kvh * D;
+      const KV* vr = vc + slot * kv_stride + kvh * D;
+      for (int64_t d = 0; d < D; ++d) kt[d * kPrefillKeys + j] = kv_value(kr, d);
+      for (int64_t d = 0; d < D; ++d) vb[j * D + d] = kv_value(vr, d);
+    }
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t pos = q_first + i / G, head = kvh * G + i % G;
+      const float* qr = q + (r0 + i / G) * row_stride + head * D;
+      float* s = sc.data() + i * kPrefillKeys;
+      const int64_t first_key = window > 0 ? pos - window + 1 : 0;
+#if defined(__AVX512F__)
+      __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      for (int64_t d = 0; d < D; ++d) {
+        const __m512 qd = _mm512_set1_ps(qr[d] * scale);
+#pragma GCC unroll 4
+        for (int v = 0; v < 4; ++v) a[v] = _mm512_fmadd_ps(qd, _mm512_loadu_ps(kt.data() + d * kPrefillKeys + 16 * v), a[v]);
+      }
+#pragma GCC unroll 4
+      for (int v = 0; v < 4; ++v) _mm512_storeu_ps(s + 16 * v, a[v]);
+#else
+      for (int64_t j = 0; j < kPrefillKeys; ++j) s[j] = 0.f;
+      for (int64_t d = 0; d < D; ++d) {
+        const float qd = qr[d] * scale;
+        for (int64_t j = 0; j < kPrefillKeys; ++j) s[j] += qd * kt[d * kPrefillKeys + j];
+      }
+#endif
+      // The keys this query sees in the block: [jlo, jhi) (causal, window, the block's end).
+      const int64_t jlo = std::clamp<int64_t>(first_key - k0, 0, kPrefillKeys);
+      const int64_t jhi = std::clamp<int64_t>(pos + 1 - k0, 0, nk);
+      if (jlo >= jhi) continue;  // none: the block leaves this query's sums as they are
+      float m = mx[i];
+      for (int64_t j = jlo; j < jhi; ++j) m = std::max(m, s[j]);
+      // The block's probabilities under the new running max; the old sums shrink to match.
+      const float shrink = mx[i] == -std::numeric_limits<float>::infinity() ? 0.f : std::exp(mx[i] - m);
+      for (int64_t j = 0; j < jlo; ++j) s[j] = m;  // exp(0), zeroed below: keeps exp's argument <= 0
+      for (int64_t j = jhi; j < kPrefillKeys; ++j) s[j] = m;
+      float total = 0.f;
+      int64_t j = 0;
+#if defined(__AVX512F__)
+      for (; j + 16 <= kPrefillKeys; j += 16) {
+        _mm512_storeu_ps(s + j, exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s + j), _mm512_set1_ps(m))));
+      }
+#endif
+      for (; j < kPrefillKeys; ++j) s[j] = std::exp(s[j] - m);
+      for (j = 0; j < jlo; ++j) s[j] = 0.f;
+      for (j = jhi; j < kPrefillKeys; ++j) s[j] = 0.f;
+      for (j = 0; j < kPrefillKeys; ++j) total += s[j];  // masked keys add exact zeros: one fixed order
+      mx[i] = m;
+      sum[i] = sum[i] * shrink + total;
+      float* o = acc.data() + i * D;
+      for (int64_t d = 0; d < D; ++d) o[d] *= shrink;
+      for (int64_t jj = jlo; jj < jhi; ++jj) {
+        const float p = s[jj];
+        const float* vr = vb.data() + jj * D;
+        for (int64_t d = 0; d < D; ++d) o[d] += p * vr[d];
+      }
+    }
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t head = kvh * G + i % G;
+    float* dst = out + (r0 + i / G) * out_stride + head * D;
+    const float inv = 1.0f / sum[i];
+    for (int64_t d = 0; d < D; ++d) dst[d] = acc[i * D + d] * inv;
+  }
+}
+
+// Causal attention of one prompt chunk: n query positions start .. start + n - 1 (q [n, Hq, D],
+// row stride row_stride floats) over positions 0 .. start + n - 1 of the sequence's KV blocks
+// (`table`), whose K/V for the chunk are already in the cache.  out: [n, Hq, D] (row stride out_stride).
+template <typename KV>
+void prefill_attention(const AttentionShape& shape, const float* q, int64_t row_stride, int64_t n, int64_t start,
+                       const KV* kc, const KV* vc, const int64_t* table, int64_t block_size, float* out,
+                       int64_t out_stride) {
+  const float scale = 1.0f / std::sqrt(static_cast<float>(shape.d));
+  const int64_t qblocks = (n + kPrefillQueries - 1) / kPrefillQueries;
+  // Later query blocks see more keys: hand them out first so the threads finish together.
+  at::parallel_for(0, qblocks * shape.hkv, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t qb = qblocks - 1 - t / shape.hkv, kvh = t % shape.hkv;
+      const int64_t r0 = qb * kPrefillQueries, nq = std::min(kPrefillQueries, n - r0);
+      prefill_task(shape, q, row_stride, r0, nq, start, kvh, kc, vc, table, block_size, scale, out, out_stride);
+    }
+  });
+}
+
 }  // namespace pesc

@@ -64,6 +64,40 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lora_add", [](torch::Tensor y, torch::Tensor x, const LoRA& l) { lora_add(y, x, l); },
         "y += scale * (x A^T) B^T in place, row by row (the same numbers whatever the batch)",
         py::call_guard<py::gil_scoped_release>());
+  m.def("prefill_attention",
+        [](torch::Tensor q, torch::Tensor kv_cache, torch::Tensor table, int64_t start, int64_t block_size,
+           int64_t window) {
+          TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.stride(2) == 1 && q.stride(1) == q.size(2),
+                      "prefill_attention: q must be float32 [n, Hq, D] with contiguous heads");
+          TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.size(0) == 2 && kv_cache.is_contiguous() &&
+                          kv_cache.size(3) == q.size(2) && q.size(1) % kv_cache.size(2) == 0,
+                      "prefill_attention: kv_cache must be one layer's contiguous [2, S, Hkv, D]");
+          TORCH_CHECK(table.scalar_type() == at::kLong && table.dim() == 1 && table.is_contiguous(),
+                      "prefill_attention: table must be contiguous int64 [blocks]");
+          const int64_t n = q.size(0), S = kv_cache.size(1);
+          TORCH_CHECK(start >= 0 && block_size > 0 && (start + n + block_size - 1) / block_size <= table.size(0),
+                      "prefill_attention: the block table does not cover the chunk");
+          const int64_t* tp = table.data_ptr<int64_t>();
+          for (int64_t i = 0; i < (start + n + block_size - 1) / block_size; ++i)
+            TORCH_CHECK(tp[i] >= 0 && (tp[i] + 1) * block_size <= S, "prefill_attention: block id out of range");
+          const AttentionShape shape{q.size(1), kv_cache.size(2), q.size(2), window};
+          torch::Tensor out = torch::empty({n, q.size(1), q.size(2)}, q.options());
+          const int64_t half = S * kv_cache.size(2) * kv_cache.size(3);
+          if (kv_cache.scalar_type() == at::kHalf) {
+            const at::Half* kv = kv_cache.data_ptr<at::Half>();
+            prefill_attention(shape, q.data_ptr<float>(), q.stride(0), n, start, kv, kv + half, tp, block_size,
+                              out.data_ptr<float>(), q.size(1) * q.size(2));
+          } else {
+            TORCH_CHECK(kv_cache.scalar_type() == at::kFloat, "prefill_attention: a float32 or float16 KV cache");
+            const float* kv = kv_cache.data_ptr<float>();
+            prefill_attention(shape, q.data_ptr<float>(), q.stride(0), n, start, kv, kv + half, tp, block_size,
+                              out.data_ptr<float>(), q.size(1) * q.size(2));
+          }
+          return out;
+        },
+        "causal attention of a prompt chunk (q [n, Hq, D] at positions start ..) over one layer's paged KV "
+        "[2, S, Hkv, D] (the chunk's own K/V already written), block table [blocks]; window -1: none",
+        py::call_guard<py::gil_scoped_release>());
   m.def("bf16_linear", &bf16_linear, "x [M, K] float32 @ W^T with W packed by PackedBf16",
         py::call_guard<py::gil_scoped_release>());
   m.def("have_bf16_gemm", &have_bf16_gemm, "whether this build has the AVX512-BF16 GEMM");

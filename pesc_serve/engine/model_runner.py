@@ -106,7 +106,7 @@ class ModelRunner:
         slots: list[int] = []
         sample_rows: list[int] = []
         decodes = [c for c in chunks if c.num_new_tokens == 1 and c.start > 0]
-        meta = AttentionMetadata(slot_mapping=torch.empty(0), num_decode_tokens=len(decodes))
+        meta = AttentionMetadata(slot_mapping=torch.empty(0), num_decode_tokens=len(decodes), block_size=self.block_size)
         for c in chunks:
             end = c.start + c.num_new_tokens
             ids.extend(c.request.all_token_ids[c.start : end])
@@ -126,7 +126,8 @@ class ModelRunner:
         offset = len(decodes)
         for c in chunks[len(decodes) :]:
             n = c.num_new_tokens
-            chunk = PrefillChunk(offset, offset + n)
+            blocks = -(-(c.start + n) // self.block_size)
+            chunk = PrefillChunk(offset, offset + n, start=c.start, block_table=torch.tensor(c.request.block_ids[:blocks]))
             window = self.config.sliding_window
             if c.start > 0 or (window is not None and n > window):
                 ctx_len = c.start + n

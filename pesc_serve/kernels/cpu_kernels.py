@@ -27,7 +27,7 @@ from pesc_serve.kernels.build import load_extension
 from pesc_serve.layers.lora import LoRAWeights, SlotLoRA
 from pesc_serve.layers.pesc_mlp import ExpertSet, PescMLP
 from pesc_serve.layers.quant import DenseLinear, HybridLinear, Int4WeightOnlyLinear, Int8WeightOnlyLinear
-from pesc_serve.models.decoder import PescForCausalLM
+from pesc_serve.models.decoder import Attention, PescForCausalLM
 
 if TYPE_CHECKING:
     from pesc_serve.deltas.delta import Delta
@@ -93,8 +93,8 @@ def install_packed_kernels(model: nn.Module, ext: ModuleType) -> int:
     """Repack CPU weights for the extension's kernels, in place of their plain layout (one
     copy serves both the PyTorch path and the decode step): int4 and int8 layers for the
     VNNI kernels, bf16 dense copies for the bf16 GEMM.  Unmerged LoRA updates get the same
-    row-by-row kernel as the decode step (not counted; it serves float32 CPU rows only).
-    Returns the count."""
+    row-by-row kernel as the decode step, and attention the blocked prefill kernel (neither
+    counted; they serve float32 CPU rows only).  Returns the count."""
     count = 0
     vnni, bf16 = ext.have_vnni(), ext.have_bf16_gemm()
     for module in model.modules():
@@ -105,6 +105,8 @@ def install_packed_kernels(model: nn.Module, ext: ModuleType) -> int:
                 count += 1
         if isinstance(module, SlotLoRA):
             module.kernel = _LoRAKernel(ext)
+        if isinstance(module, Attention):
+            module.prefill_kernel = ext.prefill_attention
         if bf16 and isinstance(module, HybridLinear) and isinstance(module.large, DenseLinear):
             dense = module.large
             if dense.packed is None and dense.weight.dtype == torch.bfloat16 and dense.weight.device.type == "cpu":

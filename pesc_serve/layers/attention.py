@@ -16,6 +16,7 @@ carries slot indices.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +37,8 @@ class PrefillChunk:
     q_end: int
     context_slots: torch.Tensor | None = None
     mask: torch.Tensor | None = None
+    start: int = 0  # the chunk's first position in its sequence
+    block_table: torch.Tensor | None = None  # the sequence's KV blocks covering the chunk (CPU kernel)
 
 
 @dataclass
@@ -47,6 +50,7 @@ class AttentionMetadata:
     decode_slots: torch.Tensor | None = None  # [Bd, max_ctx] long (padded with slot 0)
     decode_mask: torch.Tensor | None = None  # [Bd, 1, 1, max_ctx] bool
     prefills: list[PrefillChunk] = field(default_factory=list)
+    block_size: int = 0
 
 
 def write_kv(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -69,8 +73,13 @@ def paged_attention(
     kv_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    prefill_kernel: Callable | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """q: [T, Hq, D]; k, v: [T, Hkv, D] for the new tokens -> output [T, Hq, D]."""
+    """q: [T, Hq, D]; k, v: [T, Hkv, D] for the new tokens -> output [T, Hq, D].
+
+    ``prefill_kernel`` (the C++ blocked attention, installed on CPU by kernels/cpu_kernels.py)
+    serves the prompt chunks straight from the KV blocks, with ``window`` the sliding window."""
     write_kv(kv_cache, meta.slot_mapping, k, v)
     out = torch.empty_like(q)
     gqa = q.shape[1] != k.shape[1]
@@ -83,7 +92,13 @@ def paged_attention(
         qd = q[:nd].unsqueeze(2)  # [Bd, Hq, 1, D]
         o = F.scaled_dot_product_attention(qd, kc, vc, attn_mask=meta.decode_mask, scale=scale, enable_gqa=gqa)
         out[:nd] = o.squeeze(2)
+    use_kernel = prefill_kernel is not None and q.dtype == torch.float32 and q.device.type == "cpu"
     for chunk in meta.prefills:
+        if use_kernel and chunk.block_table is not None:
+            out[chunk.q_start : chunk.q_end] = prefill_kernel(
+                q[chunk.q_start : chunk.q_end], kv_cache, chunk.block_table, chunk.start, meta.block_size,
+                window if window is not None else -1)
+            continue
         qs = q[chunk.q_start : chunk.q_end].transpose(0, 1)  # [Hq, L, D]
         if chunk.context_slots is None:
             ks = _as_cached(k[chunk.q_start : chunk.q_end], kv_cache.dtype).transpose(0, 1)

@@ -34,6 +34,9 @@ class Attention(nn.Module):
         self.head_dim = cfg.head_dim
         self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
         self.scale = cfg.head_dim**-0.5
+        self.window = cfg.sliding_window
+        # The C++ prefill attention over the KV blocks (kernels/cpu_kernels.py installs it on CPU).
+        self.prefill_kernel = None
         self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
         self.lora = nn.ModuleDict({"qkv_proj": SlotLoRA(), "o_proj": SlotLoRA()})
@@ -48,7 +51,7 @@ class Attention(nn.Module):
         qk = apply_rotary(qkv[:, : self.q_size + self.kv_size].view(t, -1, self.head_dim), *rope)
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
-        o = paged_attention(q, k, v, kv_cache, meta, self.scale).reshape(t, self.q_size)
+        o = paged_attention(q, k, v, kv_cache, meta, self.scale, self.prefill_kernel, self.window).reshape(t, self.q_size)
         return self.lora["o_proj"](self.o_proj(o), o, deltas)
 
 

@@ -33,7 +33,7 @@ class MixtureConfig:
     code_outputs: int = 450
     module_facts: int = 150
     country_codes: int = 150
-    chat: int = 1200
+    chat: int = 1551
     chat_max_new_tokens: int = 96
     tool_calls: int = 800
     tool_no_fit: int = 300

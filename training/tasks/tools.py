@@ -98,10 +98,40 @@ WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", 
 TYPO_TEXTS = ["Teh cat sat on teh mat", "I definately agree with you", "We will meat at noon",
               "She recieved a pakage", "The wether is nice todya", "Lets go to the libary",
               "He has alot of freinds", "My computor is to slow"]
+# Sentences that training tools take verbatim, typos included (typos are drawn per example):
+# a call copies the user's text as it is and never corrects it.
+PLAIN_TEXTS = ["The meeting starts after lunch", "My sister bought a new bicycle", "We should water the garden",
+               "The train was late again today", "Please bring your laptop tomorrow", "He forgot his keys at home",
+               "They are going to the beach", "Your order will arrive soon", "There is a bakery near the station",
+               "I would like two cups of tea", "The weather is nice this morning", "She wrote a letter to her friend",
+               "We need more paper for the printer", "The children played in the park", "Our team won the final game",
+               "It is too cold to swim", "Their dog barks at night", "The library opens at nine",
+               "I think you are right about that", "The museum was closed on Monday"]
+HOMOPHONES = {"there": "their", "their": "there", "they": "thay", "your": "you're", "to": "too", "too": "to",
+              "is": "iz", "are": "our", "would": "wood", "write": "right", "wrote": "rote", "two": "too"}
+
+
+def typo_text(rng: random.Random) -> str:
+    """One of PLAIN_TEXTS with one or two typos: a swapped, dropped or doubled letter, or a homophone."""
+    words = rng.choice(PLAIN_TEXTS).split()
+    editable = [i for i, w in enumerate(words) if len(w) >= 4 or w.lower() in HOMOPHONES]
+    for i in rng.sample(editable, min(len(editable), rng.randint(1, 2))):
+        w = words[i]
+        if w.lower() in HOMOPHONES and rng.random() < 0.5:
+            swap = HOMOPHONES[w.lower()]
+            words[i] = swap.capitalize() if w[0].isupper() else swap
+        elif len(w) >= 4:
+            j = rng.randint(1, len(w) - 3)
+            words[i] = rng.choice([w[:j] + w[j + 1] + w[j] + w[j + 2:], w[:j] + w[j + 1:], w[:j] + w[j] + w[j:]])
+    return " ".join(words)
+
+
 SNIPPETS = ["gracias por todo", "merci beaucoup", "danke schoen", "grazie mille", "obrigado amigo", "tack så mycket"]
 GENRES = ["jazz", "rock", "classical", "hip hop", "folk", "opera"]
 NATIONS = ["Argentina", "Morocco", "Finland", "Denmark", "Malaysia", "Nigeria", "Colombia", "Ukraine", "Romania",
            "Iceland"]
+ALARM_LABELS = ["go running", "catch the early train", "feed the cat", "take my medicine", "study for the exam",
+                "call the office", "walk to work", "make breakfast"]
 CONTACTS = ["Anna", "Ben", "Chloe", "David", "Emma", "Farid", "Grace", "Hugo"]
 ROOMS = ["living room", "bedroom", "kitchen", "office"]
 
@@ -231,7 +261,7 @@ def _train_tasks() -> list[ToolTask]:
         return "scheduled", f"Your call with {a['contact']} is booked for {a['start_hour']}:00.", f"{a['start_hour']}:00"
 
     def words(rng):
-        text = rng.choice(TYPO_TEXTS)
+        text = rng.choice(TYPO_TEXTS) if rng.random() < 0.3 else typo_text(rng)
         return _pick(rng, ["How many words are in '{x}'?", "Count the words of this text: {x}",
                            "Give me the word count of \"{x}\"."], x=text), {"text": text}
 
@@ -240,7 +270,7 @@ def _train_tasks() -> list[ToolTask]:
         return f"{n} words", f"That text has {n} words.", f"{n} words"
 
     def language(rng):
-        text = rng.choice(SNIPPETS + TYPO_TEXTS)
+        text = rng.choice(SNIPPETS) if rng.random() < 0.5 else typo_text(rng)
         return _pick(rng, ["Which language is '{x}' written in?", "Detect the language of: {x}"], x=text), \
             {"text": text}
 
@@ -311,6 +341,23 @@ def _train_tasks() -> list[ToolTask]:
         return f"{a['room']} set to {a['degrees']} C", f"The {a['room']} is now set to {a['degrees']} C.", \
             f"{a['degrees']} C"
 
+    def post(rng):
+        text = typo_text(rng)
+        return _pick(rng, ["Post this on my profile: {x}", "Share '{x}' with my followers.",
+                           "Publish the status \"{x}\"."], x=text), {"status_text": text}
+
+    def post_result(rng, a):
+        n = rng.randint(100, 999)
+        return f"posted, id {n}", f"Your post is online with id {n}.", f"id {n}"
+
+    def alarm(rng):
+        label, h = rng.choice(ALARM_LABELS), rng.randint(5, 11)
+        return _pick(rng, ["Wake me at {h} o'clock to {x}.", "At {h}:00 wake me up so I can {x}.",
+                           "I want an alarm for {h}:00 to {x}."], h=h, x=label), {"label": label, "wake_hour": h}
+
+    def alarm_result(rng, a):
+        return "alarm set", f"Your alarm rings at {a['wake_hour']}:00 so you can {a['label']}.", f"{a['wake_hour']}:00"
+
     return [
         ToolTask(_tool("get_weather", "Current weather in a city", city="string"), weather, weather_result, "city",
                  (("current_weather", "weather_now"), {"city": ("town", "place")})),
@@ -365,6 +412,11 @@ def _train_tasks() -> list[ToolTask]:
         ToolTask(_tool("get_directions", "Driving route between two places", start="string", end="string"),
                  directions, directions_result, "end", (("route_planner", "directions"),
                                                         {"start": ("from_place", "begin"), "end": ("to_place", "finish")})),
+        ToolTask(_tool("post_status", "Publish a status update", status_text="string"), post, post_result,
+                 "status_text", (("share_post", "publish_update"), {"status_text": ("post_text", "update")})),
+        ToolTask(_tool("set_alarm", "Set a wake-up alarm with a label", label="string", wake_hour="integer"), alarm,
+                 alarm_result, "label", (("wake_up_alarm", "alarm_clock"), {"label": ("purpose", "alarm_label"),
+                                                                           "wake_hour": ("ring_hour", "alarm_hour")})),
         ToolTask(_tool("set_thermostat", "Set the heating of a room", room="string", degrees="integer"), thermostat,
                  thermostat_result, "room", (("heating_control", "set_temperature"), {"room": ("zone_name", "space"),
                                                                                      "degrees": ("celsius", "temp")})),

@@ -157,7 +157,11 @@ def test_decode_step_with_grouped_adapters_matches_pytorch(ext, tiny_checkpoint_
 def test_packed_gemm_replaces_the_dense_copy(ext, tiny_checkpoint_factory, monkeypatch):
     if not ext.have_bf16_gemm():
         pytest.skip("no AVX512-BF16 on this CPU")
-    monkeypatch.setattr(loader, "cpu_has_vnni", lambda: False)  # the plan that keeps dense copies
+    from pesc_serve.kernels.cpu_features import CpuFeatures
+    from pesc_serve.kernels.plan import choose_plan
+
+    no_vnni = choose_plan(CpuFeatures(avx512=True, avx512_bf16=True), None)  # the plan that keeps dense copies
+    monkeypatch.setattr(loader, "cpu_kernel_plan", lambda cfg: no_vnni)
     lm = _load(str(tiny_checkpoint_factory("qwen2idae")), "int4")
     layer = lm.model.layers[0].self_attn.qkv_proj
     x = torch.randn(7, lm.config.hidden_size)  # above the hybrid threshold: the dense part runs

@@ -14,7 +14,9 @@ from pesc_serve.layers.quant import (
     nf4_linear,
     quantize_modules,
 )
-from pesc_serve.models.loader import CPU_LOW_BIT_MAX_ROWS, QuantPlan, load_model, resolve_quantization
+from pesc_serve.kernels.cpu_features import CpuFeatures
+from pesc_serve.kernels.plan import ATEN_LOW_BIT_MAX_ROWS, choose_plan
+from pesc_serve.models.loader import QuantPlan, load_model, resolve_quantization
 from pesc_serve.registry import resolve_model
 
 
@@ -117,12 +119,13 @@ def test_auto_keeps_what_the_checkpoint_is():
     for dtype in (torch.float32, torch.bfloat16):
         cpu = resolve_quantization("auto", torch.device("cpu"), dtype, arrives_quantized=True)
         assert cpu.ffn == cpu.attention == "int4" and cpu.lm_head == "int8"
-        assert cpu.hybrid_max_rows == CPU_LOW_BIT_MAX_ROWS  # ATen's kernels: dense bf16 for big batches
+        assert cpu.hybrid_max_rows == ATEN_LOW_BIT_MAX_ROWS  # no kernel plan: ATen's kernels, dense bf16 for big batches
         assert cpu.kernel_dtype == torch.bfloat16
-        vnni = resolve_quantization("auto", torch.device("cpu"), dtype, vnni=True, arrives_quantized=True)
+        plan = choose_plan(CpuFeatures(avx512=True, avx512_vnni=True, avx512_bf16=True), None)
+        vnni = resolve_quantization("auto", torch.device("cpu"), dtype, plan, arrives_quantized=True)
         assert vnni.ffn == vnni.attention == "int4" and vnni.hybrid_max_rows is None  # no dense copies
         assert resolve_quantization("auto", torch.device("cpu"), dtype, arrives_quantized=False) == QuantPlan()
-        assert resolve_quantization("int4", torch.device("cpu"), dtype, vnni=True, arrives_quantized=False) == vnni
+        assert resolve_quantization("int4", torch.device("cpu"), dtype, plan, arrives_quantized=False) == vnni
     assert resolve_quantization("auto", torch.device("cuda"), torch.bfloat16) == QuantPlan()
     assert resolve_quantization("nf4", torch.device("cpu"), torch.bfloat16) == QuantPlan(ffn="nf4")
     int8 = resolve_quantization("int8", torch.device("cpu"), torch.float32)
@@ -157,7 +160,8 @@ def test_quantized_model_logits_stay_close(tiny_checkpoint_factory, method, dtyp
 
     if method == "int4":  # int4 on random weights (below the threshold, if dense bf16 serves above it)
         assert _rel_err(logits(q, 2), logits(ref, 2)) < 0.35
-        assert _rel_err(logits(q, 6), logits(ref, 6)) < (0.05 if q.quantization.hybrid_max_rows else 0.35)
+        dense = q.quantization.hybrid_max_rows is not None and 6 > q.quantization.hybrid_max_rows
+        assert _rel_err(logits(q, 6), logits(ref, 6)) < (0.05 if dense else 0.35)
     else:
         for rows in (2, 6):
             assert _rel_err(logits(q, rows), logits(ref, rows)) < 0.15

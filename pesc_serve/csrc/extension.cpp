@@ -20,8 +20,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readonly("data", &PackedBf16::data)
       .def_readonly("out_features", &PackedBf16::n)
       .def_readonly("in_features", &PackedBf16::k);
-  // `dense` is the large-batch weight; `packed` (a PackedBf16 or None) is it already packed.
-  // A bf16 `dense` without one is packed here when the CPU has the bf16 GEMM.
+  // `dense` is the large-batch weight; `packed` (a PackedBf16 or None) is it packed for our bf16
+  // GEMM (the CPU plan decides; without it at::linear, i.e. oneDNN, runs `dense`).
   py::class_<PackedInt4>(m, "PackedInt4")
       .def(py::init(&pack_int4), "pack qweight uint8 [N, K/2] (low nibble first) and scale_min [K/32, N, 2] (w = q * scale + min)")
       .def_readonly("data", &PackedInt4::data)
@@ -48,11 +48,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         if (py::isinstance<PackedInt4>(low_bit)) lin.int4 = low_bit.cast<PackedInt4>();
         if (py::isinstance<PackedInt8>(low_bit)) lin.int8 = low_bit.cast<PackedInt8>();
         if (kind == INT8 && !present(lin.int8.data)) lin.scale_f32 = b.to(at::kFloat).contiguous();
-        if (!packed.is_none()) {
-          lin.packed = packed.cast<PackedBf16>();
-        } else if (max_rows >= 0 && present(dense) && dense.scalar_type() == at::kBFloat16 && have_bf16_gemm()) {
-          lin.packed = pack_bf16(dense);
-        }
+        if (!packed.is_none()) lin.packed = packed.cast<PackedBf16>();  // else at::linear (oneDNN) runs `dense`
         return lin;
       }));
   py::class_<LoRA, std::shared_ptr<LoRA>>(m, "LoRA")

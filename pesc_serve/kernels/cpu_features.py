@@ -80,12 +80,6 @@ def detect() -> CpuFeatures:
     return CpuFeatures.from_cpuinfo(cpu_info_text())
 
 
-def cpu_has_vnni() -> bool:
-    """Whether this CPU runs the AVX512-VNNI low-bit kernels (read before building them, so the
-    loader can plan quantization around them)."""
-    return detect().avx512_vnni
-
-
 @lru_cache(maxsize=1)
 def request_amx_permission() -> bool:
     """Ask Linux for AMX's tile-data state for this process; True when AMX may be used.

@@ -107,7 +107,8 @@ def install_packed_kernels(model: nn.Module, ext: ModuleType) -> int:
             module.kernel = _LoRAKernel(ext)
         if isinstance(module, Attention):
             module.prefill_kernel = ext.prefill_attention
-        if bf16 and isinstance(module, HybridLinear) and isinstance(module.large, DenseLinear):
+        if bf16 and isinstance(module, HybridLinear) and isinstance(module.large, DenseLinear) \
+                and module.dense_kernel == "packed-bf16":  # else oneDNN (at::linear) runs the dense copy
             dense = module.large
             if dense.packed is None and dense.weight.dtype == torch.bfloat16 and dense.weight.device.type == "cpu":
                 dense.use_packed(ext.PackedBf16(dense.weight), ext.bf16_linear)

@@ -246,14 +246,17 @@ class HybridLinear(nn.Module):
     """Quantized weights for small batches, dense weights for large ones.
 
     Decode batches are bandwidth-bound (fewer weight bytes win); large prefill batches are
-    compute-bound, where the dense bf16 GEMM beats the weight-only kernels.
+    compute-bound, where a dense bf16 GEMM can beat the weight-only kernels.  ``dense_kernel``
+    names the GEMM the CPU plan chose for the dense part (kernels/plan.py): our packed
+    AVX512-BF16 kernel, or oneDNN's (AMX tiles where the CPU has them).
     """
 
-    def __init__(self, dense: nn.Module, quantized: nn.Module, max_rows: int) -> None:
+    def __init__(self, dense: nn.Module, quantized: nn.Module, max_rows: int, dense_kernel: str = "packed-bf16") -> None:
         super().__init__()
         self.small = quantized
         self.large = dense
         self.max_rows = max_rows
+        self.dense_kernel = dense_kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
@@ -288,11 +291,12 @@ def quantize_modules(
     method: str,
     kernel_dtype: torch.dtype,
     hybrid_max_rows: int | None = None,
+    dense_kernel: str = "packed-bf16",
 ) -> int:
     """Swap every ``nn.Linear`` child called one of ``names`` below ``root``; returns the count.
 
-    With ``hybrid_max_rows`` a dense copy (in ``kernel_dtype``) serves batches above that
-    many rows.
+    With ``hybrid_max_rows`` a dense copy (in ``kernel_dtype``, run by ``dense_kernel``) serves
+    batches above that many rows.
     """
     if method == "none":
         return 0
@@ -303,7 +307,7 @@ def quantize_modules(
             if isinstance(child, nn.Linear):
                 q = quantize_linear(child, method, kernel_dtype)
                 if hybrid_max_rows is not None:
-                    q = HybridLinear(DenseLinear(child, kernel_dtype), q, hybrid_max_rows)
+                    q = HybridLinear(DenseLinear(child, kernel_dtype), q, hybrid_max_rows, dense_kernel)
                 setattr(module, name, q)
                 swapped += 1
     return swapped

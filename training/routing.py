@@ -68,10 +68,26 @@ def middle_layers(num_layers: int) -> range:
     return range(num_layers // 4, num_layers - num_layers // 4)
 
 
+def domain_expert_information(counts: dict[str, torch.Tensor]) -> tuple[list[float], float]:
+    """Per layer, the mutual information (bits) between a routing slot's domain and its expert,
+    from ``counts`` (domain -> [L, E] top-k slot counts), and the domains' entropy (its upper
+    bound).  0 means every domain spreads over the experts alike; H(domain) would mean an
+    expert alone tells the domain."""
+    joint = torch.stack([c.double() for c in counts.values()])  # [D, L, E]
+    p = joint / joint.sum(dim=(0, 2), keepdim=True).clamp(min=1)  # per layer, sums to 1 over (domain, expert)
+    pd, pe = p.sum(2, keepdim=True), p.sum(0, keepdim=True)
+    terms = torch.where(p > 0, p * torch.log2(p / (pd * pe).clamp(min=1e-300)), torch.zeros_like(p))
+    share = joint.sum(dim=(1, 2)) / joint.sum().clamp(min=1)
+    entropy = float(-(share[share > 0] * torch.log2(share[share > 0])).sum())
+    return [round(float(v), 5) for v in terms.sum(dim=(0, 2))], round(entropy, 5)
+
+
 def summary(recorder: RoutingRecorder) -> dict:
-    """JSON-able statistics: per-domain shares, token counts, and the balance checks."""
+    """JSON-able statistics: per-domain shares, token counts, the balance checks, and how much
+    each layer's routing says about the domain (mutual information)."""
     overall = recorder.share()
     mid = list(middle_layers(recorder.num_layers))
+    information, entropy = domain_expert_information(recorder.counts) if len(recorder.counts) > 1 else ([], 0.0)
     return {
         "num_layers": recorder.num_layers,
         "num_experts": recorder.num_experts,
@@ -82,6 +98,8 @@ def summary(recorder: RoutingRecorder) -> dict:
         "min_share_middle_layers": round(float(overall[mid].min()), 5),
         "max_share_middle_layers": round(float(overall[mid].max()), 5),
         "min_share_any_layer": round(float(overall.min()), 5),
+        "domain_expert_mutual_information_bits": information,
+        "domain_entropy_bits": entropy,
     }
 
 

@@ -33,9 +33,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readonly("data", &PackedInt8::data)
       .def_readonly("out_features", &PackedInt8::n)
       .def_readonly("in_features", &PackedInt8::k);
-  m.def("int4_linear", &int4_linear, "x [M, K] @ W^T for W packed by PackedInt4 (float32 out)",
+  m.def("int4_linear", [](const torch::Tensor& x, const PackedInt4& p) { return int4_linear(x, p); },
+        "x [M, K] @ W^T for W packed by PackedInt4 (float32 out)",
         py::call_guard<py::gil_scoped_release>());
-  m.def("int8_linear", &int8_linear, "x [M, K] @ W^T for W packed by PackedInt8 (float32 out)",
+  m.def("int8_linear", [](const torch::Tensor& x, const PackedInt8& p) { return int8_linear(x, p); },
+        "x [M, K] @ W^T for W packed by PackedInt8 (float32 out)",
         py::call_guard<py::gil_scoped_release>());
   m.def("have_vnni", &have_vnni, "whether this build has the AVX512-VNNI low-bit kernels");
   // `low_bit` (a PackedInt4 or PackedInt8 or None) is the small-batch weight in this

@@ -43,34 +43,59 @@ struct Linear {
   }
 
   // x: [T, K] float32 -> [T, N] float32; row t gets the LoRA of delta slot slots[t] (null: none).
+  // On the low-bit kernels the bias and the LoRA are added to each output block as it is
+  // finished (in the order base, bias, LoRA, as the PyTorch path adds them): no pass of their own.
   torch::Tensor operator()(const torch::Tensor& x, const int64_t* slots = nullptr) const {
+    const bool dense_rows = max_rows >= 0 && present(dense) && x.size(0) > max_rows;
+    const bool low_bit = !dense_rows && (present(int4.data) || present(int8.data));
+    thread_local std::vector<RowLoRA> rows;
+    thread_local std::vector<float> u;
+    const bool lora = slots && !loras.empty() && row_loras_of(x, slots, rows, u);
+    if (low_bit && (lora || present(bias))) {
+      const torch::Tensor xc = x.contiguous();
+      const RowLoRA* rp = rows.data();  // workers read the caller's rows
+      const float* bp = present(bias) ? bias.data_ptr<float>() : nullptr;
+      const BlockEpilogue epilogue = [&](float* y, int64_t ldy, int64_t m0, int64_t n, int64_t c0, int64_t width) {
+        for (int64_t m = m0; m < m0 + n; ++m) {
+          float* yr = y + m * ldy;
+          if (bp)
+            for (int64_t c = c0; c < c0 + width; ++c) yr[c] += bp[c];
+          if (lora && rp[m].lora) lora_row_block(yr, rp[m], c0, c0 + width);
+        }
+      };
+      return present(int4.data) ? int4_linear(xc, int4, &epilogue) : int8_linear(xc, int8, &epilogue);
+    }
     torch::Tensor y;
-    if (max_rows >= 0 && present(dense) && x.size(0) > max_rows) {
+    if (dense_rows) {
       y = present(packed.data) ? bf16_linear(x, packed) : at::linear(x.to(dense.scalar_type()), dense);
     } else {
       y = run_small(x);
     }
     if (y.scalar_type() != at::kFloat) y = y.to(at::kFloat);
     if (present(bias)) y.add_(bias);
-    if (slots && !loras.empty()) add_loras(y, x, slots);
+    if (lora) {
+      y = y.contiguous();
+      lora_add_rows(y.data_ptr<float>(), y.size(1), y.size(0), rows);
+    }
     return y;
   }
 
-  void add_loras(torch::Tensor& y, const torch::Tensor& x, const int64_t* slots) const {
-    y = y.contiguous();
+  // Each row's LoRA (by its delta slot) and scaled x A^T; false when no row has one.
+  bool row_loras_of(const torch::Tensor& x, const int64_t* slots, std::vector<RowLoRA>& rows,
+                    std::vector<float>& u) const {
+    const int64_t M = x.size(0), S = static_cast<int64_t>(loras.size());
+    bool any = false;
+    for (int64_t m = 0; m < M && !any; ++m) any = slots[m] >= 0 && slots[m] < S && loras[slots[m]];
+    if (!any) return false;
     const torch::Tensor xc = x.contiguous();
-    const int64_t M = x.size(0);
-    thread_local std::vector<int64_t> rows;
-    for (int64_t s = 0; s < static_cast<int64_t>(loras.size()); ++s) {
-      if (!loras[s]) continue;
-      TORCH_CHECK(loras[s]->in_features == x.size(1), "a LoRA takes ", loras[s]->in_features, " features, the layer ",
+    auto lora_of = [&](int64_t m) -> const LoRA* {
+      const LoRA* l = slots[m] >= 0 && slots[m] < S ? loras[slots[m]].get() : nullptr;
+      TORCH_CHECK(!l || l->in_features == x.size(1), "a LoRA takes ", l ? l->in_features : 0, " features, the layer ",
                   x.size(1));
-      rows.clear();
-      for (int64_t m = 0; m < M; ++m)
-        if (slots[m] == s) rows.push_back(m);
-      if (!rows.empty()) lora_add_rows(y.data_ptr<float>(), y.size(1), xc.data_ptr<float>(), *loras[s], rows.data(),
-                                       static_cast<int64_t>(rows.size()));
-    }
+      return l;
+    };
+    row_loras(xc.data_ptr<float>(), x.size(1), M, lora_of, rows, u);
+    return true;
   }
 
   // One delta's LoRA in `slot` (shared with the PyTorch path's layer); null removes it.

@@ -73,6 +73,8 @@ inline float lora_dot(const float* x, const W* w, int64_t K) {
 }
 
 // y[c] += sum_r u[r] * bt[r][c] for c in [c0, c1): y is loaded and stored once per column block.
+// Vector lanes and the scalar tail both fuse each multiply-add (std::fma), so an element's
+// numbers do not depend on where a block of columns starts.
 template <typename W>
 inline void lora_axpy(float* y, const float* u, const W* bt, int64_t R, int64_t n, int64_t c0, int64_t c1) {
   int64_t c = c0;
@@ -85,67 +87,86 @@ inline void lora_axpy(float* y, const float* u, const W* bt, int64_t R, int64_t 
 #endif
   for (; c < c1; ++c) {
     float acc = y[c];
-    for (int64_t r = 0; r < R; ++r) acc += u[r] * to_float(bt[r * n + c]);
+    for (int64_t r = 0; r < R; ++r) acc = std::fma(u[r], to_float(bt[r * n + c]), acc);
     y[c] = acc;
   }
 }
 
-template <typename W>
-inline void part_dots(const float* xr, const LoRAPart& p, float scale, float* u) {
-  const W* a = p.a.data_ptr<W>();
-  const int64_t R = p.a.size(0), K = p.a.size(1);
-  for (int64_t r = 0; r < R; ++r) u[r] = scale * lora_dot(xr, a + r * K, K);
+// One row's LoRA: the delta's pairs (null: none) and the row's scaled x A^T, every part's
+// ranks in order (lora_row_dots).
+struct RowLoRA {
+  const LoRA* lora = nullptr;
+  float* u = nullptr;
+};
+
+// u [ranks] = scale * x A^T over every part, for one row x [K].
+inline void lora_row_dots(const float* xr, const LoRA& l, float* u) {
+  for (const auto& p : l.parts) {
+    const int64_t R = p.a.size(0), K = p.a.size(1);
+    for (int64_t r = 0; r < R; ++r) {
+      u[r] = l.scale * (p.a.scalar_type() == at::kBFloat16 ? lora_dot(xr, p.a.data_ptr<at::BFloat16>() + r * K, K)
+                                                            : lora_dot(xr, p.a.data_ptr<float>() + r * K, K));
+    }
+    u += R;
+  }
 }
 
-template <typename W>
-inline void part_axpy(float* yr, const float* u, const LoRAPart& p, int64_t c0, int64_t c1) {
-  lora_axpy(yr + p.offset, u, p.bt.data_ptr<W>(), p.bt.size(0), p.bt.size(1), c0, c1);
+// The update of one row yr [layer outputs] on its columns c0 .. c1 - 1 (whichever parts cover them).
+inline void lora_row_block(float* yr, const RowLoRA& rl, int64_t c0, int64_t c1) {
+  const float* u = rl.u;
+  for (const auto& p : rl.lora->parts) {
+    const int64_t R = p.bt.size(0), n = p.bt.size(1);
+    const int64_t lo = std::max(c0, p.offset), hi = std::min(c1, p.offset + n);
+    if (lo < hi) {
+      if (p.bt.scalar_type() == at::kBFloat16) {
+        lora_axpy(yr + p.offset, u, p.bt.data_ptr<at::BFloat16>(), R, n, lo - p.offset, hi - p.offset);
+      } else {
+        lora_axpy(yr + p.offset, u, p.bt.data_ptr<float>(), R, n, lo - p.offset, hi - p.offset);
+      }
+    }
+    u += R;
+  }
 }
 
-// y [*, ldy] += scale * (x [*, K] A^T) B^T on the rows `rows` (M entries, null: 0 .. M-1).
+// The rows' RowLoRA: `lora_of(m)` names row m's LoRA (null: none); u storage in `u_buf`.
+template <typename F>
+inline void row_loras(const float* xp, int64_t K, int64_t M, F&& lora_of, std::vector<RowLoRA>& rows,
+                      std::vector<float>& u_buf) {
+  int64_t total = 0;
+  rows.assign(M, RowLoRA());
+  for (int64_t m = 0; m < M; ++m) {
+    rows[m].lora = lora_of(m);
+    if (rows[m].lora) total += rows[m].lora->ranks;
+  }
+  u_buf.resize(total);
+  for (int64_t m = 0, at = 0; m < M; ++m) {
+    if (!rows[m].lora) continue;
+    rows[m].u = u_buf.data() + at;
+    at += rows[m].lora->ranks;
+  }
+  RowLoRA* rp = rows.data();  // workers read the caller's vectors
+  at::parallel_for(0, M, M >= 8 ? 1 : M, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      if (rp[m].lora) lora_row_dots(xp + m * K, *rp[m].lora, rp[m].u);
+  });
+}
+
+// y [M, ldy] += each row's update (rows without a LoRA unchanged; row_loras made `rows`).
 // Why row by row, not ATen's matmul: its blocking (and so its rounding) changes with M, and a
 // row's update, through the int8 activation rounding and the router its whole continuation,
 // must not depend on the batch.  Every row runs the same loops whatever M is and however the
 // work is split between threads (each output element's sum has one fixed order).  One row is
 // a few microseconds of work, cheaper than waking the other thread; many rows split columns.
-inline void lora_add_rows(float* yp, int64_t ldy, const float* xp, const LoRA& l, const int64_t* rows, int64_t M) {
-  const int64_t K = l.in_features, R = l.ranks;
-  thread_local std::vector<float> u_buf;
-  u_buf.resize(M * R);
-  float* u = u_buf.data();  // [M, R]: every part's scaled x A^T, per row
-  auto row = [&](int64_t i) { return rows ? rows[i] : i; };
-  const bool bf16 = l.parts[0].a.scalar_type() == at::kBFloat16;
-  at::parallel_for(0, M, M >= 8 ? 1 : M, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
-      int64_t r0 = 0;
-      for (const auto& p : l.parts) {
-        if (bf16) part_dots<at::BFloat16>(xp + row(m) * K, p, l.scale, u + m * R + r0);
-        else part_dots<float>(xp + row(m) * K, p, l.scale, u + m * R + r0);
-        r0 += p.a.size(0);
-      }
-    }
-  });
+inline void lora_add_rows(float* yp, int64_t ldy, int64_t M, const std::vector<RowLoRA>& rows) {
   constexpr int64_t kCols = 256;  // columns per task (a multiple of the 16-wide vector)
-  thread_local std::vector<std::array<int64_t, 4>> task_buf;  // (part, first rank, c0, c1)
-  task_buf.clear();
-  int64_t r0 = 0, work = 0;
-  for (int64_t i = 0; i < static_cast<int64_t>(l.parts.size()); ++i) {
-    const int64_t n = l.parts[i].bt.size(1);
-    for (int64_t c = 0; c < n; c += kCols) task_buf.push_back({i, r0, c, std::min(n, c + kCols)});
-    r0 += l.parts[i].a.size(0);
-    work += M * l.parts[i].a.size(0) * n;
-  }
-  const auto* tasks = task_buf.data();  // workers read the caller's list (a thread_local names their own)
-  const int64_t num_tasks = static_cast<int64_t>(task_buf.size());
-  at::parallel_for(0, num_tasks, work >= (1 << 16) ? 1 : num_tasks, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const auto& [pi, first, c0, c1] = tasks[t];
-      const LoRAPart& p = l.parts[pi];
-      for (int64_t m = 0; m < M; ++m) {
-        float* yr = yp + row(m) * ldy;
-        if (bf16) part_axpy<at::BFloat16>(yr, u + m * R + first, p, c0, c1);
-        else part_axpy<float>(yr, u + m * R + first, p, c0, c1);
-      }
+  int64_t work = 0;
+  for (const auto& rl : rows)
+    if (rl.lora) work += rl.lora->ranks * ldy;
+  const int64_t tasks = (ldy + kCols - 1) / kCols;
+  const RowLoRA* rp = rows.data();
+  at::parallel_for(0, tasks, work >= (1 << 16) ? 1 : tasks, [&](int64_t t0, int64_t t1) {
+    for (int64_t m = 0; m < M; ++m) {
+      if (rp[m].lora) lora_row_block(yp + m * ldy, rp[m], t0 * kCols, std::min(ldy, t1 * kCols));
     }
   });
 }
@@ -158,7 +179,10 @@ inline void lora_add(torch::Tensor& y, const torch::Tensor& x, const LoRA& l) {
   for (const auto& p : l.parts)
     TORCH_CHECK(p.offset + p.bt.size(1) <= y.size(1), "lora_add: a part reaches past the layer's outputs");
   const torch::Tensor xc = x.contiguous();
-  lora_add_rows(y.data_ptr<float>(), y.size(1), xc.data_ptr<float>(), l, nullptr, y.size(0));
+  thread_local std::vector<RowLoRA> rows;
+  thread_local std::vector<float> u;
+  row_loras(xc.data_ptr<float>(), x.size(1), x.size(0), [&](int64_t) { return &l; }, rows, u);
+  lora_add_rows(y.data_ptr<float>(), y.size(1), x.size(0), rows);
 }
 
 }  // namespace pesc

@@ -43,6 +43,10 @@ inline torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& w, c
 // int8 (w = q * scale per output row, stored as q + 128 so it can be the unsigned operand):
 //   y = scale * sum_g d_g * (sum (q + 128) * xq - 128 * sum xq)
 
+// Called on a finished output block: rows m0 .. m0 + rows - 1, columns c0 .. c0 + width - 1 of y
+// (row stride ldy).
+using BlockEpilogue = std::function<void(float* y, int64_t ldy, int64_t m0, int64_t rows, int64_t c0, int64_t width)>;
+
 constexpr int64_t kQGroup = 32;     // features per activation (and int4 weight) scale
 constexpr int64_t kQRows = 16;      // output rows per 64-byte weight vector (one int32 lane each)
 constexpr int64_t kQTileRows = 4;   // activation rows per pass over a block of weights
@@ -227,8 +231,10 @@ inline void with_tile_rows(int64_t rows, Fn&& fn) {
 }
 
 // y [M, N] = x [M, K] @ W^T for packed int4 / int8 W; threads split the 16-row blocks.
+// `epilogue`, if given, runs on each finished block, on the thread that computed it (what a
+// layer adds to its output, e.g. a bias and an unmerged LoRA, then costs no pass of its own).
 template <bool kInt4, typename Packed>
-torch::Tensor low_bit_linear(const torch::Tensor& x, const Packed& p) {
+torch::Tensor low_bit_linear(const torch::Tensor& x, const Packed& p, const BlockEpilogue* epilogue = nullptr) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == p.k, "low-bit linear: input has ", x.size(1), " features, weight ", p.k);
   const int64_t M = x.size(0), K = p.k, G = K / kQGroup, blocks = p.n / kQRows;
   torch::Tensor xc = x.to(at::kFloat).contiguous();
@@ -260,19 +266,24 @@ torch::Tensor low_bit_linear(const torch::Tensor& x, const Packed& p) {
                                              sz ? sz + b * G * kQRows : nullptr, G, xr, m0, K, yb, p.n);
           }
         });
+        if (epilogue) (*epilogue)(yp, p.n, m0, std::min(kQTileRows, M - m0), b * kQRows, kQRows);
       }
     }
   });
   return y;
 }
 
-inline torch::Tensor int4_linear(const torch::Tensor& x, const PackedInt4& p) { return low_bit_linear<true>(x, p); }
-inline torch::Tensor int8_linear(const torch::Tensor& x, const PackedInt8& p) { return low_bit_linear<false>(x, p); }
+inline torch::Tensor int4_linear(const torch::Tensor& x, const PackedInt4& p, const BlockEpilogue* epilogue = nullptr) {
+  return low_bit_linear<true>(x, p, epilogue);
+}
+inline torch::Tensor int8_linear(const torch::Tensor& x, const PackedInt8& p, const BlockEpilogue* epilogue = nullptr) {
+  return low_bit_linear<false>(x, p, epilogue);
+}
 #else
-inline torch::Tensor int4_linear(const torch::Tensor&, const PackedInt4&) {
+inline torch::Tensor int4_linear(const torch::Tensor&, const PackedInt4&, const BlockEpilogue* = nullptr) {
   TORCH_CHECK(false, "the int4 kernel needs an AVX512-VNNI build");
 }
-inline torch::Tensor int8_linear(const torch::Tensor&, const PackedInt8&) {
+inline torch::Tensor int8_linear(const torch::Tensor&, const PackedInt8&, const BlockEpilogue* = nullptr) {
   TORCH_CHECK(false, "the int8 kernel needs an AVX512-VNNI build");
 }
 #endif

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from training.evaluate import SUITE_ORDER
+from training.evaluate import HELDOUT_SETS, SUITE_ORDER
 from training.lora import LORA_TARGETS
 
 
@@ -73,6 +73,8 @@ def _add_eval(sub) -> None:
     e.add_argument("--labels", default=None, help="comma-separated names for baselines..., model (table order)")
     e.add_argument("--out", type=Path, default=Path("training/results"))
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--heldout", default="standard", choices=HELDOUT_SETS,
+                   help="standard: the set of the published tables; large: >= 300 items per domain (issue #16)")
     e.add_argument("--serving", default="defaults", choices=("defaults", "exact", "offline"),
                    help="defaults: through `python -m pesc_serve` with its default flags (what users get); "
                         "exact: the same server in float32, unquantized, PyTorch path; offline: in-process loop")
@@ -124,8 +126,8 @@ def _run(args) -> None:
         if len(labels) != len(names):
             raise ValueError(f"--labels names {len(labels)} models but there are {len(names)} (baselines..., model)")
         suites = tuple(args.suites.split(",")) if args.suites else SUITE_ORDER
-        cfg = EvalConfig(seed=args.seed, serving=args.serving, dtype=args.dtype, quantization=args.quantization,
-                         batch_size=args.batch_size, limit=args.limit, suites=suites)
+        cfg = EvalConfig(seed=args.seed, heldout=args.heldout, serving=args.serving, dtype=args.dtype,
+                         quantization=args.quantization, batch_size=args.batch_size, limit=args.limit, suites=suites)
         run_eval(list(zip(labels, names)), args.out, cfg)
         print((args.out / "eval_table.md").read_text())
 

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from training.data import Example, encode_prompt, write_jsonl
-from training.evaluate import EvalConfig, heldout_items
+from training.evaluate import HELDOUT_SETS, EvalConfig, heldout_items
 from training.tasks import arithmetic, code, general, tools
 
 
@@ -109,17 +109,24 @@ def check_disjoint(examples: list[Example], eval_cfg: EvalConfig) -> int:
     return sum(1 for it in heldout_items(eval_cfg) if it.prompt in train_questions)
 
 
+def check_disjoint_all(examples: list[Example], seed: int) -> int:
+    """:func:`check_disjoint` summed over every held-out set (standard and large)."""
+    return sum(check_disjoint(examples, EvalConfig(seed=seed, heldout=h)) for h in HELDOUT_SETS)
+
+
 def write_mixture(out_dir: Path, cfg: MixtureConfig, base: str | None, log: Callable[[str], None] = print) -> dict:
-    """``train.jsonl`` (chat format with ``domain``), ``heldout.jsonl`` and ``stats.json``."""
+    """``train.jsonl`` (chat format with ``domain``), ``heldout.jsonl`` (the standard set),
+    ``heldout_large.jsonl`` and ``stats.json``; no held-out question may occur in training."""
     examples, counts = build_mixture(cfg, base, log)
     eval_cfg = EvalConfig(seed=cfg.seed)
-    overlap = check_disjoint(examples, eval_cfg)
+    overlap = check_disjoint_all(examples, cfg.seed)
     if overlap:
         raise RuntimeError(f"{overlap} held-out questions leaked into the training mixture")
     write_jsonl(out_dir / "train.jsonl", examples)
     items = heldout_items(eval_cfg)
-    with open(out_dir / "heldout.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(it.to_json(), ensure_ascii=False) + "\n" for it in items)
+    large = heldout_items(EvalConfig(seed=cfg.seed, heldout="large"))
+    _write_items(out_dir / "heldout.jsonl", items)
+    _write_items(out_dir / "heldout_large.jsonl", large)
     stats = {
         "config": asdict(cfg),
         "base_for_chat_replay": base,
@@ -128,12 +135,18 @@ def write_mixture(out_dir: Path, cfg: MixtureConfig, base: str | None, log: Call
         "train_by_domain": dict(Counter(ex.domain for ex in examples)),
         "train_characters": sum(len(m["content"]) for ex in examples for m in ex.messages),
         "heldout_by_suite": dict(Counter(it.suite for it in items)),
+        "heldout_large_by_suite": dict(Counter(it.suite for it in large)),
         "heldout_questions_in_train": overlap,
     }
     if base:
         stats["train_tokens"] = _count_tokens(base, examples)
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     return stats
+
+
+def _write_items(path: Path, items: list) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(it.to_json(), ensure_ascii=False) + "\n" for it in items)
 
 
 def _count_tokens(base: str, examples: list[Example]) -> dict:

@@ -16,8 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 from training.data import load_data_file, write_jsonl
-from training.evaluate import EvalConfig
-from training.mixture import check_disjoint
+from training.mixture import check_disjoint_all
 from training.tasks import tools
 
 
@@ -45,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     mix = build(args.data, args.no_fit, args.calls, args.results, args.replay, args.seed)
-    if check_disjoint(mix, EvalConfig(seed=args.seed)):
+    if check_disjoint_all(mix, args.seed):
         raise SystemExit("held-out questions leaked into the refresh mixture")
     write_jsonl(args.out, mix)
     print(f"wrote {len(mix)} examples {dict(Counter(ex.domain for ex in mix))} to {args.out}")

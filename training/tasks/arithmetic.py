@@ -147,3 +147,30 @@ def heldout_items(n_per_op: int, n_word_per_op: int, seed: int) -> list[EvalItem
             items.append(EvalItem("word_problems", "maths", HELDOUT_WORD[op].format(a=a, b=b),
                                   str(compute(op, a, b)), "number", 192))
     return items
+
+
+def _distinct_operands(rng: random.Random, op: str, n: int) -> list[tuple[int, int]]:
+    """``n`` different held-out operand pairs for ``op``: a larger set must not count an item twice."""
+    pairs: list[tuple[int, int]] = []
+    while len(pairs) < n:
+        pair = _operands(rng, op, heldout=True)
+        if pair not in pairs:
+            pairs.append(pair)
+    return pairs
+
+
+def large_heldout_items(n_per_op: int, n_word_per_op: int, seed: int) -> list[EvalItem]:
+    """The large held-out set's maths: the same held-out wording and reserved operand triples as
+    :func:`heldout_items`, its own random stream, and no operand pair twice per operation and suite."""
+    rng = random.Random(f"arith-heldout-large-{seed}")
+    items = []
+    for op in OPS:
+        templates = HELDOUT_TEMPLATES[op]
+        for i, (a, b) in enumerate(_distinct_operands(rng, op, n_per_op)):
+            q = templates[i % len(templates)].format(a=a, b=b)
+            items.append(EvalItem("arithmetic", "maths", q, str(compute(op, a, b)), "number", 160))
+    for op in OPS:
+        for a, b in _distinct_operands(rng, op, n_word_per_op):
+            items.append(EvalItem("word_problems", "maths", HELDOUT_WORD[op].format(a=a, b=b),
+                                  str(compute(op, a, b)), "number", 192))
+    return items

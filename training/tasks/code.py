@@ -241,3 +241,74 @@ def heldout_items(n_functions: int, n_outputs: int, seed: int) -> list[EvalItem]
     for code, printed in _heldout_snippets(seed, n_outputs):
         items.append(EvalItem("code_output", "code", HELDOUT_OUTPUT_PHRASE.format(code=code), printed, "output", 48))
     return items
+
+
+# --- the large held-out set ------------------------------------------------------------------
+
+# Names and wording of the large set only, beside HELDOUT_NAMES/HELDOUT_PHRASES: 18 families,
+# 5 names and one phrase give at most 90 different requests, too few for it.
+LARGE_HELDOUT_NAMES = ["result_of", "my_func", "output_value", "find_answer", "func_a", "value_for", "check_it",
+                       "make_result", "give_back", "f_value"]
+LARGE_HELDOUT_PHRASES = ["Please write a Python function `{f}({arg})`; it {desc}.",
+                         "I need Python code: a function `{f}` with parameter `{arg}` which {desc}.",
+                         "Give me the Python function `{f}({arg})`. It {desc}."]
+HELDOUT_WORDS = ["lemon", "tiger", "castle", "pencil", "orange", "bottle", "forest", "marble", "candle", "guitar"]
+
+
+def make_heldout_snippet(rng: random.Random) -> str:
+    """A "what does this print" program of a shape training never shows (make_snippet's shapes
+    are all training's), so the large set's outputs are held out by construction."""
+    kind = rng.randrange(7)
+    a, b, k = rng.randint(2, 40), rng.randint(2, 9), rng.randint(1, 9)
+    nums = [rng.randint(1, 30) for _ in range(rng.randint(3, 5))]
+    w = rng.choice(HELDOUT_WORDS)
+    if kind == 0:
+        return f"words = {rng.sample(HELDOUT_WORDS, 3)}\nprint('-'.join(words))"
+    if kind == 1:
+        return f"d = {{'a': {a}, 'b': {b}}}\nprint(d['a'] - d['b'])"
+    if kind == 2:
+        return f"n = {a}\ncount = 0\nwhile n > {k}:\n    n -= {b}\n    count += 1\nprint(count)"
+    if kind == 3:
+        return f"nums = {nums}\nprint(sorted(nums)[{rng.randrange(len(nums))}])"
+    if kind == 4:
+        i = rng.randint(0, 2)
+        return f"s = '{w}'\nprint(s[{i}:{i + rng.randint(2, 3)}])"
+    if kind == 5:
+        return f"t = ({a}, {b}, {k})\nprint(len(t) + t[1])"
+    c = rng.choice(w)
+    return f"s = '{w}'\nprint(s.count('{c}'), s.find('{c}'))"
+
+
+def _large_function_items(n: int, seed: int) -> list[EvalItem]:
+    """``n`` different requests over every family, held-out names and wording (checked tests)."""
+    rng = random.Random(f"code-heldout-fn-large-{seed}")
+    families = list(TRAIN_FAMILIES.values()) + list(HELDOUT_ONLY_FAMILIES.values())
+    names, phrases = HELDOUT_NAMES + LARGE_HELDOUT_NAMES, HELDOUT_PHRASES + LARGE_HELDOUT_PHRASES
+    items: list[EvalItem] = []
+    tasks: list[FunctionTask] = []
+    i = 0
+    while len(items) < n:
+        task, arg = make_function_task(families[i % len(families)], rng, rng.choice(names))
+        i += 1
+        q = rng.choice(phrases).format(f=task.name, arg=arg, desc=task.description)
+        if any(it.prompt == q for it in items):
+            continue
+        tasks.append(task)
+        items.append(EvalItem("code_functions", "code", q, task.tests, "python", 128))
+    verify(tasks)
+    return items
+
+
+def large_heldout_items(n_functions: int, n_outputs: int, seed: int) -> list[EvalItem]:
+    """The large held-out set's code: function requests as :func:`heldout_items` makes them, with
+    more held-out names and phrasings, and output questions on held-out program shapes only."""
+    codes: list[str] = []
+    rng = random.Random(f"code-heldout-output-large-{seed}")
+    while len(codes) < n_outputs:
+        code = make_heldout_snippet(rng)
+        if code not in codes:
+            codes.append(code)
+    outputs = run_many(codes)
+    return _large_function_items(n_functions, seed) + [
+        EvalItem("code_output", "code", HELDOUT_OUTPUT_PHRASE.format(code=c), o.strip(), "output", 48)
+        for c, o in zip(codes, outputs)]

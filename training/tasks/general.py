@@ -10,6 +10,8 @@
   behaviour.
 * :data:`KNOWLEDGE`: a held-out probe of simple facts the base model answers correctly
   (checked when the list was written); no fact about these countries enters training.
+  The large held-out set adds :data:`training.tasks.knowledge_large.KNOWLEDGE_LARGE`; its
+  countries and the replay topics any probe fact names stay out of training too.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from __future__ import annotations
 import ast
 import importlib.util
 import random
+import re
 import sys
 from pathlib import Path
 
 from training.data import Example
 from training.tasks.items import EvalItem
+from training.tasks.knowledge_large import KNOWLEDGE_LARGE, LARGE_COUNTRIES
 
 # (question, accepted answers separated by |): the candidates SmolLM2-135M-Instruct answered
 # correctly in this evaluation (float32, greedy); the ones it got wrong were dropped.
@@ -85,6 +89,8 @@ KNOWLEDGE_COUNTRIES = {
     "KE", "AR", "MX", "TH", "KR", "US", "BR", "PL", "NL", "BE", "DK", "FI", "TR", "IR", "PE", "CU", "VN", "PH",
     "ID", "HU", "CZ",
 }
+# Every country whose facts stay out of training: the standard probe's and the large one's.
+EXCLUDED_COUNTRIES = KNOWLEDGE_COUNTRIES | LARGE_COUNTRIES
 
 CHAT_TOPICS = [
     "drinking water", "sleep", "exercise", "reading books", "learning a language", "cooking rice", "gardening",
@@ -126,9 +132,11 @@ CHAT_TEMPLATES = [
     "Give me one practical tip about {t}.", "Describe {t} in two sentences.", "Why is {t} important?",
     "Tell me an interesting fact about {t}.", "Write one friendly sentence about {t}.",
     "Explain {t} to a child in simple words.", "What are two benefits of {t}?",
+    "What should a beginner know about {t}?", "Share a short piece of advice about {t}.",
+    "What is a common mistake people make with {t}?",
 ]
 COUNTRY_TEMPLATES = ["What is the capital of {c}?", "What language is spoken in {c}?", "Where is {c} located?",
-                     "Tell me one fact about {c}."]
+                     "Tell me one fact about {c}.", "What is {c} known for?"]
 CODE_TEMPLATES = ["What is the country code of {country} in ISO 3166?", "Give the two-letter ISO 3166 code for {country}."]
 MODULE_TEMPLATES = ["What is the Python standard library module `{m}` for?", "In one sentence, what does Python's `{m}` module provide?"]
 
@@ -141,12 +149,12 @@ def _tz_dir() -> Path:
 
 
 def country_names() -> dict[str, str]:
-    """ISO code -> country name from tzdata's iso3166.tab, without the probe's countries."""
+    """ISO code -> country name from tzdata's iso3166.tab, without the probes' countries."""
     names = {}
     for line in (_tz_dir() / "iso3166.tab").read_text(encoding="utf-8").splitlines():
         if line and not line.startswith("#"):
             code, name = line.split("\t")[:2]
-            if code not in KNOWLEDGE_COUNTRIES and name.isascii():
+            if code not in EXCLUDED_COUNTRIES and name.isascii():
                 names[code] = name.split(" (")[0].replace("&", "and")
     return names
 
@@ -195,15 +203,39 @@ def fact_examples(n_codes: int, n_modules: int, seed: int) -> list[Example]:
     return out
 
 
+def _topic_words(topic: str) -> tuple[str, str]:
+    """A replay topic's last word and its singular ("butterflies" -> "butterfly", "chess" stays)."""
+    last = topic.split()[-1].lower()
+    if last.endswith("ies"):
+        return last, last[:-3] + "y"
+    if last.endswith("s") and not last.endswith("ss"):
+        return last, last[:-1]
+    return last, last
+
+
+def probed_topics() -> set[str]:
+    """CHAT_TOPICS that a fact of the large knowledge probe (the standard one included) names,
+    in its question or its answers: the replay stays off the probe's subjects."""
+    text = " ".join(f"{q} {a}" for q, a in KNOWLEDGE + KNOWLEDGE_LARGE)
+    found = set()
+    for topic in CHAT_TOPICS:
+        words = "|".join(re.escape(w) for w in _topic_words(topic))
+        if re.search(rf"(?<!\w)(?:{words})(?:s|es)?(?!\w)", text, re.IGNORECASE):
+            found.add(topic)
+    return found
+
+
 def chat_prompts(n: int, seed: int) -> list[str]:
     """Distinct prompts for the self-distilled replay: short factual questions, everyday topics
     and countries (tzdata names).
 
     Asking the base about countries (capitals, languages) and training on its own answers keeps
-    that behaviour in place; the probe's countries are excluded so the probe stays held out.
+    that behaviour in place; the probes' countries and the topics they name are excluded so the
+    probes stay held out.
     """
     rng = random.Random(f"general-chat-{seed}")
-    pool = [t.format(t=topic) for topic in CHAT_TOPICS for t in CHAT_TEMPLATES]
+    skip = probed_topics()
+    pool = [t.format(t=topic) for topic in CHAT_TOPICS if topic not in skip for t in CHAT_TEMPLATES]
     pool += [t.format(c=name) for name in country_names().values() for t in COUNTRY_TEMPLATES]
     pool = sorted(set(pool) - set(FACT_PROMPTS))
     rng.shuffle(pool)
@@ -216,3 +248,8 @@ def _example(question: str, answer: str, domain: str) -> Example:
 
 def heldout_items() -> list[EvalItem]:
     return [EvalItem("knowledge", "general", q, a, "contains", 48) for q, a in KNOWLEDGE]
+
+
+def large_heldout_items() -> list[EvalItem]:
+    """The large set's knowledge suite: the standard probe, then the large probe's facts."""
+    return heldout_items() + [EvalItem("knowledge", "general", q, a, "contains", 48) for q, a in KNOWLEDGE_LARGE]

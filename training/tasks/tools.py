@@ -614,31 +614,71 @@ def _openai_tools(tools: list[Tool]) -> tuple:
                                                    "parameters": t.parameters}} for t in tools)
 
 
+def _call_item(rng: random.Random) -> ToolEvalItem:
+    """A held-out request one offered tool fits (one item at a time, so both sets share it)."""
+    task = rng.choice(HELDOUT_TASKS)
+    question, args = task.ask(rng)
+    tools = _openai_tools(_offered(rng, HELDOUT_TASKS, task, rng.randint(2, 3)))
+    return ToolEvalItem("tool_call", "tools", question, task.tool.name, "tool", 96, tools=tools,
+                        messages=({"role": "user", "content": question},), tool_name=task.tool.name,
+                        key=task.key, key_value=args[task.key])
+
+
+def _no_call_item(rng: random.Random, question: str) -> ToolEvalItem:
+    """``question`` beside held-out tools none of which fits it."""
+    tools = _openai_tools(_offered(rng, HELDOUT_TASKS, None, rng.randint(2, 3)))
+    return ToolEvalItem("tool_no_call", "tools", question, "", "tool", 96, tools=tools,
+                        messages=({"role": "user", "content": question},))
+
+
+def _result_item(rng: random.Random) -> ToolEvalItem:
+    """A held-out call already made and answered; the reply must use the answer."""
+    task = rng.choice(HELDOUT_TASKS)
+    question, args = task.ask(rng)
+    output, _, must = task.result(rng, args)
+    tools = _openai_tools(_offered(rng, HELDOUT_TASKS, task, rng.randint(2, 3)))
+    messages = tuple(_result_turns(rng, task.tool.name, question, args, output))
+    return ToolEvalItem("tool_result", "tools", question, must, "tool", 96, tools=tools, messages=messages)
+
+
 def heldout_items(per_kind: int, no_fit_questions: list[str], seed: int) -> list[ToolEvalItem]:
     """Three suites: ``tool_call`` (the right held-out tool with the right key argument),
     ``tool_no_call`` (no offered tool fits: an answer, no call) and ``tool_result`` (the reply
     uses the tool's output)."""
     rng = random.Random(f"tools-heldout-{seed}")
+    items = [_call_item(rng) for _ in range(per_kind)]
+    items += [_no_call_item(rng, no_fit_questions[i % len(no_fit_questions)]) for i in range(per_kind)]
+    items += [_result_item(rng) for _ in range(per_kind)]
+    return items
+
+
+def _distinct(make: Callable[[], ToolEvalItem], n: int) -> list[ToolEvalItem]:
+    """``n`` items of ``make()`` with different questions (a few held-out tools have few)."""
     items: list[ToolEvalItem] = []
-    for _ in range(per_kind):
-        task = rng.choice(HELDOUT_TASKS)
-        question, args = task.ask(rng)
-        tools = _openai_tools(_offered(rng, HELDOUT_TASKS, task, rng.randint(2, 3)))
-        items.append(ToolEvalItem("tool_call", "tools", question, task.tool.name, "tool", 96, tools=tools,
-                                  messages=({"role": "user", "content": question},), tool_name=task.tool.name,
-                                  key=task.key, key_value=args[task.key]))
-    for i in range(per_kind):
-        question = no_fit_questions[i % len(no_fit_questions)]
-        tools = _openai_tools(_offered(rng, HELDOUT_TASKS, None, rng.randint(2, 3)))
-        items.append(ToolEvalItem("tool_no_call", "tools", question, "", "tool", 96, tools=tools,
-                                  messages=({"role": "user", "content": question},)))
-    for _ in range(per_kind):
-        task = rng.choice(HELDOUT_TASKS)
-        question, args = task.ask(rng)
-        output, _, must = task.result(rng, args)
-        tools = _openai_tools(_offered(rng, HELDOUT_TASKS, task, rng.randint(2, 3)))
-        messages = tuple(_result_turns(rng, task.tool.name, question, args, output))
-        items.append(ToolEvalItem("tool_result", "tools", question, must, "tool", 96, tools=tools, messages=messages))
+    seen: set[str] = set()
+    for _ in range(100 * n):
+        if len(items) == n:
+            break
+        item = make()
+        if item.prompt not in seen:
+            seen.add(item.prompt)
+            items.append(item)
+    if len(items) < n:
+        raise ValueError(f"the held-out tools give only {len(items)} different questions, {n} asked")
+    return items
+
+
+def large_heldout_items(per_kind: int, no_fit_questions: list[str], seed: int) -> list[ToolEvalItem]:
+    """The three suites of :func:`heldout_items` for the large set: held-out tools only, no
+    question twice in a suite, and ``per_kind`` different no-fit questions drawn from
+    ``no_fit_questions`` (the large knowledge probe's)."""
+    distinct = sorted(set(no_fit_questions))
+    if len(distinct) < per_kind:
+        raise ValueError(f"{per_kind} tool_no_call items need as many different questions, got {len(distinct)}")
+    rng = random.Random(f"tools-heldout-large-{seed}")
+    items = _distinct(lambda: _call_item(rng), per_kind)
+    items += [_no_call_item(rng, q) for q in rng.sample(distinct, per_kind)]
+    items += _distinct(lambda: _result_item(rng), per_kind)
     return items
 
 

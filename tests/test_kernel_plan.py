@@ -105,3 +105,42 @@ def test_a_loaded_model_follows_the_plan(monkeypatch, tiny_checkpoint_factory):
     assert all(m.large.packed is None for m in hybrids)  # oneDNN runs the dense copies, not our packed kernel
     x = torch.randn(40, lm.config.hidden_size)
     assert torch.isfinite(hybrids[0](x)).all()
+
+
+def test_timings_from_a_busy_host_are_timed_again_and_never_cached(monkeypatch, tmp_path):
+    """A plan timed while another process held the cores (here: 512 rows 50x the time of 128)
+    would be cached for every later start; such timings are retaken, and not cached if they stay
+    implausible."""
+    monkeypatch.setenv("PESC_SERVE_CACHE", str(tmp_path))
+    monkeypatch.setattr(plan_mod, "detect", lambda: AMD)
+    quiet = _timings({32: 1.0, 128: 3.0, 512: 11.0}, {32: 1.5, 128: 3.4, 512: 11.5}, {32: 2.0, 128: 4.0, 512: 12.0})
+    busy = dict(quiet)
+    busy[("int4-vnni", 512)] = 150.0
+    assert plan_mod.implausible(busy) and not plan_mod.implausible(quiet)
+    slower_on_fewer_rows = dict(quiet)
+    slower_on_fewer_rows[("onednn-bf16", 32)] = 40.0
+    assert plan_mod.implausible(slower_on_fewer_rows)
+
+    served = [busy, busy, busy, quiet]
+    monkeypatch.setattr(plan_mod, "time_kernels", lambda ext, k, n, amx, repeats=5: served.pop(0))
+    plan_mod.host_plan(object(), 576, 3072)  # timed twice, both disturbed: not cached
+    assert len(served) == 2 and not list(tmp_path.rglob("*.json"))
+    plan = plan_mod.host_plan(object(), 576, 3072)  # a busy try, then a quiet one: cached
+    assert not served and len(list(tmp_path.rglob("*.json"))) == 1
+    assert plan.dense_above is None
+    assert plan_mod.host_plan(object(), 576, 3072) == plan  # read from the cache, nothing timed
+
+
+def test_an_implausible_cached_plan_is_timed_again(monkeypatch, tmp_path):
+    monkeypatch.setenv("PESC_SERVE_CACHE", str(tmp_path))
+    monkeypatch.setattr(plan_mod, "detect", lambda: AMD)
+    quiet = _timings({32: 1.0, 128: 3.0, 512: 11.0}, {32: 1.5, 128: 3.4, 512: 11.5}, {32: 2.0, 128: 4.0, 512: 12.0})
+    busy = dict(quiet)
+    busy[("int4-vnni", 32)] = 40.0
+    calls = []
+    monkeypatch.setattr(plan_mod, "time_kernels", lambda ext, k, n, amx, repeats=5: calls.append(1) or quiet)
+    plan_mod.host_plan(object(), 576, 3072)
+    cached = next(tmp_path.rglob("*.json"))
+    cached.write_text(__import__("json").dumps([{"kernel": k, "rows": r, "seconds": s} for (k, r), s in busy.items()]))
+    plan_mod.host_plan(object(), 576, 3072)
+    assert len(calls) == 2

@@ -34,6 +34,9 @@ PLAN_ROWS = (32, 128, 512)  # batch sizes timed for the crossover (decode batche
 DENSE_MARGIN = 1.5  # a dense kernel must be this much faster to be worth twice the weight bytes
 MIN_TIMED_WEIGHTS = 1 << 20  # smaller layers are not timed: the host's noise exceeds any difference
 DENSE_KERNELS = ("packed-bf16", "onednn-bf16")
+# A kernel's time grows with its rows: at most this factor beyond proportional from one timed
+# size to the next, and never this factor below the smaller size's (a busy host breaks both).
+SCALING_SLACK = 2.0
 
 # (kernel, rows) -> seconds per call on the model's FFN shape
 Timings = dict[tuple[str, int], float]
@@ -116,6 +119,22 @@ def time_kernels(ext: ModuleType, k: int, n: int, amx: bool, repeats: int = 5) -
     return best
 
 
+def implausible(timings: Timings) -> list[str]:
+    """What in ``timings`` no quiet host produces: a kernel slower on fewer rows, or more than
+    proportionally slower on more.  Timings taken while another process held the cores (a
+    training run, a test suite) look like this, and a plan cached from them would outlive the
+    noise."""
+    problems = []
+    for kernel in sorted({k for k, _ in timings}):
+        for small, big in zip(PLAN_ROWS, PLAN_ROWS[1:]):
+            a, b = timings.get((kernel, small)), timings.get((kernel, big))
+            if a is None or b is None:
+                continue
+            if a > b * SCALING_SLACK or b > a * (big / small) * SCALING_SLACK:
+                problems.append(f"{kernel}: {small} rows {a * 1e3:.2f} ms, {big} rows {b * 1e3:.2f} ms")
+    return problems
+
+
 def host_plan(ext: ModuleType | None, k: int, n: int) -> KernelPlan:
     """This host's plan for a model whose FFN weight is [n, k]: timed once per CPU and shape,
     then read from the cache (``~/.cache/pesc_serve/plans``)."""
@@ -131,14 +150,26 @@ def host_plan(ext: ModuleType | None, k: int, n: int) -> KernelPlan:
         timings = {(e["kernel"], e["rows"]): e["seconds"] for e in json.loads(path.read_text())}
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    if not timings:
-        start = time.monotonic()
-        timings = time_kernels(ext, k, n, amx)
-        logger.info("timed the CPU kernels on the FFN shape [%d, %d] in %.1f s (cached for later starts)", n, k,
-                    time.monotonic() - start)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps([{"kernel": kk, "rows": r, "seconds": s} for (kk, r), s in timings.items()]))
-        except OSError:
-            pass  # a read-only cache only means timing again next start
+    if not timings or implausible(timings):
+        timings = _time_quietly(ext, k, n, amx)
+        if implausible(timings):
+            logger.warning("the CPU kernel timings look disturbed by other work on this host (%s): the plan "
+                           "is not cached, and the next start times again", "; ".join(implausible(timings)))
+        else:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps([{"kernel": kk, "rows": r, "seconds": s} for (kk, r), s in timings.items()]))
+            except OSError:
+                pass  # a read-only cache only means timing again next start
     return choose_plan(features, timings, amx)
+
+
+def _time_quietly(ext: ModuleType, k: int, n: int, amx: bool, attempts: int = 2) -> Timings:
+    """Time the kernels, once more if the first timings are implausible (a burst of other work)."""
+    start = time.monotonic()
+    for _ in range(attempts):
+        timings = time_kernels(ext, k, n, amx)
+        if not implausible(timings):
+            break
+    logger.info("timed the CPU kernels on the FFN shape [%d, %d] in %.1f s", n, k, time.monotonic() - start)
+    return timings

@@ -202,13 +202,18 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def safetensors_items(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each tensor of ``path`` in memory of its own.
+
+    ``get_tensor`` returns views into a private mapping of the whole file: one tensor kept as
+    it is (a bf16 LoRA A, which needs no conversion) would keep every page of the file that the
+    read touched resident beside the packed copies, 36.5 MiB more per camelidae delta."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
             names = list(f.keys())
             for name in names:
-                yield name, f.get_tensor(name)
+                yield name, f.get_tensor(name).clone()
     except ValueError:
         raise
     except Exception as exc:  # safetensors raises its own error types on corrupt files

@@ -3,6 +3,7 @@ routers' inputs, the merged metrics page, and the shipped Serve / KubeRay config
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from ray import serve  # noqa: E402
 from pesc_serve.ray.app import ENGINE_DEPLOYMENT, app_builder, build_app, engine_options, flags_from_dict  # noqa: E402
 from pesc_serve.ray.cli import build_parser, main, specs_from_args  # noqa: E402
 from pesc_serve.ray.config import RayServeConfig  # noqa: E402
-from pesc_serve.ray.forwarding import prompt_prefix, read_call  # noqa: E402
+from pesc_serve.ray.forwarding import HTTPCall, prompt_prefix, read_call, replay  # noqa: E402
 from pesc_serve.ray.metrics import merge_metrics  # noqa: E402
 from pesc_serve.ray.replica import PescReplica  # noqa: E402
 from pesc_serve.ray.routing import rendezvous_order  # noqa: E402
@@ -38,6 +39,7 @@ def _specs(*flags: str, cpus: float = 1.0):
     (["--num-gpus-per-replica", "1", "--device", "cpu"], "--device cpu contradicts --num-gpus-per-replica"),
     (["--device", "cuda"], "--device cuda needs --num-gpus-per-replica"),
     (["--max-num-seqs", "0"], "--max-num-seqs must be a positive integer"),
+    (["--stream-interval-ms", "-1"], "--stream-interval-ms must lie within 0 and 1000"),
 ])
 def test_bad_flags_are_one_line_errors_naming_the_flag(flags, expected, capsys):
     assert main(["--model", "camelidae", *flags]) == 2
@@ -144,3 +146,56 @@ def test_the_shipped_serve_config_and_kuberay_manifest_build_the_app():
         assert app["import_path"] == "pesc_serve.ray.app:app_builder" and app["route_prefix"] == "/"
         spec, ray_cfg = specs_from_args(build_parser().parse_args(flags_from_dict(app["args"])), default_cpus=1.0)
         assert ray_cfg.num_replicas >= 1 and spec.load.model
+
+
+def _streaming_app(chunks: int, gap_s: float):
+    """An ASGI app that streams ``chunks`` SSE events, ``gap_s`` apart (as an engine emits tokens)."""
+
+    async def app(scope, receive, send):
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        for i in range(chunks):
+            await send({"type": "http.response.body", "body": f"data: {i}\n\n".encode(), "more_body": True})
+            await asyncio.sleep(gap_s)
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+    return app
+
+
+def _replayed(app, interval_s: float) -> tuple[list[bytes], float]:
+    """The body messages ``replay`` forwards, and how long the whole stream took."""
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        start, bodies = loop.time(), []
+        call = HTTPCall("POST", "/v1/chat/completions", b"", [], b"{}")
+        async for message in replay(app, call, "r1", set(), interval_s):
+            if message["type"] == "http.response.body":
+                bodies.append(message["body"])
+        return bodies, loop.time() - start
+
+    return asyncio.run(run())
+
+
+def test_a_stream_crosses_the_serve_hop_at_most_once_per_interval_with_every_token():
+    """After the first body, a stream's tokens leave together at most every --stream-interval-ms:
+    the count of crossings is bounded by the stream's duration, whatever the machine's speed,
+    and the bytes are the app's, in order."""
+    want = b"".join(f"data: {i}\n\n".encode() for i in range(30)) + b"data: [DONE]\n\n"
+    bodies, took = _replayed(_streaming_app(30, 0.005), interval_s=0.05)
+    assert b"".join(bodies) == want
+    assert len(bodies) <= 2 + took / 0.05, (len(bodies), took)
+    assert len(bodies) < 30
+    unbatched, _ = _replayed(_streaming_app(30, 0.005), interval_s=0.0)
+    assert b"".join(unbatched) == want
+
+
+def test_a_streams_end_leaves_at_once_not_after_the_interval():
+    bodies, took = _replayed(_streaming_app(2, 0.0), interval_s=60.0)
+    assert bodies[-1].endswith(b"[DONE]\n\n") and took < 30
+
+
+def test_the_stream_interval_flag_reaches_the_replicas():
+    spec, ray_cfg = _specs("--stream-interval-ms", "40")
+    assert ray_cfg.stream_interval_ms == 40 and spec.stream_interval_s == pytest.approx(0.04)
+    assert _specs()[0].stream_interval_s == pytest.approx(0.025)

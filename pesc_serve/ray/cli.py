@@ -18,7 +18,7 @@ from types import FrameType
 
 from pesc_serve.__main__ import build_parser as build_server_parser
 from pesc_serve.__main__ import configs_from_args
-from pesc_serve.ray.config import ROUTER_CHOICES, RayServeConfig, ReplicaSpec, replica_spec
+from pesc_serve.ray.config import DEFAULT_STREAM_INTERVAL_MS, ROUTER_CHOICES, RayServeConfig, ReplicaSpec, replica_spec
 
 log = logging.getLogger("pesc_serve.ray")
 
@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pow2: power of two choices (Serve's default); prefix: prompt-prefix affinity (the two "
                         "replicas a prompt's first characters hash to). Either way a delta's requests go to a "
                         "replica holding it")
+    g.add_argument("--stream-interval-ms", type=float, default=DEFAULT_STREAM_INTERVAL_MS,
+                   help="a stream's tokens cross the Serve hops at most this often, those produced meanwhile "
+                        "together (0: each chunk as it comes; every crossing wakes the proxy, the ingress and "
+                        "the replica)")
     return p
 
 
@@ -69,6 +73,7 @@ def ray_config_from_args(args: argparse.Namespace) -> RayServeConfig:
         num_cpus_per_replica=args.num_cpus_per_replica,
         num_gpus_per_replica=args.num_gpus_per_replica,
         router=args.router,
+        stream_interval_ms=args.stream_interval_ms,
     )
 
 

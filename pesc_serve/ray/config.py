@@ -24,6 +24,10 @@ def _count(value: object, flag: str, minimum: int) -> None:
         raise ValueError(f"{flag} must be an integer >= {minimum}, got {value!r}")
 
 
+DEFAULT_STREAM_INTERVAL_MS = 25.0  # 40 updates a second: smooth to a reader, a few tokens per crossing
+MAX_STREAM_INTERVAL_MS = 1000.0
+
+
 @dataclass(frozen=True)
 class RayServeConfig:
     """How many replicas, what each one gets from Ray, and how requests reach them."""
@@ -38,6 +42,10 @@ class RayServeConfig:
     num_cpus_per_replica: float | None = None  # default: the local CPUs shared out, or 1 on a joined cluster
     num_gpus_per_replica: float = 0.0
     router: str = "pow2"
+    # A stream's chunks cross the two Serve hops (replica -> ingress -> proxy) at most this often;
+    # tokens produced meanwhile travel together.  Each crossing costs every process on the way a
+    # wake-up, which on a small CPU is taken from the engine's own threads.
+    stream_interval_ms: float = DEFAULT_STREAM_INTERVAL_MS
 
     def __post_init__(self) -> None:
         if not self.app_name or not self.app_name.strip():
@@ -62,6 +70,9 @@ class RayServeConfig:
             raise ValueError(f"--num-cpus-per-replica must be positive, got {self.num_cpus_per_replica}")
         if not self.num_gpus_per_replica >= 0:
             raise ValueError(f"--num-gpus-per-replica must be >= 0, got {self.num_gpus_per_replica}")
+        if not 0 <= self.stream_interval_ms <= MAX_STREAM_INTERVAL_MS:
+            raise ValueError(f"--stream-interval-ms must lie within 0 and {MAX_STREAM_INTERVAL_MS:g}, "
+                             f"got {self.stream_interval_ms}")
         if self.router not in ROUTER_CHOICES:
             raise ValueError(f"--router must be one of {', '.join(ROUTER_CHOICES)}, got {self.router!r}")
 
@@ -90,6 +101,7 @@ class ReplicaSpec:
     num_cpus: float
     num_gpus: float
     log_level: str = "info"
+    stream_interval_s: float = DEFAULT_STREAM_INTERVAL_MS / 1000
 
     @property
     def threads(self) -> int:
@@ -135,4 +147,4 @@ def replica_spec(load: LoadConfig, engine: EngineConfig, server: ServerConfig, c
     else:
         device = "cpu"  # a replica without a GPU share must not pick up a GPU Ray gave another one
     return ReplicaSpec(dataclasses.replace(load, device=device), engine, server, chat_template, num_cpus,
-                       ray_cfg.num_gpus_per_replica, log_level)
+                       ray_cfg.num_gpus_per_replica, log_level, ray_cfg.stream_interval_ms / 1000)

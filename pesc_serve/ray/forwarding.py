@@ -130,17 +130,35 @@ class _Replay:
         self.outbox.clear()
         return taken
 
+    def ended(self) -> bool:
+        """The app has sent its last message (or returned)."""
+        return any(m is None or (m["type"] == "http.response.body" and not m.get("more_body", False))
+                   for m in self.outbox)
 
-async def replay(app: ASGIApp, call: HTTPCall, replica_id: str,
-                 background: set[asyncio.Task]) -> AsyncIterator[Message]:
+    async def settle(self, until: float) -> None:
+        """Wait until the loop time ``until`` or the app's last message, whichever comes first."""
+        loop = asyncio.get_running_loop()
+        while not self.ended() and (left := until - loop.time()) > 0:
+            self.ready.clear()
+            try:
+                await asyncio.wait_for(self.ready.wait(), left)
+            except asyncio.TimeoutError:
+                return
+
+
+async def replay(app: ASGIApp, call: HTTPCall, replica_id: str, background: set[asyncio.Task],
+                 interval_s: float = 0.0) -> AsyncIterator[Message]:
     """Run ``call`` through ``app``; yield its response messages, the start tagged with the replica.
 
-    Body messages already waiting are merged into one, so a busy stream crosses the Serve hop
-    in fewer, larger pieces.  Closing the iterator early (the client left, the ingress
+    Body messages already waiting are merged into one, and after the first body a stream's
+    messages leave at most every ``interval_s`` (its end at once), so a stream crosses the Serve
+    hops in fewer, larger pieces.  Closing the iterator early (the client left, the ingress
     cancelled) shows the app a disconnect, which aborts the request's engine work; the app's
     task finishes in ``background``.
     """
     io = _Replay(call.body)
+    loop = asyncio.get_running_loop()
+    next_send: float | None = None  # the first body leaves at once (time to first token)
 
     async def run() -> None:
         try:
@@ -154,7 +172,12 @@ async def replay(app: ASGIApp, call: HTTPCall, replica_id: str,
     try:
         done = False
         while not done:
-            for message in _merged(await io.take()):
+            if next_send is not None:
+                await io.settle(next_send)
+            taken = await io.take()
+            if interval_s > 0 and any(m is not None and m["type"] == "http.response.body" for m in taken):
+                next_send = loop.time() + interval_s
+            for message in _merged(taken):
                 if message is None:
                     done = True
                     break

@@ -71,7 +71,7 @@ class PescReplica:
         delta = serve.get_multiplexed_model_id()
         if delta in self.deltas:
             await self.delta_cache(delta)
-        async for message in replay(self.app, call, self.replica_id, self.background):
+        async for message in replay(self.app, call, self.replica_id, self.background, self.spec.stream_interval_s):
             yield message
 
     def info(self) -> dict[str, Any]:

@@ -308,8 +308,9 @@ PESC_SERVE = [PY, "-m", "pesc_serve", "--model", "camelidae", "--port", "8200"] 
 def llama_cpp_command(threads: str) -> list[str]:
     from pesc_serve.registry import smollm2_gguf_path
 
+    # 16 slots of 2048 tokens each: the prefill workload's ~1.5k-token prompts must fit one slot.
     return [str(LLAMA_SERVER), "-m", str(smollm2_gguf_path()), "--port", "8201", "-t", threads, "-np", "16",
-            "-c", str(16 * 1024), "--no-warmup"]
+            "-c", str(16 * 2048), "--no-warmup"]
 
 
 def vllm_cpu_command(threads: str) -> tuple[list[str], dict[str, str]]:

@@ -292,10 +292,59 @@ void paged_attention(const AttentionShape& shape, const float* qkvp, const KV* k
 // chunk or several, or after a cached prefix, gives each position the same output.
 
 constexpr int64_t kPrefillKeys = 64;     // keys per block (four 16-wide vectors of scores)
-constexpr int64_t kPrefillQueries = 16;  // query positions per task (x the GQA group's heads)
+constexpr int64_t kPrefillQueries = 64;  // query positions per task (x the GQA group's heads)
 
 template <typename KV>
 inline float kv_value(const KV* p, int64_t i) { return static_cast<float>(p[i]); }
+
+#if defined(__AVX512F__)
+// Scores of four query rows against one block of 64 keys (kt: [D][64]): s_u[j] = sum_d
+// (q_u[d] * scale) * k_j[d], summed over d in order, as the scalar loop does.
+inline void prefill_scores4(const float* const* q, float scale, const float* kt, int64_t D, float* const* s) {
+  __m512 a[4][4];
+#pragma GCC unroll 4
+  for (int u = 0; u < 4; ++u)
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) a[u][v] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    const float* kd = kt + d * kPrefillKeys;
+    const __m512 k0 = _mm512_loadu_ps(kd), k1 = _mm512_loadu_ps(kd + 16), k2 = _mm512_loadu_ps(kd + 32),
+                 k3 = _mm512_loadu_ps(kd + 48);
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u) {
+      const __m512 qd = _mm512_set1_ps(q[u][d] * scale);
+      a[u][0] = _mm512_fmadd_ps(qd, k0, a[u][0]);
+      a[u][1] = _mm512_fmadd_ps(qd, k1, a[u][1]);
+      a[u][2] = _mm512_fmadd_ps(qd, k2, a[u][2]);
+      a[u][3] = _mm512_fmadd_ps(qd, k3, a[u][3]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int u = 0; u < 4; ++u)
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(s[u] + 16 * v, a[u][v]);
+}
+
+// One query row's output o [NV x 16] = o * shrink + sum_{jj in [jlo, jhi)} p[jj] * v[jj], the
+// row held in registers across the block's keys (one load of o, one store, instead of one of
+// each per key); the same fused multiply-adds in the same order as the scalar loop below.
+template <int NV>
+inline void prefill_pv_row(float* o, float shrink, const float* p, const float* vb, int64_t jlo, int64_t jhi,
+                           int64_t D) {
+  __m512 r[NV];
+  const __m512 sh = _mm512_set1_ps(shrink);
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) r[v] = _mm512_mul_ps(_mm512_loadu_ps(o + 16 * v), sh);
+  for (int64_t jj = jlo; jj < jhi; ++jj) {
+    const __m512 pj = _mm512_set1_ps(p[jj]);
+    const float* vr = vb + jj * D;
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) r[v] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(vr + 16 * v), r[v]);
+  }
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) _mm512_storeu_ps(o + 16 * v, r[v]);
+}
+#endif
 
 // One task: query positions q0 .. q0 + nq - 1 (chunk rows r0 ..) of one KV head's G query heads.
 template <typename KV>
@@ -329,21 +378,25 @@ void prefill_task(const AttentionShape& shape, const float* q, int64_t row_strid
       for (int64_t d = 0; d < D; ++d) kt[d * kPrefillKeys + j] = kv_value(kr, d);
       for (int64_t d = 0; d < D; ++d) vb[j * D + d] = kv_value(vr, d);
     }
+#if defined(__AVX512F__)
+    // Scores of four query rows at a time: each key vector loaded once feeds four rows.
+    for (int64_t i = 0; i < rows; i += 4) {
+      const float* qrs[4];
+      float* srows[4];
+      for (int64_t u = 0; u < 4; ++u) {
+        const int64_t row = std::min(i + u, rows - 1);  // a short last group repeats its last row
+        qrs[u] = q + (r0 + row / G) * row_stride + (kvh * G + row % G) * D;
+        srows[u] = sc.data() + row * kPrefillKeys;
+      }
+      prefill_scores4(qrs, scale, kt.data(), D, srows);
+    }
+#endif
     for (int64_t i = 0; i < rows; ++i) {
-      const int64_t pos = q_first + i / G, head = kvh * G + i % G;
-      const float* qr = q + (r0 + i / G) * row_stride + head * D;
+      const int64_t pos = q_first + i / G;
       float* s = sc.data() + i * kPrefillKeys;
       const int64_t first_key = window > 0 ? pos - window + 1 : 0;
-#if defined(__AVX512F__)
-      __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-      for (int64_t d = 0; d < D; ++d) {
-        const __m512 qd = _mm512_set1_ps(qr[d] * scale);
-#pragma GCC unroll 4
-        for (int v = 0; v < 4; ++v) a[v] = _mm512_fmadd_ps(qd, _mm512_loadu_ps(kt.data() + d * kPrefillKeys + 16 * v), a[v]);
-      }
-#pragma GCC unroll 4
-      for (int v = 0; v < 4; ++v) _mm512_storeu_ps(s + 16 * v, a[v]);
-#else
+#if !defined(__AVX512F__)
+      const float* qr = q + (r0 + i / G) * row_stride + (kvh * G + i % G) * D;
       for (int64_t j = 0; j < kPrefillKeys; ++j) s[j] = 0.f;
       for (int64_t d = 0; d < D; ++d) {
         const float qd = qr[d] * scale;
@@ -374,11 +427,21 @@ void prefill_task(const AttentionShape& shape, const float* q, int64_t row_strid
       mx[i] = m;
       sum[i] = sum[i] * shrink + total;
       float* o = acc.data() + i * D;
+#if defined(__AVX512F__)
+      if (D == 64) {
+        prefill_pv_row<4>(o, shrink, s, vb.data(), jlo, jhi, D);
+        continue;
+      }
+      if (D == 128) {
+        prefill_pv_row<8>(o, shrink, s, vb.data(), jlo, jhi, D);
+        continue;
+      }
+#endif
       for (int64_t d = 0; d < D; ++d) o[d] *= shrink;
       for (int64_t jj = jlo; jj < jhi; ++jj) {
         const float p = s[jj];
         const float* vr = vb.data() + jj * D;
-        for (int64_t d = 0; d < D; ++d) o[d] += p * vr[d];
+        for (int64_t d = 0; d < D; ++d) o[d] = std::fma(p, vr[d], o[d]);
       }
     }
   }

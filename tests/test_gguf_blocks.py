@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pesc_serve.config import LoadConfig
-from pesc_serve.layers.quant import Int4WeightOnlyLinear
+from pesc_serve.layers.quant import HybridLinear, Int4WeightOnlyLinear
 from pesc_serve.models.gguf_reader import GGUFCheckpoint, Q4Blocks, q4_0_blocks, q4_1_blocks
 from pesc_serve.models.loader import load_model
 from pesc_serve.registry import resolve_model
@@ -60,6 +60,8 @@ def test_the_served_int4_weights_are_the_files(smollm2):
             layer.mlp.ffn.down_proj: ("mlp.down_proj",),
         }
         for module, parts in fused.items():
+            if isinstance(module, HybridLinear):  # the host's plan keeps dense copies for big batches
+                module = module.small
             assert isinstance(module, Int4WeightOnlyLinear), type(module)
             expected = torch.cat([file[p + part + ".weight"].dequantize() for part in parts])
             assert torch.equal(module.dequantize(), expected), parts

@@ -151,10 +151,10 @@ def host_plan(ext: ModuleType | None, k: int, n: int) -> KernelPlan:
     except (OSError, ValueError, KeyError, TypeError):
         pass
     if not timings or implausible(timings):
-        timings = _time_quietly(ext, k, n, amx)
-        if implausible(timings):
+        timings, problems = _time_quietly(ext, k, n, amx)
+        if problems:
             logger.warning("the CPU kernel timings look disturbed by other work on this host (%s): the plan "
-                           "is not cached, and the next start times again", "; ".join(implausible(timings)))
+                           "is not cached, and the next start times again", "; ".join(problems))
         else:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -164,12 +164,14 @@ def host_plan(ext: ModuleType | None, k: int, n: int) -> KernelPlan:
     return choose_plan(features, timings, amx)
 
 
-def _time_quietly(ext: ModuleType, k: int, n: int, amx: bool, attempts: int = 2) -> Timings:
-    """Time the kernels, once more if the first timings are implausible (a burst of other work)."""
+def _time_quietly(ext: ModuleType, k: int, n: int, amx: bool, attempts: int = 2) -> tuple[Timings, list[str]]:
+    """Time the kernels, once more if the first timings are implausible (a burst of other work);
+    the timings and what is still implausible about them."""
     start = time.monotonic()
     for _ in range(attempts):
         timings = time_kernels(ext, k, n, amx)
-        if not implausible(timings):
+        problems = implausible(timings)
+        if not problems:
             break
     logger.info("timed the CPU kernels on the FFN shape [%d, %d] in %.1f s", n, k, time.monotonic() - start)
-    return timings
+    return timings, problems

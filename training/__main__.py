@@ -1,4 +1,4 @@
-"""``python -m training craft|data|train|eval``: craft PESC models, build data, tune, evaluate."""
+"""``python -m training craft|data|train|eval|compare``: craft PESC models, build data, tune, evaluate, compare arms of seeds."""
 
 from __future__ import annotations
 
@@ -86,6 +86,17 @@ def _add_eval(sub) -> None:
     e.add_argument("--threads", type=int, default=None)
 
 
+def _add_compare(sub) -> None:
+    k = sub.add_parser("compare", help="two arms of seeds (e.g. PESC vs dense) on one held-out set: "
+                                       "mean, spread and a paired bootstrap interval of the difference")
+    k.add_argument("reports", nargs="+", type=Path, help="eval.json files of python -m training eval")
+    k.add_argument("--arm", action="append", default=[], required=True,
+                   help="NAME=label1,label2,... (the eval labels of one arm's seeds); give it twice")
+    k.add_argument("--rounds", type=int, default=10000, help="bootstrap rounds")
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--out", type=Path, default=Path("training/results/compare"))
+
+
 def _run(args) -> None:
     import torch
 
@@ -130,6 +141,12 @@ def _run(args) -> None:
                          quantization=args.quantization, batch_size=args.batch_size, limit=args.limit, suites=suites)
         run_eval(list(zip(labels, names)), args.out, cfg)
         print((args.out / "eval_table.md").read_text())
+    elif args.command == "compare":
+        from training.compare import parse_arm, run_compare
+
+        if len(args.arm) != 2:
+            raise ValueError(f"--arm must be given exactly twice (got {len(args.arm)})")
+        run_compare(args.reports, parse_arm(args.arm[0]), parse_arm(args.arm[1]), args.out, args.rounds, args.seed)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_data(sub)
     _add_train(sub)
     _add_eval(sub)
+    _add_compare(sub)
     args = parser.parse_args(argv)
     try:
         _run(args)

@@ -83,6 +83,11 @@ def test_cli_writes_table_and_json(tmp_path, capsys):
     b = tmp_path / "b.json"
     a.write_text(json.dumps(_report({k: v for k, v in replies.items() if k.startswith("a")})))
     b.write_text(json.dumps(_report({k: v for k, v in replies.items() if k.startswith("b")})))
+    for seed, mi in enumerate((0.1, 0.2, 0.3)):  # what eval writes for each PESC model, next to its report
+        share = {d: [[1 / 4] * 4 for _ in range(2)] for d in SUITES.values()}
+        share["tools"][1] = [0.7, 0.1, 0.1, 0.1]  # layer 1, expert 0 takes the tools domain
+        (tmp_path / f"routing_a{seed}.json").write_text(json.dumps(
+            {"share": share, "domain_expert_mutual_information_bits": [0.01, mi], "domain_entropy_bits": 2.0}))
     out = tmp_path / "out"
     assert main(["compare", str(a), str(b), "--arm", "PESC=a0,a1,a2", "--arm", "dense=b0,b1,b2",
                  "--rounds", "500", "--out", str(out)]) == 0
@@ -90,6 +95,9 @@ def test_cli_writes_table_and_json(tmp_path, capsys):
     assert result["domains"]["macro"]["difference"]["ci95"][0] > 40
     table = (out / "compare_table.md").read_text()
     assert "| maths | 50 |" in table and "**macro mean**" in table
+    assert result["routing"]["mutual_information_bits"][1] == {"layer": 1, "mean": 0.2, "min": 0.1, "max": 0.3}
+    assert "highest in layers 1 (0.200, seeds 0.100-0.300)" in table
+    assert "| tools | a0: 1/0, 70.0% vs 25.0%; a1: 1/0" in table
     assert "PESC ahead" in capsys.readouterr().out
 
 

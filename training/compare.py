@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.evaluate import DOMAINS
+from training.evaluate import DOMAINS, routing_path
 
 
 @dataclass(frozen=True)
@@ -173,14 +173,66 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def routing_over_seeds(routing: dict[str, dict]) -> dict:
+    """What the seeds' routing (``routing_<label>.json`` of the eval) says together: per layer,
+    the mutual information between domain and expert (mean, min, max over seeds), and per
+    domain its most specialised expert in each seed (the largest share of the domain's slots
+    over that expert's share of the other domains' slots)."""
+    seeds = list(routing.values())
+    layers = len(seeds[0]["domain_expert_mutual_information_bits"])
+    mi = [[r["domain_expert_mutual_information_bits"][layer] for r in seeds] for layer in range(layers)]
+    specialists: dict[str, list[dict]] = {}
+    for label, r in routing.items():
+        for domain, share in r["share"].items():
+            others = [r["share"][d] for d in r["share"] if d != domain]
+            best = None
+            for layer, row in enumerate(share):
+                for expert, v in enumerate(row):
+                    rest = _mean([o[layer][expert] for o in others]) if others else 0.0
+                    ratio = v / max(rest, 1e-6)
+                    if best is None or ratio > best["ratio"]:
+                        best = {"seed": label, "layer": layer, "expert": expert, "share": round(v, 4),
+                                "others_share": round(rest, 4), "ratio": round(ratio, 2)}
+            specialists.setdefault(domain, []).append(best)
+    return {"seeds": list(routing), "domain_entropy_bits": seeds[0]["domain_entropy_bits"],
+            "mutual_information_bits": [{"layer": layer, "mean": round(_mean(v), 4), "min": min(v), "max": max(v)}
+                                        for layer, v in enumerate(mi)],
+            "specialists": specialists}
+
+
+def routing_markdown(stats: dict) -> str:
+    rows = stats["mutual_information_bits"]
+    top = sorted(rows, key=lambda r: -r["mean"])[:3]
+    lines = [f"Routing over {len(stats['seeds'])} seed(s): mutual information between domain and expert, "
+             f"bits per layer (the domains' entropy, its ceiling: {stats['domain_entropy_bits']:.2f}); mean over "
+             f"layers {_mean([r['mean'] for r in rows]):.3f}, highest in layers "
+             + ", ".join(f"{r['layer']} ({r['mean']:.3f}, seeds {r['min']:.3f}-{r['max']:.3f})" for r in top) + ".",
+             "", "| domain | most specialised expert per seed: layer/expert, share of the domain's slots vs the others' |",
+             "|---|---|"]
+    for domain, best in stats["specialists"].items():
+        lines.append(f"| {domain} | " + "; ".join(
+            f"{b['seed']}: {b['layer']}/{b['expert']}, {100 * b['share']:.1f}% vs {100 * b['others_share']:.1f}%"
+            for b in best) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def run_compare(reports: list[Path], first: Arm, second: Arm, out_dir: Path, rounds: int, seed: int,
                 log=print) -> dict:
-    """Read the eval reports, compare the arms and write ``compare.json`` and ``compare_table.md``."""
+    """Read the eval reports, compare the arms and write ``compare.json`` and ``compare_table.md``
+    (with the routing of the first arm's seeds when the eval wrote it next to a report)."""
     result = compare(*load_replies(reports), first, second, rounds, seed)
     result["reports"] = [str(p) for p in reports]
+    routing = {}
+    for label in first.labels:
+        found = [routing_path(p.parent, label) for p in reports if routing_path(p.parent, label).is_file()]
+        if found:
+            routing[label] = json.loads(found[0].read_text())
+    if routing:
+        result["routing"] = routing_over_seeds(routing)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "compare.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out_dir / "compare_table.md").write_text(markdown(result))
-    log(markdown(result))
+    table = markdown(result) + ("\n" + routing_markdown(result["routing"]) if routing else "")
+    (out_dir / "compare_table.md").write_text(table)
+    log(table)
     log("verdict: " + result["verdict"])
     return result

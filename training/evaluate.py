@@ -226,6 +226,11 @@ def _safe(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_") or "model"
 
 
+def routing_path(out_dir: Path, label: str) -> Path:
+    """Where a run writes the routing statistics of the model labelled ``label``."""
+    return out_dir / f"routing_{_safe(label)}.json"
+
+
 def run_eval(models: list[tuple[str, str]], out_dir: Path, cfg: EvalConfig, log=print) -> list[ModelResult]:
     """Evaluate ``(label, model)`` pairs in order and write the reports to ``out_dir``."""
     torch.manual_seed(cfg.seed)
@@ -237,9 +242,9 @@ def run_eval(models: list[tuple[str, str]], out_dir: Path, cfg: EvalConfig, log=
         r = evaluate_model(label, name, items, cfg)
         log(f"  {label}: " + ", ".join(f"{d} {v['accuracy']:.1f}" for d, v in r.domains.items()) + f" ({r.seconds:.0f} s)")
         if r.routing is not None:
-            (out_dir / f"routing_{_safe(label)}.json").write_text(json.dumps(r.routing, indent=1) + "\n")
+            routing_path(out_dir, label).write_text(json.dumps(r.routing, indent=1) + "\n")
             plot_heatmap(r.routing, f"{label}: share of tokens per expert (top-{_topk(name)})",
-                         out_dir / f"routing_{_safe(label)}.png")
+                         routing_path(out_dir, label).with_suffix(".png"))
             log(f"  routing: min expert share in middle layers {100 * r.routing['min_share_middle_layers']:.1f}%")
         results.append(r)
     report = {

@@ -45,7 +45,10 @@ if [ "$STAGE" != eval ]; then
 fi
 
 if [ "$STAGE" != train ]; then
-  models=() labels=()
+  first=${SEEDS%% *}
+  # The untrained craft first: its routers are random, so its routing is the floor against which
+  # the trained experts' specialisation (mutual information between domain and expert) counts.
+  models=("$RUNS/crafted-$first") labels=("crafted-$first")
   for s in $SEEDS; do
     trained "$RUNS/pesc-$s" && trained "$RUNS/dense-$s" || { echo "seed $s is not trained yet" >&2; exit 1; }
     models+=("$RUNS/pesc-$s" "$RUNS/dense-$s") labels+=("pesc-$s" "dense-$s")

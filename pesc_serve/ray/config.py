@@ -28,7 +28,8 @@ def _count(value: object, flag: str, minimum: int) -> None:
 # the environment wins).  Each one wakes a Python process several times a second; on a host
 # whose cores the engine uses, every wake-up preempts an engine thread, and the OpenMP team
 # then waits at its next barrier for the preempted one.  Neither slows a reaction that matters:
-# a dead replica is still replaced within a second, autoscaling looks at 30-second windows.
+# the controller acts on a failed health check within half a second, and autoscaling averages
+# over 30-second windows anyway.
 QUIET_SERVE_ENV = {
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",  # the controller's reconcile loop (default 0.1 s)
     "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",  # each Serve actor's metric export (default 100 ms)

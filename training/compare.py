@@ -13,6 +13,7 @@ its items, as in the eval tables, so the macro mean weights domains equally.
 from __future__ import annotations
 
 import json
+from statistics import fmean
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,10 +90,6 @@ def correctness(replies: dict[str, list[dict]], suite_domain: dict[str, str],
     return out
 
 
-def _mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs)
-
-
 def bootstrap_difference(a: list[list[int]], b: list[list[int]], rounds: int,
                          rng: np.random.Generator) -> np.ndarray:
     """``rounds`` draws of accuracy(a) - accuracy(b) in points: the seeds of each arm and the
@@ -116,21 +113,19 @@ def compare(replies: dict[str, list[dict]], suite_domain: dict[str, str], first:
     report: dict[str, dict] = {}
     macro_draws: list[np.ndarray] = []
     points: list[float] = []
-    means: dict[str, float] = {}
     for domain, arms in data.items():
         row = {"items": len(arms[first.name][0])}
-        for arm in (first, second):
-            accs = [100.0 * _mean(s) for s in arms[arm.name]]
-            row[arm.name] = {"seeds": [round(x, 1) for x in accs], "mean": round(_mean(accs), 2),
-                             "spread": round(max(accs) - min(accs), 1)}
-            means[arm.name] = _mean(accs)
+        accs = {a.name: [100.0 * fmean(s) for s in arms[a.name]] for a in (first, second)}
+        for name, xs in accs.items():
+            row[name] = {"seeds": [round(x, 1) for x in xs], "mean": round(fmean(xs), 2),
+                         "spread": round(max(xs) - min(xs), 1)}
         draws = bootstrap_difference(arms[first.name], arms[second.name], rounds, rng)
         macro_draws.append(draws)
-        points.append(means[first.name] - means[second.name])
+        points.append(fmean(accs[first.name]) - fmean(accs[second.name]))
         row["difference"] = _interval(points[-1], draws)
         report[domain] = row
     if macro_draws:
-        point = _mean(points)
+        point = fmean(points)
         report["macro"] = {"difference": _interval(point, np.mean(macro_draws, axis=0))}
     return {"arms": {first.name: list(first.labels), second.name: list(second.labels)}, "rounds": rounds,
             "domains": report, "verdict": verdict(report, first.name, second.name)}
@@ -188,14 +183,14 @@ def routing_over_seeds(routing: dict[str, dict]) -> dict:
             best = None
             for layer, row in enumerate(share):
                 for expert, v in enumerate(row):
-                    rest = _mean([o[layer][expert] for o in others]) if others else 0.0
+                    rest = fmean([o[layer][expert] for o in others]) if others else 0.0
                     ratio = v / max(rest, 1e-6)
                     if best is None or ratio > best["ratio"]:
                         best = {"seed": label, "layer": layer, "expert": expert, "share": round(v, 4),
                                 "others_share": round(rest, 4), "ratio": round(ratio, 2)}
             specialists.setdefault(domain, []).append(best)
     return {"seeds": list(routing), "domain_entropy_bits": seeds[0]["domain_entropy_bits"],
-            "mutual_information_bits": [{"layer": layer, "mean": round(_mean(v), 4), "min": min(v), "max": max(v)}
+            "mutual_information_bits": [{"layer": layer, "mean": round(fmean(v), 4), "min": min(v), "max": max(v)}
                                         for layer, v in enumerate(mi)],
             "specialists": specialists}
 
@@ -205,7 +200,7 @@ def routing_markdown(stats: dict) -> str:
     top = sorted(rows, key=lambda r: -r["mean"])[:3]
     lines = [f"Routing over {len(stats['seeds'])} seed(s): mutual information between domain and expert, "
              f"bits per layer (the domains' entropy, its ceiling: {stats['domain_entropy_bits']:.2f}); mean over "
-             f"layers {_mean([r['mean'] for r in rows]):.3f}, highest in layers "
+             f"layers {fmean([r['mean'] for r in rows]):.3f}, highest in layers "
              + ", ".join(f"{r['layer']} ({r['mean']:.3f}, seeds {r['min']:.3f}-{r['max']:.3f})" for r in top) + ".",
              "", "| domain | most specialised expert per seed: layer/expert, share of the domain's slots vs the others' |",
              "|---|---|"]

@@ -5,6 +5,7 @@ computes it."""
 from __future__ import annotations
 
 import json
+import os
 
 import httpx
 import pytest
@@ -14,7 +15,7 @@ serve = pytest.importorskip("ray.serve")
 
 from pesc_serve.config import ServerConfig  # noqa: E402
 from pesc_serve.ray.app import build_app  # noqa: E402
-from pesc_serve.ray.config import RayServeConfig, replica_spec  # noqa: E402
+from pesc_serve.ray.config import RayServeConfig, replica_spec, serve_env_defaults  # noqa: E402
 from pesc_serve.ray.forwarding import read_call  # noqa: E402
 from pesc_serve.ray.routing import PREFERRED, rendezvous_order  # noqa: E402
 from tests.fixtures.tiny_checkpoints import make_checkpoint  # noqa: E402
@@ -30,6 +31,9 @@ def url(tmp_path_factory):
                                                                        kv_cache_memory_gb=0.02),
                         ServerConfig(shutdown_timeout_s=5), None, ray_cfg, num_cpus=1.0)
     port = free_port()
+    env = pytest.MonkeyPatch()
+    for name, value in serve_env_defaults(os.environ).items():  # what `python -m pesc_serve.ray` runs with
+        env.setenv(name, value)
     ray.init(num_cpus=3, include_dashboard=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -38,6 +42,7 @@ def url(tmp_path_factory):
     finally:
         serve.shutdown()
         ray.shutdown()
+        env.undo()
 
 
 def test_a_prompt_goes_to_one_of_the_two_replicas_its_prefix_hashes_to(url):

@@ -25,7 +25,7 @@ serve = pytest.importorskip("ray.serve")
 
 from pesc_serve.config import ServerConfig  # noqa: E402
 from pesc_serve.ray.app import build_app  # noqa: E402
-from pesc_serve.ray.config import RayServeConfig, replica_spec  # noqa: E402
+from pesc_serve.ray.config import RayServeConfig, replica_spec, serve_env_defaults  # noqa: E402
 from tests.fixtures.tiny_checkpoints import make_checkpoint  # noqa: E402
 from tests.fixtures.tiny_deltas import make_pesc_delta  # noqa: E402
 from tests.profiles import engine_config, load_config  # noqa: E402
@@ -53,6 +53,9 @@ def url(tenants):
     ray_cfg = RayServeConfig(num_replicas=2)
     spec = replica_spec(load, engine, ServerConfig(shutdown_timeout_s=5), None, ray_cfg, num_cpus=1.0)
     port = free_port()
+    env = pytest.MonkeyPatch()
+    for name, value in serve_env_defaults(os.environ).items():  # what `python -m pesc_serve.ray` runs with
+        env.setenv(name, value)
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -61,6 +64,7 @@ def url(tenants):
     finally:
         serve.shutdown()
         ray.shutdown()
+        env.undo()
 
 
 def _health(url: str) -> tuple[int, dict]:

@@ -16,7 +16,7 @@ from ray import serve  # noqa: E402
 
 from pesc_serve.ray.app import ENGINE_DEPLOYMENT, app_builder, build_app, engine_options, flags_from_dict  # noqa: E402
 from pesc_serve.ray.cli import build_parser, main, specs_from_args  # noqa: E402
-from pesc_serve.ray.config import QUIET_SERVE_ENV, RayServeConfig, quiet_serve_env  # noqa: E402
+from pesc_serve.ray.config import SERVE_ENV_DEFAULTS, RayServeConfig, serve_env_defaults  # noqa: E402
 from pesc_serve.ray.forwarding import HTTPCall, prompt_prefix, read_call, replay  # noqa: E402
 from pesc_serve.ray.metrics import merge_metrics  # noqa: E402
 from pesc_serve.ray.replica import PescReplica  # noqa: E402
@@ -201,16 +201,16 @@ def test_the_stream_interval_flag_reaches_the_replicas():
     assert _specs()[0].stream_interval_s == pytest.approx(0.025)
 
 
-def test_a_started_cluster_slows_serves_background_loops_unless_the_user_set_them():
+def test_a_started_cluster_gets_the_serve_defaults_unless_the_user_set_them():
     """The names must be the ones Serve reads, or the setting silently does nothing."""
     import inspect
 
     import ray.serve._private.constants as serve_constants
 
     source = inspect.getsource(serve_constants)
-    for name in QUIET_SERVE_ENV:
+    for name in SERVE_ENV_DEFAULTS:
         assert f'"{name}"' in source, name
-    assert quiet_serve_env({}) == QUIET_SERVE_ENV
+    assert serve_env_defaults({}) == SERVE_ENV_DEFAULTS
     mine = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.1"}
-    assert "RAY_SERVE_CONTROL_LOOP_INTERVAL_S" not in quiet_serve_env(mine)
-    assert "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS" in quiet_serve_env(mine)
+    assert "RAY_SERVE_CONTROL_LOOP_INTERVAL_S" not in serve_env_defaults(mine)
+    assert "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS" in serve_env_defaults(mine)

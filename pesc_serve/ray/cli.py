@@ -18,8 +18,8 @@ from types import FrameType
 
 from pesc_serve.__main__ import build_parser as build_server_parser
 from pesc_serve.__main__ import configs_from_args
-from pesc_serve.ray.config import (DEFAULT_STREAM_INTERVAL_MS, ROUTER_CHOICES, RayServeConfig, ReplicaSpec, quiet_serve_env,
-                                    replica_spec)
+from pesc_serve.ray.config import (DEFAULT_STREAM_INTERVAL_MS, ROUTER_CHOICES, RayServeConfig, ReplicaSpec,
+                                    replica_spec, serve_env_defaults)
 
 log = logging.getLogger("pesc_serve.ray")
 
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             if started_cluster:
-                os.environ.update(quiet_serve_env(os.environ))  # inherited by every process of the cluster
+                os.environ.update(serve_env_defaults(os.environ))  # inherited by every process of the cluster
                 ray.init(address="local", num_cpus=cpus, include_dashboard=False)
             else:
                 ray.init(address=ray_cfg.address)

@@ -24,21 +24,26 @@ def _count(value: object, flag: str, minimum: int) -> None:
         raise ValueError(f"{flag} must be an integer >= {minimum}, got {value!r}")
 
 
-# Serve's own background loops, slowed for a cluster this command starts (a setting already in
-# the environment wins).  Each one wakes a Python process several times a second; on a host
-# whose cores the engine uses, every wake-up preempts an engine thread, and the OpenMP team
-# then waits at its next barrier for the preempted one.  Neither slows a reaction that matters:
-# the controller acts on a failed health check within half a second, and autoscaling averages
-# over 30-second windows anyway.
-QUIET_SERVE_ENV = {
+# Serve settings for a cluster this command starts (a setting already in the environment wins).
+# Serve's background loops are slowed: each one wakes a Python process several times a second,
+# and on a host whose cores the engine uses, every wake-up preempts an engine thread, whose
+# OpenMP team then waits at its next barrier for the preempted one.  Neither slows a reaction
+# that matters: the controller acts on a failed health check within half a second, and
+# autoscaling averages over 30-second windows anyway.  And the ingress's and the replica's code
+# run on their actor's own event loop rather than on a second loop in another thread: each
+# streamed chunk then crosses no thread inside the process (every handler here is async or
+# already sent to a thread pool, so nothing blocks that loop).
+SERVE_ENV_DEFAULTS = {
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",  # the controller's reconcile loop (default 0.1 s)
     "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",  # each Serve actor's metric export (default 100 ms)
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",  # default 1: user code on a loop in its own thread
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",  # default 1: the handle's router on its own loop too
 }
 
 
-def quiet_serve_env(environ: dict[str, str]) -> dict[str, str]:
-    """The :data:`QUIET_SERVE_ENV` settings ``environ`` does not set itself."""
-    return {k: v for k, v in QUIET_SERVE_ENV.items() if k not in environ}
+def serve_env_defaults(environ: dict[str, str]) -> dict[str, str]:
+    """The :data:`SERVE_ENV_DEFAULTS` settings ``environ`` does not set itself."""
+    return {k: v for k, v in SERVE_ENV_DEFAULTS.items() if k not in environ}
 
 
 DEFAULT_STREAM_INTERVAL_MS = 25.0  # 40 updates a second: smooth to a reader, a few tokens per crossing

@@ -280,18 +280,64 @@ def test_tool_examples_are_what_the_server_renders_and_its_grammar_accepts(token
         assert (parsed.content is None) == bool(parsed.tool_calls)
 
 
-def test_heldout_tools_are_new_tools_with_new_argument_names():
-    from training.evaluate import EvalConfig, heldout_items
+def test_training_calls_copy_their_text_arguments_verbatim():
+    """A call's text arguments are the user's own words, typos included and times left out: the
+    held-out misses were corrected sentences and a reminder's time pasted into its message."""
+    import random
+
     from training.tasks import tools
 
-    train_names = {n for t in tools.TRAIN_TASKS for n in t.names()}
-    train_args = {k for t in tools.TRAIN_TASKS for k in t.argument_names()}
-    held = [it for it in heldout_items(EvalConfig()) if it.domain == "tools"]
-    assert {it.suite for it in held} == {"tool_call", "tool_no_call", "tool_result"}
-    for it in held:
-        names = {t["function"]["name"] for t in it.tools}
-        args = {k for t in it.tools for k in t["function"]["parameters"]["properties"]}
-        assert not names & train_names and not args & train_args, it.prompt
+    rng = random.Random(0)
+    for task in tools.TRAIN_TASKS:
+        timed = any(p["type"] == "integer" and "hour" in k for k, p in task.tool.parameters["properties"].items())
+        for _ in range(30):
+            question, args = task.ask(rng)
+            for k, v in args.items():
+                if isinstance(v, str):
+                    assert v in question, (task.tool.name, k, question)
+                    assert not (timed and ("o'clock" in v or ":00" in v)), (task.tool.name, question)
+
+
+def test_two_place_training_tools_name_the_places_in_either_order():
+    """From-A-to-B tools are also asked to-B-from-A, so a call is filled by meaning, not by order."""
+    import random
+
+    from training.tasks import tools
+
+    rng = random.Random(0)
+    two_place = [t for t in tools.TRAIN_TASKS
+                 if sum(p["type"] == "string" for p in t.tool.parameters["properties"].values()) == 2
+                 and all(v in tools.TRAIN_CITIES for v in t.ask(random.Random(1))[1].values())]
+    assert len(two_place) >= 4, [t.tool.name for t in two_place]
+    for task in two_place:
+        first, second = task.tool.parameters["required"]
+        orders = set()
+        for _ in range(60):
+            question, args = task.ask(rng)
+            orders.add(question.index(args[first]) < question.index(args[second]))
+        assert orders == {True, False}, task.tool.name
+
+
+def test_a_mixture_can_reuse_an_earlier_chat_replay(tmp_path):
+    from training.data import write_jsonl
+    from training.mixture import MixtureConfig, build_mixture
+    from training.tasks import general
+
+    cfg = MixtureConfig(arithmetic=10, word_problems=2, code_functions=2, code_outputs=2, module_facts=2,
+                        country_codes=2, chat=6, tool_calls=4, tool_no_fit=3, tool_results=2)
+    prompts = general.chat_prompts(cfg.chat, cfg.seed)
+    earlier = [Example(({"role": "user", "content": p}, {"role": "assistant", "content": f"answer {i}"}), "general")
+               for i, p in enumerate(prompts[:4])]
+    earlier.append(Example(({"role": "user", "content": "not a replay prompt"}, {"role": "assistant", "content": "x"}),
+                           "general"))
+    write_jsonl(tmp_path / "train.jsonl", earlier[::-1])
+    examples, counts = build_mixture(cfg, base=None, log=lambda s: None, replay_from=tmp_path / "train.jsonl")
+    assert counts["chat_replay"] == 4
+    replies = {ex.messages[-1]["content"] for ex in examples if ex.domain == "general"}
+    assert {f"answer {i}" for i in range(4)} <= replies and "x" not in replies
+    write_jsonl(tmp_path / "other.jsonl", earlier[-1:])
+    with pytest.raises(ValueError, match="other.jsonl: none of its examples"):
+        build_mixture(cfg, base=None, log=lambda s: None, replay_from=tmp_path / "other.jsonl")
 
 
 def test_tool_reply_scoring():

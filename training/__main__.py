@@ -28,6 +28,8 @@ def _add_data(sub) -> None:
     d.add_argument("--out", required=True, type=Path)
     d.add_argument("--base", default="smollm2", help="model that answers the chat-replay prompts ('' to skip them)")
     d.add_argument("--threads", type=int, default=None)
+    d.add_argument("--replay-from", type=Path, default=None,
+                   help="an earlier mixture's train.jsonl (same --seed and --chat): reuse its chat replay")
     defaults = MixtureConfig()
     for name in ("seed", "arithmetic", "word_problems", "code_functions", "code_outputs", "module_facts",
                  "country_codes", "chat", "chat_max_new_tokens", "tool_calls", "tool_no_fit", "tool_results"):
@@ -111,8 +113,10 @@ def _run(args) -> None:
         from training.mixture import MixtureConfig, write_mixture
 
         fields = {k: getattr(args, k) for k in MixtureConfig.__dataclass_fields__}
+        if args.replay_from is not None and not args.replay_from.is_file():
+            raise ValueError(f"--replay-from {args.replay_from}: no such file")
         args.out.mkdir(parents=True, exist_ok=True)
-        stats = write_mixture(args.out, MixtureConfig(**fields), args.base or None)
+        stats = write_mixture(args.out, MixtureConfig(**fields), args.base or None, replay_from=args.replay_from)
         print(f"wrote {stats['train_examples']} training examples {stats['train_by_domain']} and "
               f"{sum(stats['heldout_by_suite'].values())} held-out items to {args.out}")
     elif args.command == "train":

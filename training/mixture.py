@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from training.data import Example, encode_prompt, write_jsonl
+from training.data import Example, encode_prompt, load_data_file, write_jsonl
 from training.evaluate import HELDOUT_SETS, EvalConfig, heldout_items
 from training.tasks import arithmetic, code, general, tools
 
@@ -68,6 +68,20 @@ def distill_chat(base: str, prompts: list[str], max_new_tokens: int, log: Callab
     return examples
 
 
+def reused_chat(path: Path, prompts: list[str]) -> list[Example]:
+    """The chat replay of an earlier mixture (its ``train.jsonl``), in ``prompts`` order: the
+    base's answers do not change while the base does not, and answering 1,551 prompts again costs
+    ~12 minutes of two cores.  Only examples asking one of ``prompts`` are taken, so the rest of
+    that file (its maths, code and tools) stays out."""
+    wanted = set(prompts)
+    found = {ex.messages[0]["content"]: ex for ex in load_data_file(path)
+             if len(ex.messages) == 2 and ex.messages[0]["role"] == "user" and ex.messages[0]["content"] in wanted}
+    if not found:
+        raise ValueError(f"--replay-from {path}: none of its examples is a chat-replay prompt of this mixture "
+                         f"(was it built with --chat 0 or another --seed?)")
+    return [found[p] for p in prompts if p in found]
+
+
 def no_fit_pairs(cfg: MixtureConfig, chat_replay: list[Example]) -> list[tuple[str, str]]:
     """(question, answer) pairs answered in text beside unrelated tools: two thirds everyday and
     factual chat (the base's own replies) where there is chat replay, the rest arithmetic and ISO
@@ -83,8 +97,10 @@ def no_fit_pairs(cfg: MixtureConfig, chat_replay: list[Example]) -> list[tuple[s
     return (chat + other) or [("Hi", "Hello!")]
 
 
-def build_mixture(cfg: MixtureConfig, base: str | None, log: Callable[[str], None] = print) -> tuple[list[Example], dict]:
-    """Training examples (shuffled) and a per-source count."""
+def build_mixture(cfg: MixtureConfig, base: str | None, log: Callable[[str], None] = print,
+                  replay_from: Path | None = None) -> tuple[list[Example], dict]:
+    """Training examples (shuffled) and a per-source count; ``replay_from``: take the chat replay
+    from that earlier ``train.jsonl`` (:func:`reused_chat`) instead of asking ``base``."""
     eval_cfg = EvalConfig(seed=cfg.seed)
     parts = {
         "arithmetic+word_problems": arithmetic.train_examples(cfg.arithmetic, cfg.word_problems, cfg.seed),
@@ -92,7 +108,9 @@ def build_mixture(cfg: MixtureConfig, base: str | None, log: Callable[[str], Non
                                                           eval_cfg.code_outputs),
         "iso3166+stdlib_facts": general.fact_examples(cfg.country_codes, cfg.module_facts, cfg.seed),
     }
-    if cfg.chat and base:
+    if cfg.chat and replay_from is not None:
+        parts["chat_replay"] = reused_chat(replay_from, general.chat_prompts(cfg.chat, cfg.seed))
+    elif cfg.chat and base:
         parts["chat_replay"] = distill_chat(base, general.chat_prompts(cfg.chat, cfg.seed), cfg.chat_max_new_tokens, log)
     parts["tool_use"] = tools.train_examples(cfg.tool_calls, cfg.tool_no_fit, cfg.tool_results,
                                              no_fit_pairs(cfg, parts.get("chat_replay", [])), cfg.seed)
@@ -114,10 +132,11 @@ def check_disjoint_all(examples: list[Example], seed: int) -> int:
     return sum(check_disjoint(examples, EvalConfig(seed=seed, heldout=h)) for h in HELDOUT_SETS)
 
 
-def write_mixture(out_dir: Path, cfg: MixtureConfig, base: str | None, log: Callable[[str], None] = print) -> dict:
+def write_mixture(out_dir: Path, cfg: MixtureConfig, base: str | None, log: Callable[[str], None] = print,
+                  replay_from: Path | None = None) -> dict:
     """``train.jsonl`` (chat format with ``domain``), ``heldout.jsonl`` (the standard set),
     ``heldout_large.jsonl`` and ``stats.json``; no held-out question may occur in training."""
-    examples, counts = build_mixture(cfg, base, log)
+    examples, counts = build_mixture(cfg, base, log, replay_from)
     eval_cfg = EvalConfig(seed=cfg.seed)
     overlap = check_disjoint_all(examples, cfg.seed)
     if overlap:
@@ -130,6 +149,7 @@ def write_mixture(out_dir: Path, cfg: MixtureConfig, base: str | None, log: Call
     stats = {
         "config": asdict(cfg),
         "base_for_chat_replay": base,
+        "chat_replay_from": str(replay_from) if replay_from is not None else None,
         "train_examples": len(examples),
         "train_by_source": counts,
         "train_by_domain": dict(Counter(ex.domain for ex in examples)),

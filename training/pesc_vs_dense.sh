@@ -6,6 +6,10 @@
 #   bash training/pesc_vs_dense.sh            # everything still missing, then eval + compare
 #   SEEDS="1" STAGE=train bash training/pesc_vs_dense.sh   # only the runs of seed 1
 #
+# The seeds 0-2 reported in the README trained on the mixture of commit 5f66a88's generator
+# (sha256 in training/results/pesc_vs_dense/train_jsonl.sha256); later commits changed the tool
+# domain's training tools, so rebuilding DATA now gives another mixture.
+#
 # Resumable: a finished run (its config.json says "trained") is skipped and an unfinished one
 # continues from its checkpoint, bit for bit.  The PESC and dense runs of one seed train side by
 # side with one thread each: on a small host two single-thread runs waste less than one
@@ -45,20 +49,20 @@ if [ "$STAGE" != eval ]; then
 fi
 
 if [ "$STAGE" != train ]; then
+  # One eval report per seed (OUT/seedS), so a seed scored once is never scored again; the first
+  # seed's report also holds the untrained craft: its routers are random, so its routing is the
+  # floor against which the trained experts' specialisation (domain-expert mutual information) counts.
   first=${SEEDS%% *}
-  # The untrained craft first: its routers are random, so its routing is the floor against which
-  # the trained experts' specialisation (mutual information between domain and expert) counts.
-  models=("$RUNS/crafted-$first") labels=("crafted-$first")
+  reports=() pesc=() dense=()
   for s in $SEEDS; do
     trained "$RUNS/pesc-$s" && trained "$RUNS/dense-$s" || { echo "seed $s is not trained yet" >&2; exit 1; }
-    models+=("$RUNS/pesc-$s" "$RUNS/dense-$s") labels+=("pesc-$s" "dense-$s")
+    reports+=("$OUT/seed$s/eval.json") pesc+=("pesc-$s") dense+=("dense-$s")
+    [ -f "$OUT/seed$s/eval.json" ] && continue
+    baselines=(--baseline "$RUNS/pesc-$s") labels="pesc-$s,dense-$s"
+    if [ "$s" = "$first" ]; then baselines=(--baseline "$RUNS/crafted-$s" "${baselines[@]}") labels="crafted-$s,$labels"; fi
+    $PY -m training eval --model "$RUNS/dense-$s" "${baselines[@]}" --labels "$labels" \
+      --heldout large --serving defaults --out "$OUT/seed$s"
   done
-  baselines=()
-  for m in "${models[@]:0:${#models[@]}-1}"; do baselines+=(--baseline "$m"); done
-  $PY -m training eval --model "${models[-1]}" "${baselines[@]}" --labels "$(IFS=,; echo "${labels[*]}")" \
-    --heldout large --serving defaults --out "$OUT"
-  pesc=() dense=()
-  for s in $SEEDS; do pesc+=("pesc-$s") dense+=("dense-$s"); done
-  $PY -m training compare "$OUT/eval.json" --arm "PESC=$(IFS=,; echo "${pesc[*]}")" \
+  $PY -m training compare "${reports[@]}" --arm "PESC=$(IFS=,; echo "${pesc[*]}")" \
     --arm "dense=$(IFS=,; echo "${dense[*]}")" --out "$OUT"
 fi

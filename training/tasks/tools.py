@@ -106,7 +106,9 @@ PLAIN_TEXTS = ["The meeting starts after lunch", "My sister bought a new bicycle
                "I would like two cups of tea", "The weather is nice this morning", "She wrote a letter to her friend",
                "We need more paper for the printer", "The children played in the park", "Our team won the final game",
                "It is too cold to swim", "Their dog barks at night", "The library opens at nine",
-               "I think you are right about that", "The museum was closed on Monday"]
+               "I think you are right about that", "The museum was closed on Monday",
+               "We are going to the market", "They would like to write a book", "Their friends are going to the zoo",
+               "I hope your trip to the coast is fun", "There are two cats in the garden"]
 HOMOPHONES = {"there": "their", "their": "there", "they": "thay", "your": "you're", "to": "too", "too": "to",
               "is": "iz", "are": "our", "would": "wood", "write": "right", "wrote": "rote", "two": "too"}
 
@@ -134,6 +136,7 @@ ALARM_LABELS = ["go running", "catch the early train", "feed the cat", "take my 
                 "call the office", "walk to work", "make breakfast"]
 CONTACTS = ["Anna", "Ben", "Chloe", "David", "Emma", "Farid", "Grace", "Hugo"]
 ROOMS = ["living room", "bedroom", "kitchen", "office"]
+SPORTS = ["yoga", "pilates", "spinning", "boxing", "swimming", "climbing", "zumba", "rowing"]
 
 
 def _train_tasks() -> list[ToolTask]:
@@ -193,7 +196,9 @@ def _train_tasks() -> list[ToolTask]:
     def flights(rng):
         a, b = rng.sample(TRAIN_CITIES, 2)
         return _pick(rng, ["Find flights from {a} to {b}.", "Are there flights between {a} and {b}?",
-                           "I need to fly from {a} to {b}."], a=a, b=b), {"origin": a, "destination": b}
+                           "I need to fly from {a} to {b}.",
+                           "Show me plane tickets to {b}, leaving from {a}.", "I want to reach {b} by air; I start in {a}."],
+                     a=a, b=b), {"origin": a, "destination": b}
 
     def flights_result(rng, a):
         n, price = rng.randint(1, 9), rng.randint(60, 900)
@@ -227,7 +232,7 @@ def _train_tasks() -> list[ToolTask]:
 
     def music(rng):
         s = rng.choice(SONGS)
-        return _pick(rng, ["Play '{s}'.", "Put on the song {s}, please."], s=s), {"song": s}
+        return _pick(rng, ["Play '{s}'.", "Put on the song {s}, please.", "I'd love to hear the tune {s}."], s=s), {"song": s}
 
     def music_result(rng, a):
         return "playing", f"Now playing {a['song']}.", a["song"]
@@ -254,7 +259,8 @@ def _train_tasks() -> list[ToolTask]:
     def call(rng):
         who, h = rng.choice(CONTACTS), rng.randint(7, 21)
         return _pick(rng, ["Schedule a call with {w} at {h} o'clock.", "At {h}:00 I want to call {w}; put it in my "
-                           "calendar.", "Book a phone call with {w} for {h}:00."], w=who, h=h), \
+                           "calendar.", "Book a phone call with {w} for {h}:00.",
+                           "I must phone {w} at {h} o'clock; put it in my calendar."], w=who, h=h), \
             {"contact": who, "start_hour": h}
 
     def call_result(rng, a):
@@ -307,6 +313,7 @@ def _train_tasks() -> list[ToolTask]:
     def hotel(rng):
         city, n = rng.choice(TRAIN_CITIES), rng.randint(1, 6)
         return _pick(rng, ["Find a hotel in {c} for {n} nights.", "I need a room in {c} for {n} nights.",
+                           "Where can I sleep in {c}? I stay {n} nights.",
                            "Book me somewhere to stay in {c}, {n} nights."], c=city, n=n), {"city": city, "nights": n}
 
     def hotel_result(rng, a):
@@ -326,7 +333,8 @@ def _train_tasks() -> list[ToolTask]:
     def directions(rng):
         a, b = rng.sample(TRAIN_CITIES, 2)
         return _pick(rng, ["How do I drive from {a} to {b}?", "Give me directions from {a} to {b}.",
-                           "What is the route from {a} to {b} by car?"], a=a, b=b), {"start": a, "end": b}
+                           "What is the route from {a} to {b} by car?",
+                           "I'm in {a}; what's the road to {b}?", "Which way do I go to get to {b} from {a}?"], a=a, b=b), {"start": a, "end": b}
 
     def directions_result(rng, a):
         h = rng.randint(2, 14)
@@ -353,10 +361,61 @@ def _train_tasks() -> list[ToolTask]:
     def alarm(rng):
         label, h = rng.choice(ALARM_LABELS), rng.randint(5, 11)
         return _pick(rng, ["Wake me at {h} o'clock to {x}.", "At {h}:00 wake me up so I can {x}.",
-                           "I want an alarm for {h}:00 to {x}."], h=h, x=label), {"label": label, "wake_hour": h}
+                           "I want an alarm for {h}:00 to {x}.",
+                           "Wake me up to {x} at {h} o'clock.", "Set an alarm to {x} at {h}:00."], h=h, x=label), {"label": label, "wake_hour": h}
 
     def alarm_result(rng, a):
         return "alarm set", f"Your alarm rings at {a['wake_hour']}:00 so you can {a['label']}.", f"{a['wake_hour']}:00"
+
+    def rental(rng):
+        a, b = rng.sample(TRAIN_CITIES, 2)
+        return _pick(rng, ["Rent me a car in {a} that I drop off in {b}.", "I need a rental car from {a} to {b}.",
+                           "Hire a car for me: collect it in {a}, leave it in {b}.",
+                           "I'll drive one way to {b}; rent me a car starting in {a}."], a=a, b=b), \
+            {"collect_city": a, "return_city": b}
+
+    def rental_result(rng, a):
+        p = rng.randint(40, 400)
+        return f"{p} EUR", f"A one-way car from {a['collect_city']} to {a['return_city']} costs {p} EUR.", f"{p} EUR"
+
+    def rail(rng):
+        a, b = rng.sample(TRAIN_CITIES, 2)
+        return _pick(rng, ["Book a train from {a} to {b}.", "I need a ticket to {b}, departing {a} by train.",
+                           "Get me on a train going to {b} from {a}.", "Train tickets {a} to {b}, please."],
+                     a=a, b=b), {"departure": a, "arrival": b}
+
+    def rail_result(rng, a):
+        h = rng.randint(6, 20)
+        return f"seat booked, leaves {h}:15", f"Your train from {a['departure']} to {a['arrival']} leaves at {h}:15.", \
+            f"{h}:15"
+
+    def text_message(rng):
+        who, text = rng.choice(CONTACTS), typo_text(rng)
+        return _pick(rng, ["Text {w}: {x}", "Send {w} a message saying '{x}'.", "Message {w} \"{x}\""], w=who, x=text), \
+            {"recipient_name": who, "message_text": text}
+
+    def text_message_result(rng, a):
+        return "delivered", f"Your message to {a['recipient_name']} was delivered.", "delivered"
+
+    def grammar(rng):
+        text = typo_text(rng)
+        return _pick(rng, ["Is this grammatical? {x}", "Grade the grammar of \"{x}\".", "Proofread this for me: {x}",
+                           "Rate my writing: '{x}'"], x=text), {"passage": text}
+
+    def grammar_result(rng, a):
+        n = rng.randint(1, 4)
+        return f"grade {n}", f"Your text gets grade {n}.", f"grade {n}"
+
+    def fitness(rng):
+        sport, h = rng.choice(SPORTS), rng.randint(6, 20)
+        return _pick(rng, ["Book me a {s} class at {h} o'clock.", "Sign me up for {s} at {h}:00.",
+                           "I want to do {s} at {h} o'clock; reserve a spot."], s=sport, h=h), \
+            {"activity": sport, "class_hour": h}
+
+    def fitness_result(rng, a):
+        n = rng.randint(1, 12)
+        return f"booked, {n} spots left", f"You are booked for {a['activity']} at {a['class_hour']}:00.", \
+            f"{a['class_hour']}:00"
 
     return [
         ToolTask(_tool("get_weather", "Current weather in a city", city="string"), weather, weather_result, "city",
@@ -420,6 +479,22 @@ def _train_tasks() -> list[ToolTask]:
         ToolTask(_tool("set_thermostat", "Set the heating of a room", room="string", degrees="integer"), thermostat,
                  thermostat_result, "room", (("heating_control", "set_temperature"), {"room": ("zone_name", "space"),
                                                                                      "degrees": ("celsius", "temp")})),
+        ToolTask(_tool("rent_car", "Hire a vehicle for a one-way trip", collect_city="string", return_city="string"),
+                 rental, rental_result, "return_city", (("car_rental", "hire_vehicle"),
+                                                        {"collect_city": ("start_city", "from_town"),
+                                                         "return_city": ("end_city", "to_town")})),
+        ToolTask(_tool("rail_booking", "Reserve a seat on the railway between two stations", departure="string",
+                       arrival="string"), rail, rail_result, "arrival",
+                 (("book_train", "train_ticket"), {"departure": ("leave_from", "station_from"),
+                                                   "arrival": ("arrive_at", "station_to")})),
+        ToolTask(_tool("send_text", "Send a short text message to a contact", recipient_name="string",
+                       message_text="string"), text_message, text_message_result, "message_text",
+                 (("sms", "text_contact"), {"recipient_name": ("contact_name", "who"), "message_text": ("body", "sms_text")})),
+        ToolTask(_tool("grade_grammar", "Give a grammar grade to a passage", passage="string"), grammar, grammar_result,
+                 "passage", (("grammar_grade", "proofread"), {"passage": ("writing", "text_in")})),
+        ToolTask(_tool("book_class", "Reserve a place in a sports class at an hour", activity="string",
+                       class_hour="integer"), fitness, fitness_result, "activity",
+                 (("class_booking", "gym_booking"), {"activity": ("sport", "class_name"), "class_hour": ("hour_slot", "starts_at")})),
     ]
 
 

@@ -144,3 +144,44 @@ def test_an_implausible_cached_plan_is_timed_again(monkeypatch, tmp_path):
     cached.write_text(__import__("json").dumps([{"kernel": k, "rows": r, "seconds": s} for (k, r), s in busy.items()]))
     plan_mod.host_plan(object(), 576, 3072)
     assert len(calls) == 2
+
+
+def _with_amx(t: dict, amx: dict[int, float]) -> dict:
+    return {**t, **{("int4-amx", rows): amx[rows] for rows in PLAN_ROWS}}
+
+
+def test_the_amx_int4_kernel_serves_int4_batches_from_where_it_wins():
+    """On an AMX host the tiles take the int4 batches from their crossover on; the dense copies
+    are then weighed against the faster of the two int4 kernels."""
+    t = _timings({32: 1.0, 128: 4.0, 512: 16.0}, {32: 1.4, 128: 3.9, 512: 15.0}, {32: 1.2, 128: 3.0, 512: 9.0})
+    assert choose_plan(XEON, t, amx=True).dense_above == 128  # oneDNN 9 ms against int4's 16 at 512 rows
+    p = choose_plan(XEON, _with_amx(t, {32: 0.95, 128: 2.0, 512: 7.0}), amx=True)
+    assert p.amx_from == 33 and p.dense_above is None  # the tiles beat oneDNN's 9 ms: no dense copies
+    assert "AMX int8 tiles from 33 rows" in p.describe() and "AMX 7000.00 ms" in p.describe()
+    assert choose_plan(XEON, _with_amx(t, {32: 0.5, 128: 1.0, 512: 4.0}), amx=True).amx_from == 32
+    # a win at one size lost again above it is noise; a win by less than the margin is none
+    assert choose_plan(XEON, _with_amx(t, {32: 0.5, 128: 3.0, 512: 17.0}), amx=True).amx_from is None
+    assert choose_plan(XEON, _with_amx(t, {32: 0.95, 128: 3.8, 512: 15.5}), amx=True).amx_from is None
+    # dense copies that still win take the big batches; the tiles keep the rows below them
+    p = choose_plan(XEON, _with_amx(t, {32: 0.5, 128: 2.0, 512: 14.0}), amx=True)
+    assert p.dense_above == 128 and p.amx_from == 32
+
+
+def test_a_cached_plan_without_the_amx_kernel_is_timed_again_where_tiles_are_granted(monkeypatch, tmp_path):
+    monkeypatch.setenv("PESC_SERVE_CACHE", str(tmp_path))
+    monkeypatch.setattr(plan_mod, "detect", lambda: XEON)
+    granted = [False]
+    monkeypatch.setattr(plan_mod, "request_amx_permission", lambda: granted[0])
+    calls = []
+
+    def fake_timing(ext, k, n, amx, repeats=5):
+        calls.append(amx)
+        t = _timings({32: 1.0, 128: 4.0, 512: 16.0}, {32: 2.0, 128: 8.0, 512: 32.0}, {32: 3.0, 128: 9.0, 512: 30.0})
+        return _with_amx(t, {32: 0.5, 128: 1.0, 512: 4.0}) if amx else t
+
+    monkeypatch.setattr(plan_mod, "time_kernels", fake_timing)
+    assert plan_mod.host_plan(object(), 576, 3072).amx_from is None
+    granted[0] = True
+    assert plan_mod.host_plan(object(), 576, 3072).amx_from == 32
+    assert plan_mod.host_plan(object(), 576, 3072).amx_from == 32
+    assert calls == [False, True]

@@ -3,6 +3,7 @@
 // The kernels live in one header per family, each self-contained:
 //   bf16_gemm.h     small-batch bf16 GEMM on weights packed once (AVX512-BF16)
 //   low_bit_gemm.h  int4/int8 weight-only GEMM on int8 activations (AVX512-VNNI)
+//   amx_gemm.h      the int4 GEMM on AMX int8 tiles (prefill chunks, big batches), and its emulation
 //   adapters.h      PESC routing and the expert-grouped adapter kernel over every resident delta
 //   lora.h          unmerged LoRA beside a linear layer
 //   linear.h        one linear layer: its kernels by batch size, its LoRA by delta slot
@@ -10,6 +11,7 @@
 //   decode_model.h  the one-call decode step that strings them together
 // Everything compiles as this one translation unit (one compiler pass, about a minute on 2 cores).
 
+#include "amx_gemm.h"
 #include "decode_model.h"
 
 using namespace pesc;
@@ -40,6 +42,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "x [M, K] @ W^T for W packed by PackedInt8 (float32 out)",
         py::call_guard<py::gil_scoped_release>());
   m.def("have_vnni", &have_vnni, "whether this build has the AVX512-VNNI low-bit kernels");
+  m.def("int4_linear_amx", [](const torch::Tensor& x, const PackedInt4& p) { return int4_linear_amx(x, p); },
+        "int4_linear on AMX int8 tiles (raises unless amx_ready())", py::call_guard<py::gil_scoped_release>());
+  m.def("int4_linear_amx_emulated",
+        [](const torch::Tensor& x, const PackedInt4& p) { return int4_linear_tiles<EmulatedTiles>(x, p); },
+        "the AMX int4 kernel with its tile instructions emulated in C++ (tests the kernel on any host; slow)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("have_amx_int4", &have_amx_int4, "whether this build has the AMX int4 kernel (x86-64 with AVX512-VNNI)");
+  m.def("amx_ready", &amx_ready, "whether the CPU has AMX-INT8 and Linux granted this process the tile state");
   // `low_bit` (a PackedInt4 or PackedInt8 or None) is the small-batch weight in this
   // extension's layout; with it, `a` and `b` are ignored.
   py::class_<Linear>(m, "Linear")
@@ -52,7 +62,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         if (kind == INT8 && !present(lin.int8.data)) lin.scale_f32 = b.to(at::kFloat).contiguous();
         if (!packed.is_none()) lin.packed = packed.cast<PackedBf16>();  // else at::linear (oneDNN) runs `dense`
         return lin;
-      }));
+      }))
+      .def("set_amx_from", [](Linear& lin, int64_t rows) {
+        TORCH_CHECK(present(lin.int4.data), "only an int4 layer in this extension's packing runs on AMX tiles");
+        TORCH_CHECK(rows > 0 && amx_ready(), "AMX tiles need rows > 0, AMX-INT8 and the tile state granted");
+        lin.amx_from = rows;
+      }, "int4 batches of at least `rows` rows run on AMX int8 tiles")
+      .def("__call__", [](const Linear& lin, const torch::Tensor& x) { return lin(x.to(at::kFloat).contiguous()); },
+           "the layer on x [T, K] as the decode step runs it (float32 out)", py::call_guard<py::gil_scoped_release>());
   py::class_<LoRA, std::shared_ptr<LoRA>>(m, "LoRA")
       .def(py::init(&make_lora),
            "one delta's LoRA on one linear layer: per part A [r, K] and B^T [r, n] (float32 or bfloat16, shared, "

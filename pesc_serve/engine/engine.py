@@ -108,7 +108,8 @@ class LLMEngine:
         self.eos_token_ids = eos_token_ids(loaded, tokenizer)
         self.kv = KVCacheManager(self.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens)
-        kernels = try_build(loaded.model, cfg.cpu_kernels, kv_dtype) if loaded.device.type == "cpu" else None
+        kernels = try_build(loaded.model, cfg.cpu_kernels, kv_dtype, loaded.quantization.amx_from_rows) \
+            if loaded.device.type == "cpu" else None
         self.runner = ModelRunner(
             loaded.model, self.num_blocks, cfg.block_size, loaded.device, kv_dtype, self.eos_token_ids,
             decode_model=kernels.decode_model if kernels is not None else None,

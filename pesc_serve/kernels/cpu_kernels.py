@@ -43,9 +43,10 @@ class UnsupportedModel(ValueError):
     """The loaded model uses something the C++ step does not implement."""
 
 
-def _linear(ext: ModuleType, module: nn.Module) -> object:
+def _linear(ext: ModuleType, module: nn.Module, amx_from: int | None = None) -> object:
     """Describe one (possibly quantized) linear layer to the extension (LoRA pairs come later,
-    per delta slot: :meth:`CpuKernels.set_lora`)."""
+    per delta slot: :meth:`CpuKernels.set_lora`); int4 layers serve batches of ``amx_from``
+    rows and more on AMX tiles (None: never)."""
     max_rows, dense, packed = -1, _EMPTY, None
     if isinstance(module, HybridLinear):
         if not isinstance(module.large, DenseLinear):
@@ -62,8 +63,11 @@ def _linear(ext: ModuleType, module: nn.Module) -> object:
                           low_bit)
     if isinstance(module, Int4WeightOnlyLinear):
         if isinstance(module.packed, ext.PackedInt4):
-            return ext.Linear(INT4, module.qweight, _EMPTY, module.group_size, max_rows, dense, bias,
-                              module.out_features, packed, module.packed)
+            lin = ext.Linear(INT4, module.qweight, _EMPTY, module.group_size, max_rows, dense, bias,
+                             module.out_features, packed, module.packed)
+            if amx_from is not None and ext.amx_ready():
+                lin.set_amx_from(amx_from)
+            return lin
         aten = module.aten_packing()
         return ext.Linear(INT4, aten.data, aten.scales_zeros, module.group_size, max_rows, dense,
                           bias, module.out_features, packed, None)
@@ -89,10 +93,11 @@ def _low_bit_packing(ext: ModuleType, module: nn.Module) -> tuple[object, object
     return None
 
 
-def install_packed_kernels(model: nn.Module, ext: ModuleType) -> int:
+def install_packed_kernels(model: nn.Module, ext: ModuleType, amx_from: int | None = None) -> int:
     """Repack CPU weights for the extension's kernels, in place of their plain layout (one
     copy serves both the PyTorch path and the decode step): int4 and int8 layers for the
-    VNNI kernels, bf16 dense copies for the bf16 GEMM.  Unmerged LoRA updates get the same
+    VNNI kernels (int4 batches of ``amx_from`` rows and more on AMX tiles, where the host's
+    plan says so and Linux granted them), bf16 dense copies for the bf16 GEMM.  Unmerged LoRA updates get the same
     row-by-row kernel as the decode step, and attention the blocked prefill kernel (neither
     counted; they serve float32 CPU rows only).  Returns the count."""
     count = 0
@@ -101,6 +106,8 @@ def install_packed_kernels(model: nn.Module, ext: ModuleType) -> int:
         if vnni and isinstance(module, (Int4WeightOnlyLinear, Int8WeightOnlyLinear)):
             found = _low_bit_packing(ext, module)
             if found is not None:
+                if found[1] is ext.int4_linear and amx_from is not None and ext.amx_ready():
+                    found = found[0], RowsSwitch(ext.int4_linear, ext.int4_linear_amx, amx_from)
                 module.use_packed(*found)
                 count += 1
         if isinstance(module, SlotLoRA):
@@ -114,6 +121,16 @@ def install_packed_kernels(model: nn.Module, ext: ModuleType) -> int:
                 dense.use_packed(ext.PackedBf16(dense.weight), ext.bf16_linear)
                 count += 1
     return count
+
+
+class RowsSwitch:
+    """``(x, packed) -> y``: ``small`` for batches of fewer than ``rows`` rows, ``large`` for the rest."""
+
+    def __init__(self, small: object, large: object, rows: int) -> None:
+        self.small, self.large, self.rows = small, large, rows
+
+    def __call__(self, x: torch.Tensor, packed: object) -> torch.Tensor:
+        return (self.large if x.shape[0] >= self.rows else self.small)(x, packed)
 
 
 class _LoRAKernel:
@@ -233,8 +250,9 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.detach().contiguous()
 
 
-def build_decode_model(model: PescForCausalLM, ext: ModuleType) -> object:
-    """An ``ext.DecodeModel`` sharing ``model``'s base weights; raises UnsupportedModel."""
+def build_decode_model(model: PescForCausalLM, ext: ModuleType, amx_from: int | None = None) -> object:
+    """An ``ext.DecodeModel`` sharing ``model``'s base weights; raises UnsupportedModel.
+    ``amx_from``: as for :func:`install_packed_kernels` (big decode batches)."""
     cfg = model.config
     if model.embed_tokens.weight.device.type != "cpu":
         raise UnsupportedModel("not a CPU model")
@@ -243,21 +261,23 @@ def build_decode_model(model: PescForCausalLM, ext: ModuleType) -> object:
         cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
         float(cfg.rms_norm_eps), cfg.sliding_window or -1,
         _f32(model.embed_tokens.weight), _f32(model.norm.weight),
-        _linear(ext, head) if head is not None else ext.Linear(DENSE, _EMPTY, _EMPTY, 0, -1, _EMPTY, _EMPTY, 0, None, None),
+        _linear(ext, head, amx_from) if head is not None else ext.Linear(DENSE, _EMPTY, _EMPTY, 0, -1, _EMPTY, _EMPTY, 0, None, None),
         head is None, _f32(model.rotary.cos_sin),
     )
     for layer in model.layers:
         ffn = layer.mlp.ffn
         dm.add_layer(ext.Layer(
             _f32(layer.input_layernorm.weight), _f32(layer.post_attention_layernorm.weight),
-            _linear(ext, layer.self_attn.qkv_proj), _linear(ext, layer.self_attn.o_proj),
-            _linear(ext, ffn.gate_up_proj), _linear(ext, ffn.down_proj),
+            _linear(ext, layer.self_attn.qkv_proj, amx_from), _linear(ext, layer.self_attn.o_proj, amx_from),
+            _linear(ext, ffn.gate_up_proj, amx_from), _linear(ext, ffn.down_proj, amx_from),
         ))
     return dm
 
 
-def try_build(model: PescForCausalLM, policy: str, kv_dtype: torch.dtype = torch.float32) -> CpuKernels | None:
-    """The CPU kernels for ``--cpu-kernels auto|on``; None when off or not applicable.  Their
+def try_build(model: PescForCausalLM, policy: str, kv_dtype: torch.dtype = torch.float32,
+              amx_from: int | None = None) -> CpuKernels | None:
+    """The CPU kernels for ``--cpu-kernels auto|on``; None when off or not applicable
+    (``amx_from``: the host plan's AMX crossover for int4 layers, QuantPlan.amx_from_rows).  Their
     ``decode_model`` is None where only the decode step does not fit (the PyTorch path still
     gets the packed GEMMs and the grouped adapters)."""
     if policy == "off" or os.environ.get("PESC_SERVE_CPU_KERNELS") == "off":
@@ -276,9 +296,9 @@ def try_build(model: PescForCausalLM, policy: str, kv_dtype: torch.dtype = torch
             raise ValueError(f"--cpu-kernels on: could not build the extension ({exc})") from None
         logger.warning("CPU decode kernels unavailable (%s); using the PyTorch path", exc)
         return None
-    install_packed_kernels(model, ext)
+    install_packed_kernels(model, ext, amx_from)
     try:
-        dm = build_decode_model(model, ext)
+        dm = build_decode_model(model, ext, amx_from)
     except UnsupportedModel as exc:
         if policy == "on":
             raise ValueError(f"--cpu-kernels on: {exc}") from None

@@ -6,7 +6,9 @@ itself (then cached per CPU and layer shape), and the start-up log says what it 
 * CPUs without AVX512-VNNI: ATen's low-bit kernels for decode (<= 2 rows, the measured
   crossover of earlier releases) and dense bf16 copies above that.
 * AVX512-VNNI CPUs: our int4/int8 kernels at every batch size, unless the host runs a dense
-  bf16 GEMM faster for big batches.  That is timed: our packed AVX512-BF16 kernel and oneDNN's
+  bf16 GEMM faster for big batches.  Where Linux grants AMX tiles, the int4 kernel on AMX int8
+  tiles (csrc/amx_gemm.h) is timed too, after checking that it gives the VNNI kernel's numbers
+  bit for bit on this host, and serves int4 batches from the row count on which it wins.  That is timed: our packed AVX512-BF16 kernel and oneDNN's
   (``at::linear``; it uses AMX tiles on CPUs with AMX, once Linux granted them) against the
   int4 kernel on the model's FFN shape at 32 to 512 rows.  Where a dense kernel wins by a
   margin from some row count on, the plan keeps dense bf16 copies (twice the weight bytes)
@@ -34,6 +36,7 @@ PLAN_ROWS = (32, 128, 512)  # batch sizes timed for the crossover (decode batche
 DENSE_MARGIN = 1.5  # a dense kernel must be this much faster to be worth twice the weight bytes
 MIN_TIMED_WEIGHTS = 1 << 20  # smaller layers are not timed: the host's noise exceeds any difference
 DENSE_KERNELS = ("packed-bf16", "onednn-bf16")
+AMX_MARGIN = 1.1  # the AMX int4 kernel must be this much faster than the VNNI one (same weights)
 # A kernel's time grows with its rows: at most this factor beyond proportional from one timed
 # size to the next, and never this factor below the smaller size's (a busy host breaks both).
 SCALING_SLACK = 2.0
@@ -53,11 +56,14 @@ class KernelPlan:
     dense_kernel: str  # "packed-bf16" (ours, AVX512-BF16) or "onednn-bf16" (at::linear: AMX where present)
     amx: bool = False  # the process may use AMX tiles (Linux granted the tile state)
     reasons: tuple[str, ...] = field(default=())
+    amx_from: int | None = None  # int4 batches of at least this many rows run on AMX int8 tiles (None: never)
 
     def describe(self) -> str:
         serve = (f"{self.low_bit} low-bit kernels at every batch size" if self.dense_above is None else
                  f"{self.low_bit} low-bit kernels up to {self.dense_above} rows, {self.dense_kernel} on dense bf16 "
                  f"copies above")
+        if self.amx_from is not None:
+            serve += f" (int4 on AMX int8 tiles from {self.amx_from} rows)"
         return f"kernel plan for {self.features.describe()}{' (AMX granted)' if self.amx else ''}: {serve}" + \
             "".join(f"; {r}" for r in self.reasons)
 
@@ -72,12 +78,19 @@ def choose_plan(features: CpuFeatures, timings: Timings | None, amx: bool = Fals
                           (f"{why}: ATen's low-bit kernels serve decode rows",))
     if not timings:
         return KernelPlan(features, "vnni", None, "packed-bf16", amx, ("not timed",))
-    reasons, wins = [], {}
+    reasons = []
+    amx_wins = {rows: ("int4-amx", rows) in timings and timings[("int4-amx", rows)] * AMX_MARGIN
+                < timings[("int4-vnni", rows)] for rows in PLAN_ROWS}
+    first = _crossover(amx_wins)
+    amx_from = None if first is None else (PLAN_ROWS[first - 1] + 1 if first else PLAN_ROWS[0])
+    wins = {}
     for rows in PLAN_ROWS:
-        low = timings[("int4-vnni", rows)]
+        low = timings[("int4-amx" if amx_from is not None and rows >= amx_from else "int4-vnni", rows)]
         kernel, best = min(((k, timings[(k, rows)]) for k in DENSE_KERNELS if (k, rows) in timings),
                            key=lambda kt: kt[1], default=(None, float("inf")))
-        reasons.append(f"{rows} rows: int4 {low * 1e3:.2f} ms, {kernel} {best * 1e3:.2f} ms")
+        amx_note = f" (AMX {timings[('int4-amx', rows)] * 1e3:.2f} ms)" if ("int4-amx", rows) in timings else ""
+        reasons.append(f"{rows} rows: int4 {timings[('int4-vnni', rows)] * 1e3:.2f} ms{amx_note}, "
+                       f"{kernel} {best * 1e3:.2f} ms")
         wins[rows] = kernel if kernel is not None and best * DENSE_MARGIN < low else None
     # Dense copies from the smallest timed size on from which one dense kernel wins at every
     # larger size too (a single win is as likely a noisy host's accident as a crossover).
@@ -85,8 +98,17 @@ def choose_plan(features: CpuFeatures, timings: Timings | None, amx: bool = Fals
         kernel = wins[rows]
         if kernel is not None and all(wins[r] == kernel for r in PLAN_ROWS[i:]):
             above = PLAN_ROWS[i - 1] if i else rows - 1
-            return KernelPlan(features, "vnni", above, kernel, amx, tuple(reasons))
-    return KernelPlan(features, "vnni", None, "packed-bf16", amx, tuple(reasons))
+            tiles = amx_from if amx_from is not None and amx_from <= above else None  # below the dense rows
+            return KernelPlan(features, "vnni", above, kernel, amx, tuple(reasons), tiles)
+    return KernelPlan(features, "vnni", None, "packed-bf16", amx, tuple(reasons), amx_from)
+
+
+def _crossover(wins: dict[int, bool]) -> int | None:
+    """The index of the smallest timed size from which a kernel wins at every larger size too."""
+    for i, rows in enumerate(PLAN_ROWS):
+        if all(wins[r] for r in PLAN_ROWS[i:]):
+            return i
+    return None
 
 
 def time_kernels(ext: ModuleType, k: int, n: int, amx: bool, repeats: int = 5) -> Timings:
@@ -102,6 +124,8 @@ def time_kernels(ext: ModuleType, k: int, n: int, amx: bool, repeats: int = 5) -
         "int4-vnni": lambda x: ext.int4_linear(x, int4),
         "onednn-bf16": lambda x: torch.nn.functional.linear(x.to(torch.bfloat16), w16),
     }
+    if amx and amx_usable(ext, int4, k):
+        kernels["int4-amx"] = lambda x: ext.int4_linear_amx(x, int4)
     if ext.have_bf16_gemm():
         packed = ext.PackedBf16(w16)
         kernels["packed-bf16"] = lambda x: ext.bf16_linear(x, packed)
@@ -117,6 +141,19 @@ def time_kernels(ext: ModuleType, k: int, n: int, amx: bool, repeats: int = 5) -
                 dt = time.perf_counter() - t
                 best[(name, rows)] = min(dt, best.get((name, rows), float("inf")))
     return best
+
+
+def amx_usable(ext: ModuleType, int4: object, k: int) -> bool:
+    """Whether the AMX int4 kernel may serve here: built, the tiles granted, and its output the
+    VNNI kernel's bit for bit (the same integer dot products and float operations in the same
+    order) on rows that fill one tile and part of the next."""
+    if not (ext.have_amx_int4() and ext.amx_ready()):
+        return False
+    x = torch.randn(37, k, generator=torch.Generator().manual_seed(1))
+    if torch.equal(ext.int4_linear_amx(x, int4), ext.int4_linear(x, int4)):
+        return True
+    logger.error("the AMX int4 kernel disagrees with the VNNI kernel on this host; it is not used")
+    return False
 
 
 def implausible(timings: Timings) -> list[str]:
@@ -150,6 +187,8 @@ def host_plan(ext: ModuleType | None, k: int, n: int) -> KernelPlan:
         timings = {(e["kernel"], e["rows"]): e["seconds"] for e in json.loads(path.read_text())}
     except (OSError, ValueError, KeyError, TypeError):
         pass
+    if amx and timings and not any(kernel == "int4-amx" for kernel, _ in timings):
+        timings = None  # cached before the AMX kernel existed (or while the tiles were not granted)
     if not timings or implausible(timings):
         timings, problems = _time_quietly(ext, k, n, amx)
         if problems:

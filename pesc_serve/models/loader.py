@@ -245,6 +245,7 @@ class QuantPlan:
     lm_head: str = "none"
     hybrid_max_rows: int | None = None  # dense weights serve batches above this many rows
     dense_kernel: str = "packed-bf16"  # the GEMM on those dense weights (kernels/plan.py)
+    amx_from_rows: int | None = None  # int4 batches of at least this many rows run on AMX tiles (kernels/plan.py)
     kernel_dtype: torch.dtype | None = None  # dtype the weight kernels run in (None: the model's)
 
     def method_for(self, module_name: str) -> str:
@@ -261,6 +262,8 @@ class QuantPlan:
         parts = [f"shared FFN {self.ffn}", f"attention {self.attention}", f"lm_head {self.lm_head}"]
         if self.hybrid_max_rows is not None:
             parts.append(f"dense bf16 weights ({self.dense_kernel}) for batches > {self.hybrid_max_rows} rows")
+        if self.amx_from_rows is not None:
+            parts.append(f"int4 on AMX tiles for batches >= {self.amx_from_rows} rows")
         return ", ".join(parts)
 
 
@@ -281,6 +284,7 @@ def resolve_quantization(name: str, device: torch.device, dtype: torch.dtype, ke
     """
     cpu = device.type == "cpu"
     rows, dense = (ATEN_LOW_BIT_MAX_ROWS, "packed-bf16") if kernels is None else (kernels.dense_above, kernels.dense_kernel)
+    amx = kernels.amx_from if kernels is not None else None
     if name == "auto":
         if not (cpu and arrives_quantized):
             return QuantPlan()
@@ -288,6 +292,7 @@ def resolve_quantization(name: str, device: torch.device, dtype: torch.dtype, ke
     if name in ("int4", "int8") and cpu:
         head = "int8"  # a per-channel int8 head (or the file's Q8_0 blocks)
         return QuantPlan(ffn=name, attention=name, lm_head=head, hybrid_max_rows=rows, dense_kernel=dense,
+                         amx_from_rows=amx if name == "int4" else None,
                          kernel_dtype=torch.bfloat16)
     return QuantPlan(ffn=name)
 

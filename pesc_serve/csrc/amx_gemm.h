@@ -1,4 +1,4 @@
-// int4 GEMM on AMX int8 tiles (TDPBSUD) for prefill chunks and big decode batches.
+// int4 and int8 GEMMs on AMX int8 tiles (TDPBSUD) for prefill chunks and big decode batches.
 //
 // Why: on AVX512-VNNI one instruction does 64 multiply-adds, and the int4 kernel of
 // low_bit_gemm.h spends as many instructions again on unpacking and broadcasting; one AMX
@@ -129,11 +129,12 @@ inline void unpack_int4_b_tiles(const uint8_t* w, int64_t G, uint8_t* out) {
     }
 }
 
-// y [M, N] = x [M, K] @ W^T for packed int4 W, on Tiles; threads split the 16-output blocks,
-// each unpacking its block once for every 16-row tile of x.  `epilogue` as in low_bit_linear.
-template <typename Tiles>
-torch::Tensor int4_linear_tiles(const torch::Tensor& x, const PackedInt4& p, const BlockEpilogue* epilogue = nullptr) {
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == p.k, "AMX int4 linear: input has ", x.size(1), " features, weight ", p.k);
+// y [M, N] = x [M, K] @ W^T for packed int4 or int8 W, on Tiles; threads split the 16-output
+// blocks, each preparing its block's B tiles once for every 16-row tile of x (int4: unpacked;
+// int8: PackedInt8's [K/4, 16, 4] layout is B tiles already).  `epilogue` as in low_bit_linear.
+template <typename Tiles, bool kInt4, typename Packed>
+torch::Tensor low_bit_linear_tiles(const torch::Tensor& x, const Packed& p, const BlockEpilogue* epilogue) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == p.k, "AMX low-bit linear: input has ", x.size(1), " features, weight ", p.k);
   const int64_t M = x.size(0), K = p.k, G = K / kQGroup, blocks = p.n / kQRows;
   const int64_t Mp = (M + kAmxRows - 1) / kAmxRows * kAmxRows;
   torch::Tensor xc = x.to(at::kFloat).contiguous();
@@ -147,17 +148,30 @@ torch::Tensor int4_linear_tiles(const torch::Tensor& x, const PackedInt4& p, con
   const QuantizedRows& xr = xq;
   torch::Tensor y = torch::empty({M, p.n}, xc.options());
   float* yp = y.data_ptr<float>();
-  const uint8_t* wp = p.data.data_ptr<uint8_t>();
-  const at::Half* sz = p.scales.data_ptr<at::Half>();
+  const uint8_t* wp = p.data.template data_ptr<uint8_t>();
+  const at::Half* sz = nullptr;  // int4: per-group scales and mins; grouped int8: per-group scales
+  const float* row_scale = nullptr;  // int8: per-row scales
+  if constexpr (kInt4) {
+    sz = p.scales.template data_ptr<at::Half>();
+  } else if (present(p.group_scales)) {
+    sz = p.group_scales.template data_ptr<at::Half>();
+  } else {
+    row_scale = p.scale.template data_ptr<float>();
+  }
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     const TileConfig cfg;
     Tiles::configure(&cfg);
-    thread_local std::vector<uint8_t> bt;
-    bt.resize(G * kAmxBBytes);
+    thread_local std::vector<uint8_t> unpacked;
+    if constexpr (kInt4) unpacked.resize(G * kAmxBBytes);
     alignas(64) int32_t dots[2][kAmxRows * kQRows];
     for (int64_t b = b0; b < b1; ++b) {
-      unpack_int4_b_tiles(wp + b * G * kInt4GroupBytes, G, bt.data());
-      const at::Half* bsz = sz + b * G * 2 * kQRows;
+      const uint8_t* bt = wp + b * G * kAmxBBytes;  // int8: 8 B rows of 64 bytes per group, in place
+      if constexpr (kInt4) {
+        unpack_int4_b_tiles(wp + b * G * kInt4GroupBytes, G, unpacked.data());
+        bt = unpacked.data();
+      }
+      const at::Half* bsz = sz ? sz + b * G * (kInt4 ? 2 : 1) * kQRows : nullptr;
+      const __m512 out_scale = row_scale ? _mm512_loadu_ps(row_scale + b * kQRows) : _mm512_set1_ps(1.f);
       for (int64_t m0 = 0; m0 < Mp; m0 += kAmxRows) {
         __m512 acc[kAmxRows];
 #pragma GCC unroll 16
@@ -166,22 +180,38 @@ torch::Tensor int4_linear_tiles(const torch::Tensor& x, const PackedInt4& p, con
           const int odd = static_cast<int>(g & 1);
           Tiles::zero_c(odd);
           Tiles::load_a(odd, xr.q.data() + m0 * K + g * kQGroup, K);
-          Tiles::load_b(odd, bt.data() + g * kAmxBBytes, 64);
+          Tiles::load_b(odd, bt + g * kAmxBBytes, 64);
           Tiles::dot(odd);
           Tiles::store_c(odd, dots[odd], 64);
-          const __m512 scale = load_f16x16(bsz + g * 2 * kQRows);
-          const __m512 zero = _mm512_fmadd_ps(_mm512_set1_ps(8.f), scale, load_f16x16(bsz + g * 2 * kQRows + kQRows));
+          if constexpr (kInt4) {
+            // w = (q - 8) * scale + zero, zero = min + 8 * scale, as in int4_block
+            const __m512 scale = load_f16x16(bsz + g * 2 * kQRows);
+            const __m512 zero = _mm512_fmadd_ps(_mm512_set1_ps(8.f), scale, load_f16x16(bsz + g * 2 * kQRows + kQRows));
 #pragma GCC unroll 16
-          for (int r = 0; r < kAmxRows; ++r) {
-            const int64_t i = (m0 + r) * G + g;
-            const __m512i dot = _mm512_sub_epi32(_mm512_load_si512(dots[odd] + r * kQRows),
-                                                 _mm512_set1_epi32(8 * xr.qsum[i]));
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(scale, _mm512_set1_ps(xr.d[i])), acc[r]);
-            acc[r] = _mm512_fmadd_ps(zero, _mm512_set1_ps(xr.sum[i]), acc[r]);
+            for (int r = 0; r < kAmxRows; ++r) {
+              const int64_t i = (m0 + r) * G + g;
+              const __m512i dot = _mm512_sub_epi32(_mm512_load_si512(dots[odd] + r * kQRows),
+                                                   _mm512_set1_epi32(8 * xr.qsum[i]));
+              acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(scale, _mm512_set1_ps(xr.d[i])), acc[r]);
+              acc[r] = _mm512_fmadd_ps(zero, _mm512_set1_ps(xr.sum[i]), acc[r]);
+            }
+          } else {
+            // the weights are stored as q + 128, as in int8_block
+            const __m512 gs = bsz ? load_f16x16(bsz + g * kQRows) : _mm512_set1_ps(1.f);
+#pragma GCC unroll 16
+            for (int r = 0; r < kAmxRows; ++r) {
+              const int64_t i = (m0 + r) * G + g;
+              const __m512i dot = _mm512_sub_epi32(_mm512_load_si512(dots[odd] + r * kQRows),
+                                                   _mm512_set1_epi32(128 * xr.qsum[i]));
+              acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(gs, _mm512_set1_ps(xr.d[i])), acc[r]);
+            }
           }
         }
         const int64_t rows = std::min(kAmxRows, M - m0);
-        for (int64_t r = 0; r < rows; ++r) _mm512_storeu_ps(yp + (m0 + r) * p.n + b * kQRows, acc[r]);
+        for (int64_t r = 0; r < rows; ++r) {
+          const __m512 out = kInt4 ? acc[r] : _mm512_mul_ps(acc[r], out_scale);
+          _mm512_storeu_ps(yp + (m0 + r) * p.n + b * kQRows, out);
+        }
         if (epilogue) (*epilogue)(yp, p.n, m0, rows, b * kQRows, kQRows);
       }
     }
@@ -190,11 +220,24 @@ torch::Tensor int4_linear_tiles(const torch::Tensor& x, const PackedInt4& p, con
   return y;
 }
 
+template <typename Tiles>
+torch::Tensor int4_linear_tiles(const torch::Tensor& x, const PackedInt4& p, const BlockEpilogue* epilogue = nullptr) {
+  return low_bit_linear_tiles<Tiles, true>(x, p, epilogue);
+}
+template <typename Tiles>
+torch::Tensor int8_linear_tiles(const torch::Tensor& x, const PackedInt8& p, const BlockEpilogue* epilogue = nullptr) {
+  return low_bit_linear_tiles<Tiles, false>(x, p, epilogue);
+}
+
 inline bool have_amx_int4() { return true; }
 #else
 template <typename Tiles>
 torch::Tensor int4_linear_tiles(const torch::Tensor&, const PackedInt4&, const BlockEpilogue* = nullptr) {
-  TORCH_CHECK(false, "the AMX int4 kernel needs an x86-64 AVX512-VNNI build");
+  TORCH_CHECK(false, "the AMX low-bit kernels need an x86-64 AVX512-VNNI build");
+}
+template <typename Tiles>
+torch::Tensor int8_linear_tiles(const torch::Tensor&, const PackedInt8&, const BlockEpilogue* = nullptr) {
+  TORCH_CHECK(false, "the AMX low-bit kernels need an x86-64 AVX512-VNNI build");
 }
 struct AmxTiles {};
 struct EmulatedTiles {};
@@ -220,10 +263,17 @@ inline bool amx_ready() {
 #endif
 }
 
-inline torch::Tensor int4_linear_amx(const torch::Tensor& x, const PackedInt4& p, const BlockEpilogue* epilogue = nullptr) {
-  TORCH_CHECK(amx_ready(), "the AMX int4 kernel needs AMX-INT8 and the tile state granted to this process "
+inline void check_amx_ready() {
+  TORCH_CHECK(amx_ready(), "the AMX low-bit kernels need AMX-INT8 and the tile state granted to this process "
               "(pesc_serve.kernels.cpu_features.request_amx_permission)");
+}
+inline torch::Tensor int4_linear_amx(const torch::Tensor& x, const PackedInt4& p, const BlockEpilogue* epilogue = nullptr) {
+  check_amx_ready();
   return int4_linear_tiles<AmxTiles>(x, p, epilogue);
+}
+inline torch::Tensor int8_linear_amx(const torch::Tensor& x, const PackedInt8& p, const BlockEpilogue* epilogue = nullptr) {
+  check_amx_ready();
+  return int8_linear_tiles<AmxTiles>(x, p, epilogue);
 }
 
 }  // namespace pesc

@@ -44,11 +44,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("have_vnni", &have_vnni, "whether this build has the AVX512-VNNI low-bit kernels");
   m.def("int4_linear_amx", [](const torch::Tensor& x, const PackedInt4& p) { return int4_linear_amx(x, p); },
         "int4_linear on AMX int8 tiles (raises unless amx_ready())", py::call_guard<py::gil_scoped_release>());
+  m.def("int8_linear_amx", [](const torch::Tensor& x, const PackedInt8& p) { return int8_linear_amx(x, p); },
+        "int8_linear on AMX int8 tiles (raises unless amx_ready())", py::call_guard<py::gil_scoped_release>());
   m.def("int4_linear_amx_emulated",
         [](const torch::Tensor& x, const PackedInt4& p) { return int4_linear_tiles<EmulatedTiles>(x, p); },
         "the AMX int4 kernel with its tile instructions emulated in C++ (tests the kernel on any host; slow)",
         py::call_guard<py::gil_scoped_release>());
-  m.def("have_amx_int4", &have_amx_int4, "whether this build has the AMX int4 kernel (x86-64 with AVX512-VNNI)");
+  m.def("int8_linear_amx_emulated",
+        [](const torch::Tensor& x, const PackedInt8& p) { return int8_linear_tiles<EmulatedTiles>(x, p); },
+        "the AMX int8 kernel with its tile instructions emulated in C++ (tests the kernel on any host; slow)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("have_amx_int4", &have_amx_int4, "whether this build has the AMX low-bit kernels (x86-64 with AVX512-VNNI)");
   m.def("amx_ready", &amx_ready, "whether the CPU has AMX-INT8 and Linux granted this process the tile state");
   // `low_bit` (a PackedInt4 or PackedInt8 or None) is the small-batch weight in this
   // extension's layout; with it, `a` and `b` are ignored.
@@ -64,10 +70,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return lin;
       }))
       .def("set_amx_from", [](Linear& lin, int64_t rows) {
-        TORCH_CHECK(present(lin.int4.data), "only an int4 layer in this extension's packing runs on AMX tiles");
+        TORCH_CHECK(present(lin.int4.data) || present(lin.int8.data),
+                    "only an int4 or int8 layer in this extension's packing runs on AMX tiles");
         TORCH_CHECK(rows > 0 && amx_ready(), "AMX tiles need rows > 0, AMX-INT8 and the tile state granted");
         lin.amx_from = rows;
-      }, "int4 batches of at least `rows` rows run on AMX int8 tiles")
+      }, "low-bit batches of at least `rows` rows run on AMX int8 tiles")
       .def("__call__", [](const Linear& lin, const torch::Tensor& x) { return lin(x.to(at::kFloat).contiguous()); },
            "the layer on x [T, K] as the decode step runs it (float32 out)", py::call_guard<py::gil_scoped_release>());
   py::class_<LoRA, std::shared_ptr<LoRA>>(m, "LoRA")

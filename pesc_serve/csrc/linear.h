@@ -29,15 +29,17 @@ struct Linear {
   PackedInt4 int4;          // INT4 weights for int4_linear (when `a` is that packing's data)
   PackedInt8 int8;          // INT8 weights for int8_linear (likewise)
   std::vector<std::shared_ptr<const LoRA>> loras;  // unmerged LoRA beside the weight, by delta slot (null: none)
-  int64_t amx_from = -1;    // INT4: batches of at least this many rows run on AMX tiles (-1: never; kernels/plan.py)
+  int64_t amx_from = -1;    // low-bit batches of at least this many rows run on AMX tiles (-1: never; kernels/plan.py)
 
-  torch::Tensor run_int4(const torch::Tensor& x, const BlockEpilogue* epilogue = nullptr) const {
-    return amx_from > 0 && x.size(0) >= amx_from ? int4_linear_amx(x, int4, epilogue) : int4_linear(x, int4, epilogue);
+  // The packed int4 or int8 weights (present(int4.data) || present(int8.data)) on x.
+  torch::Tensor run_low_bit(const torch::Tensor& x, const BlockEpilogue* epilogue = nullptr) const {
+    const bool amx = amx_from > 0 && x.size(0) >= amx_from;
+    if (present(int4.data)) return amx ? int4_linear_amx(x, int4, epilogue) : int4_linear(x, int4, epilogue);
+    return amx ? int8_linear_amx(x, int8, epilogue) : int8_linear(x, int8, epilogue);
   }
 
   torch::Tensor run_small(const torch::Tensor& x) const {
-    if (present(int4.data)) return run_int4(x);
-    if (present(int8.data)) return int8_linear(x, int8);
+    if (present(int4.data) || present(int8.data)) return run_low_bit(x);
     switch (kind) {
       case INT8:
         // ATen's kernel needs in_features in multiples of 16 (it crashes otherwise).
@@ -69,7 +71,7 @@ struct Linear {
           if (lora && rp[m].lora) lora_row_block(yr, rp[m], c0, c0 + width);
         }
       };
-      return present(int4.data) ? run_int4(xc, &epilogue) : int8_linear(xc, int8, &epilogue);
+      return run_low_bit(xc, &epilogue);
     }
     torch::Tensor y;
     if (dense_rows) {

@@ -46,7 +46,7 @@ class UnsupportedModel(ValueError):
 def _linear(ext: ModuleType, module: nn.Module, amx_from: int | None = None) -> object:
     """Describe one (possibly quantized) linear layer to the extension (LoRA pairs come later,
     per delta slot: :meth:`CpuKernels.set_lora`); int4 layers serve batches of ``amx_from``
-    rows and more on AMX tiles (None: never)."""
+    rows and more on AMX tiles (None: never), and so do int8 ones."""
     max_rows, dense, packed = -1, _EMPTY, None
     if isinstance(module, HybridLinear):
         if not isinstance(module.large, DenseLinear):
@@ -59,8 +59,11 @@ def _linear(ext: ModuleType, module: nn.Module, amx_from: int | None = None) -> 
         if low_bit is None and module.group_wise:  # Q8_0 blocks without the VNNI kernel: a dense copy
             weight = module.dequantize().to(module.kernel_dtype)
             return ext.Linear(DENSE, weight, _EMPTY, 0, -1, _EMPTY, bias, module.out_features, None, None)
-        return ext.Linear(INT8, module.weight, module.scale, 0, max_rows, dense, bias, module.out_features, packed,
-                          low_bit)
+        lin = ext.Linear(INT8, module.weight, module.scale, 0, max_rows, dense, bias, module.out_features, packed,
+                         low_bit)
+        if low_bit is not None and amx_from is not None and ext.amx_ready():
+            lin.set_amx_from(amx_from)
+        return lin
     if isinstance(module, Int4WeightOnlyLinear):
         if isinstance(module.packed, ext.PackedInt4):
             lin = ext.Linear(INT4, module.qweight, _EMPTY, module.group_size, max_rows, dense, bias,
@@ -96,8 +99,9 @@ def _low_bit_packing(ext: ModuleType, module: nn.Module) -> tuple[object, object
 def install_packed_kernels(model: nn.Module, ext: ModuleType, amx_from: int | None = None) -> int:
     """Repack CPU weights for the extension's kernels, in place of their plain layout (one
     copy serves both the PyTorch path and the decode step): int4 and int8 layers for the
-    VNNI kernels (int4 batches of ``amx_from`` rows and more on AMX tiles, where the host's
-    plan says so and Linux granted them), bf16 dense copies for the bf16 GEMM.  Unmerged LoRA updates get the same
+    VNNI kernels (batches of ``amx_from`` rows and more on AMX tiles, where the host's plan
+    says so and Linux granted them: the int4 kernel's crossover also serves the int8 layers,
+    whose tile work per row is the same), bf16 dense copies for the bf16 GEMM.  Unmerged LoRA updates get the same
     row-by-row kernel as the decode step, and attention the blocked prefill kernel (neither
     counted; they serve float32 CPU rows only).  Returns the count."""
     count = 0
@@ -106,8 +110,9 @@ def install_packed_kernels(model: nn.Module, ext: ModuleType, amx_from: int | No
         if vnni and isinstance(module, (Int4WeightOnlyLinear, Int8WeightOnlyLinear)):
             found = _low_bit_packing(ext, module)
             if found is not None:
-                if found[1] is ext.int4_linear and amx_from is not None and ext.amx_ready():
-                    found = found[0], RowsSwitch(ext.int4_linear, ext.int4_linear_amx, amx_from)
+                if amx_from is not None and ext.amx_ready():
+                    tiles = ext.int4_linear_amx if found[1] is ext.int4_linear else ext.int8_linear_amx
+                    found = found[0], RowsSwitch(found[1], tiles, amx_from)
                 module.use_packed(*found)
                 count += 1
         if isinstance(module, SlotLoRA):

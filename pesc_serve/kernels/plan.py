@@ -6,13 +6,14 @@ itself (then cached per CPU and layer shape), and the start-up log says what it 
 * CPUs without AVX512-VNNI: ATen's low-bit kernels for decode (<= 2 rows, the measured
   crossover of earlier releases) and dense bf16 copies above that.
 * AVX512-VNNI CPUs: our int4/int8 kernels at every batch size, unless the host runs a dense
-  bf16 GEMM faster for big batches.  Where Linux grants AMX tiles, the int4 kernel on AMX int8
-  tiles (csrc/amx_gemm.h) is timed too, after checking that it gives the VNNI kernel's numbers
-  bit for bit on this host, and serves int4 batches from the row count on which it wins.  That is timed: our packed AVX512-BF16 kernel and oneDNN's
+  bf16 GEMM faster for big batches.  That is timed: our packed AVX512-BF16 kernel and oneDNN's
   (``at::linear``; it uses AMX tiles on CPUs with AMX, once Linux granted them) against the
   int4 kernel on the model's FFN shape at 32 to 512 rows.  Where a dense kernel wins by a
   margin from some row count on, the plan keeps dense bf16 copies (twice the weight bytes)
   for batches from there, and names the kernel that serves them.
+* Where Linux grants AMX tiles, the int4 kernel on AMX int8 tiles (csrc/amx_gemm.h) is timed
+  too, once it gave the VNNI kernel's numbers bit for bit on this host, and serves the low-bit
+  batches from the row count on which it wins (the dense copies are then weighed against it).
 """
 
 from __future__ import annotations

@@ -149,15 +149,9 @@ torch::Tensor low_bit_linear_tiles(const torch::Tensor& x, const Packed& p, cons
   torch::Tensor y = torch::empty({M, p.n}, xc.options());
   float* yp = y.data_ptr<float>();
   const uint8_t* wp = p.data.template data_ptr<uint8_t>();
-  const at::Half* sz = nullptr;  // int4: per-group scales and mins; grouped int8: per-group scales
-  const float* row_scale = nullptr;  // int8: per-row scales
-  if constexpr (kInt4) {
-    sz = p.scales.template data_ptr<at::Half>();
-  } else if (present(p.group_scales)) {
-    sz = p.group_scales.template data_ptr<at::Half>();
-  } else {
-    row_scale = p.scale.template data_ptr<float>();
-  }
+  const LowBitScales scales = scales_of<kInt4>(p);
+  const at::Half* sz = scales.groups;
+  const float* row_scale = scales.rows;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     const TileConfig cfg;
     Tiles::configure(&cfg);

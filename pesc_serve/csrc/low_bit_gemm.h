@@ -230,6 +230,23 @@ inline void with_tile_rows(int64_t rows, Fn&& fn) {
   fn(std::integral_constant<int, MB>{});
 }
 
+// A packed weight's scales as the kernels read them (this file's and amx_gemm.h's).
+struct LowBitScales {
+  const at::Half* groups = nullptr;  // int4: per-group scales and mins; grouped int8: per-group scales
+  const float* rows = nullptr;       // int8: per-row scales
+};
+
+template <bool kInt4, typename Packed>
+inline LowBitScales scales_of(const Packed& p) {
+  if constexpr (kInt4) {
+    return {p.scales.template data_ptr<at::Half>(), nullptr};
+  } else if (present(p.group_scales)) {
+    return {p.group_scales.template data_ptr<at::Half>(), nullptr};
+  } else {
+    return {nullptr, p.scale.template data_ptr<float>()};
+  }
+}
+
 // y [M, N] = x [M, K] @ W^T for packed int4 / int8 W; threads split the 16-row blocks.
 // `epilogue`, if given, runs on each finished block, on the thread that computed it (what a
 // layer adds to its output, e.g. a bias and an unmerged LoRA, then costs no pass of its own).
@@ -244,15 +261,9 @@ torch::Tensor low_bit_linear(const torch::Tensor& x, const Packed& p, const Bloc
   torch::Tensor y = torch::empty({M, p.n}, xc.options());
   float* yp = y.data_ptr<float>();
   const uint8_t* wp = p.data.template data_ptr<uint8_t>();
-  const at::Half* sz = nullptr;  // int4: per-group scales and mins; grouped int8: per-group scales
-  const float* scale = nullptr;      // int8: per-row scales
-  if constexpr (kInt4) {
-    sz = p.scales.template data_ptr<at::Half>();
-  } else if (present(p.group_scales)) {
-    sz = p.group_scales.template data_ptr<at::Half>();
-  } else {
-    scale = p.scale.template data_ptr<float>();
-  }
+  const LowBitScales scales = scales_of<kInt4>(p);
+  const at::Half* sz = scales.groups;
+  const float* scale = scales.rows;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       for (int64_t m0 = 0; m0 < M; m0 += kQTileRows) {

@@ -61,14 +61,14 @@ def _linear(ext: ModuleType, module: nn.Module, amx_from: int | None = None) -> 
             return ext.Linear(DENSE, weight, _EMPTY, 0, -1, _EMPTY, bias, module.out_features, None, None)
         lin = ext.Linear(INT8, module.weight, module.scale, 0, max_rows, dense, bias, module.out_features, packed,
                          low_bit)
-        if low_bit is not None and amx_from is not None and ext.amx_ready():
+        if low_bit is not None and amx_from is not None:
             lin.set_amx_from(amx_from)
         return lin
     if isinstance(module, Int4WeightOnlyLinear):
         if isinstance(module.packed, ext.PackedInt4):
             lin = ext.Linear(INT4, module.qweight, _EMPTY, module.group_size, max_rows, dense, bias,
                              module.out_features, packed, module.packed)
-            if amx_from is not None and ext.amx_ready():
+            if amx_from is not None:
                 lin.set_amx_from(amx_from)
             return lin
         aten = module.aten_packing()
@@ -100,7 +100,7 @@ def install_packed_kernels(model: nn.Module, ext: ModuleType, amx_from: int | No
     """Repack CPU weights for the extension's kernels, in place of their plain layout (one
     copy serves both the PyTorch path and the decode step): int4 and int8 layers for the
     VNNI kernels (batches of ``amx_from`` rows and more on AMX tiles, where the host's plan
-    says so and Linux granted them: the int4 kernel's crossover also serves the int8 layers,
+    says so; the caller checks that Linux granted them: the int4 kernel's crossover also serves the int8 layers,
     whose tile work per row is the same), bf16 dense copies for the bf16 GEMM.  Unmerged LoRA updates get the same
     row-by-row kernel as the decode step, and attention the blocked prefill kernel (neither
     counted; they serve float32 CPU rows only).  Returns the count."""
@@ -110,7 +110,7 @@ def install_packed_kernels(model: nn.Module, ext: ModuleType, amx_from: int | No
         if vnni and isinstance(module, (Int4WeightOnlyLinear, Int8WeightOnlyLinear)):
             found = _low_bit_packing(ext, module)
             if found is not None:
-                if amx_from is not None and ext.amx_ready():
+                if amx_from is not None:
                     tiles = ext.int4_linear_amx if found[1] is ext.int4_linear else ext.int8_linear_amx
                     found = found[0], RowsSwitch(found[1], tiles, amx_from)
                 module.use_packed(*found)
@@ -301,6 +301,8 @@ def try_build(model: PescForCausalLM, policy: str, kv_dtype: torch.dtype = torch
             raise ValueError(f"--cpu-kernels on: could not build the extension ({exc})") from None
         logger.warning("CPU decode kernels unavailable (%s); using the PyTorch path", exc)
         return None
+    if amx_from is not None and not ext.amx_ready():  # a plan cached where the tiles were granted
+        amx_from = None
     install_packed_kernels(model, ext, amx_from)
     try:
         dm = build_decode_model(model, ext, amx_from)

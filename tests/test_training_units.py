@@ -282,7 +282,8 @@ def test_tool_examples_are_what_the_server_renders_and_its_grammar_accepts(token
 
 def test_training_calls_copy_their_text_arguments_verbatim():
     """A call's text arguments are the user's own words, typos included and times left out: the
-    held-out misses were corrected sentences and a reminder's time pasted into its message."""
+    held-out misses were corrected sentences, a reminder's time pasted into its message, and the
+    request around it ("I need a reminder to ...")."""
     import random
 
     from training.tasks import tools
@@ -296,6 +297,8 @@ def test_training_calls_copy_their_text_arguments_verbatim():
                 if isinstance(v, str):
                     assert v in question, (task.tool.name, k, question)
                     assert not (timed and ("o'clock" in v or ":00" in v)), (task.tool.name, question)
+                    assert not (timed and any(w in v for w in ("I need", "nudge", "notification", "alarm"))), \
+                        (task.tool.name, question)
 
 
 def test_two_place_training_tools_name_the_places_in_either_order():

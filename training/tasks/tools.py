@@ -137,6 +137,10 @@ ALARM_LABELS = ["go running", "catch the early train", "feed the cat", "take my 
 CONTACTS = ["Anna", "Ben", "Chloe", "David", "Emma", "Farid", "Grace", "Hugo"]
 ROOMS = ["living room", "bedroom", "kitchen", "office"]
 SPORTS = ["yoga", "pilates", "spinning", "boxing", "swimming", "climbing", "zumba", "rowing"]
+# What a nudge asks the user to do: the call takes this bare action, never the request around it
+# ("I need a nudge to ...") nor its time.
+NUDGE_ACTIONS = ["stretch my legs", "check the oven", "take out the trash", "send the invoice", "charge my phone",
+                 "lock the back door", "move the car", "drink some water", "pack my gym bag", "print the tickets"]
 
 
 def _train_tasks() -> list[ToolTask]:
@@ -362,7 +366,8 @@ def _train_tasks() -> list[ToolTask]:
         label, h = rng.choice(ALARM_LABELS), rng.randint(5, 11)
         return _pick(rng, ["Wake me at {h} o'clock to {x}.", "At {h}:00 wake me up so I can {x}.",
                            "I want an alarm for {h}:00 to {x}.",
-                           "Wake me up to {x} at {h} o'clock.", "Set an alarm to {x} at {h}:00."], h=h, x=label), {"label": label, "wake_hour": h}
+                           "Wake me up to {x} at {h} o'clock.", "Set an alarm to {x} at {h}:00.",
+                           "At {h}:00 I need an alarm so I can {x}."], h=h, x=label), {"label": label, "wake_hour": h}
 
     def alarm_result(rng, a):
         return "alarm set", f"Your alarm rings at {a['wake_hour']}:00 so you can {a['label']}.", f"{a['wake_hour']}:00"
@@ -416,6 +421,18 @@ def _train_tasks() -> list[ToolTask]:
         n = rng.randint(1, 12)
         return f"booked, {n} spots left", f"You are booked for {a['activity']} at {a['class_hour']}:00.", \
             f"{a['class_hour']}:00"
+
+    def nudge(rng):
+        action, h = rng.choice(NUDGE_ACTIONS), rng.randint(6, 22)
+        return _pick(rng, ["Ping me to {x} at {h} o'clock.", "At {h}:00 I need a nudge to {x}.",
+                           "Don't let me forget to {x} at {h}:00.", "Send me a notification at {h} o'clock to {x}.",
+                           "I'd like a ping at {h}:00 telling me to {x}.", "Nudge me to {x} at {h}:00, please.",
+                           "At {h} o'clock I want a notification to {x}."], x=action, h=h), \
+            {"action": action, "notify_hour": h}
+
+    def nudge_result(rng, a):
+        return "notification scheduled", f"At {a['notify_hour']}:00 you will get a nudge to {a['action']}.", \
+            f"{a['notify_hour']}:00"
 
     return [
         ToolTask(_tool("get_weather", "Current weather in a city", city="string"), weather, weather_result, "city",
@@ -495,6 +512,9 @@ def _train_tasks() -> list[ToolTask]:
         ToolTask(_tool("book_class", "Reserve a place in a sports class at an hour", activity="string",
                        class_hour="integer"), fitness, fitness_result, "activity",
                  (("class_booking", "gym_booking"), {"activity": ("sport", "class_name"), "class_hour": ("hour_slot", "starts_at")})),
+        ToolTask(_tool("notify_me", "Send the user a notification at an hour of the day", action="string",
+                       notify_hour="integer"), nudge, nudge_result, "action",
+                 (("send_nudge", "ping_me"), {"action": ("todo_note", "what_to_do"), "notify_hour": ("ping_hour", "at_time")})),
     ]
 
 

@@ -5,6 +5,12 @@
 #
 #   bash training/pesc_vs_dense.sh            # everything still missing, then eval + compare
 #   SEEDS="1" STAGE=train bash training/pesc_vs_dense.sh   # only the runs of seed 1
+#   CONTROL=matched bash training/pesc_vs_dense.sh        # the matched-parameter dense control
+#
+# The dense control trains LoRA of rank 4 (1.22M parameters against PESC's 19.05M, as in the
+# paper).  CONTROL=matched trains the control with LoRA of rank 64, alpha 128 (19.54M
+# parameters: capacity matched, so what is left of the difference is the routing), reuses the
+# PESC runs and their reports, and writes its reports and comparison under OUT/matched.
 #
 # The seeds 0-2 reported in the README trained on the mixture of commit 5f66a88's generator
 # (sha256 in training/results/pesc_vs_dense/train_jsonl.sha256); later commits changed the tool
@@ -23,6 +29,12 @@ STEPS=${STEPS:-175}
 SEEDS=${SEEDS:-"0 1 2"}
 STAGE=${STAGE:-all}  # all | train | eval
 OUT=${OUT:-training/results/pesc_vs_dense}
+CONTROL=${CONTROL:-lora4}  # lora4 | matched
+if [ "$CONTROL" = matched ]; then
+  DENSE=dense64 DENSE_FLAGS="--lora-rank 64 --lora-alpha 128" DENSE_OUT=$OUT/matched
+else
+  DENSE=dense DENSE_FLAGS="" DENSE_OUT=$OUT
+fi
 TRAIN="--data $DATA/train.jsonl --lr 0.0005 --max-len 512 --steps $STEPS --no-progress --resume --threads 1"
 
 trained() { [ -f "$1/config.json" ] && grep -q '"status": "trained"' "$1/config.json"; }
@@ -39,9 +51,9 @@ if [ "$STAGE" != eval ]; then
         --note "#16 PESC seed $s" >> "$RUNS/pesc-$s.log" 2>&1 &
       pids+=($!)
     fi
-    if ! trained "$RUNS/dense-$s"; then
-      $PY -m training train --model smollm2 --out "$RUNS/dense-$s" --seed "$s" $TRAIN \
-        --note "#16 dense control seed $s" >> "$RUNS/dense-$s.log" 2>&1 &
+    if ! trained "$RUNS/$DENSE-$s"; then
+      $PY -m training train --model smollm2 --out "$RUNS/$DENSE-$s" --seed "$s" $TRAIN $DENSE_FLAGS \
+        --note "#16 dense control ($CONTROL) seed $s" >> "$RUNS/$DENSE-$s.log" 2>&1 &
       pids+=($!)
     fi
     for pid in "${pids[@]}"; do wait "$pid"; done
@@ -55,14 +67,20 @@ if [ "$STAGE" != train ]; then
   first=${SEEDS%% *}
   reports=() pesc=() dense=()
   for s in $SEEDS; do
-    trained "$RUNS/pesc-$s" && trained "$RUNS/dense-$s" || { echo "seed $s is not trained yet" >&2; exit 1; }
-    reports+=("$OUT/seed$s/eval.json") pesc+=("pesc-$s") dense+=("dense-$s")
-    [ -f "$OUT/seed$s/eval.json" ] && continue
-    baselines=(--baseline "$RUNS/pesc-$s") labels="pesc-$s,dense-$s"
-    if [ "$s" = "$first" ]; then baselines=(--baseline "$RUNS/crafted-$s" "${baselines[@]}") labels="crafted-$s,$labels"; fi
-    $PY -m training eval --model "$RUNS/dense-$s" "${baselines[@]}" --labels "$labels" \
-      --heldout large --serving defaults --out "$OUT/seed$s"
+    trained "$RUNS/pesc-$s" && trained "$RUNS/$DENSE-$s" || { echo "seed $s is not trained yet" >&2; exit 1; }
+    reports+=("$OUT/seed$s/eval.json") pesc+=("pesc-$s") dense+=("$DENSE-$s")
+    if [ ! -f "$OUT/seed$s/eval.json" ]; then
+      baselines=(--baseline "$RUNS/pesc-$s") labels="pesc-$s,dense-$s"
+      if [ "$s" = "$first" ]; then baselines=(--baseline "$RUNS/crafted-$s" "${baselines[@]}") labels="crafted-$s,$labels"; fi
+      $PY -m training eval --model "$RUNS/dense-$s" "${baselines[@]}" --labels "$labels" \
+        --heldout large --serving defaults --out "$OUT/seed$s"
+    fi
+    if [ "$CONTROL" = matched ]; then
+      reports+=("$DENSE_OUT/seed$s/eval.json")
+      [ -f "$DENSE_OUT/seed$s/eval.json" ] || $PY -m training eval --model "$RUNS/$DENSE-$s" --labels "$DENSE-$s" \
+        --heldout large --serving defaults --out "$DENSE_OUT/seed$s"
+    fi
   done
   $PY -m training compare "${reports[@]}" --arm "PESC=$(IFS=,; echo "${pesc[*]}")" \
-    --arm "dense=$(IFS=,; echo "${dense[*]}")" --out "$OUT"
+    --arm "$DENSE=$(IFS=,; echo "${dense[*]}")" --out "$DENSE_OUT"
 fi

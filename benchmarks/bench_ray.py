@@ -81,18 +81,53 @@ def server(cmd: list[str], port: int, log: Path, env: dict[str, str] | None = No
                     proc.wait()
 
 
+# Which process a CPU second went to, by its command line (Ray names its actors' processes).
+_PROCESS_KINDS = (("PescEngine", "engine replica"), ("OpenAIIngress", "ingress"), ("ProxyActor", "proxy"),
+                  ("ServeController", "controller"), ("pesc_serve --model", "engine (direct)"),
+                  ("pesc_serve.ray", "serve driver"), ("DashboardAgent", "dashboard agent"),
+                  ("RuntimeEnvAgent", "runtime env agent"), ("log_monitor", "log monitor"),
+                  ("gcs_server", "gcs"), ("raylet", "raylet"))
+
+
+def process_cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user + system) each kind of process has used so far, from /proc; the rest of
+    the host's processes are summed as "other" (the benchmark's own client among them)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        name = f"{stat.split('(', 1)[1].rsplit(')', 1)[0]} {cmd}"
+        kind = next((k for pattern, k in _PROCESS_KINDS if pattern in name), "other")
+        out[kind] = out.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 def measure(port: int, args: argparse.Namespace, prompts: list[str], concurrency: int) -> dict:
+    """One load level; with it, the CPU seconds each kind of process used meanwhile: on a host
+    whose cores the engine's OpenMP team fills, every other process's CPU time stalls the team."""
     num = args.num_prompts or max(4, 2 * concurrency)
+    before, t0 = process_cpu_seconds(), time.monotonic()
     level = asyncio.run(run_level(f"http://127.0.0.1:{port}/v1", "", prompts, concurrency, num, args.max_tokens, None))
+    after, wall = process_cpu_seconds(), time.monotonic() - t0
+    level["wall_s"] = round(wall, 2)
+    level["cpu_s_by_process"] = {k: round(v - before.get(k, 0.0), 2) for k, v in sorted(after.items())
+                                 if v - before.get(k, 0.0) >= 0.01}
     print(f"  {concurrency:>2} stream(s): {level['output_throughput']:7.1f} tok/s, TPOT mean "
-          f"{level['mean_tpot_ms']:.1f} ms (p50 {level['p50_tpot_ms']:.1f}), failed {level['failed']}", flush=True)
+          f"{level['mean_tpot_ms']:.1f} ms (p50 {level['p50_tpot_ms']:.1f}), failed {level['failed']}; CPU s over "
+          f"{wall:.1f} s: {level['cpu_s_by_process']}", flush=True)
     return level
 
 
 def serve_cmd(args: argparse.Namespace, port: int, replicas: int, cpus: int) -> list[str]:
+    interval = [] if args.stream_interval_ms is None else ["--stream-interval-ms", str(args.stream_interval_ms)]
     return [sys.executable, "-m", "pesc_serve.ray", "--model", args.model, "--port", str(port),
             "--num-replicas", str(replicas), "--num-cpus-per-replica", str(cpus), "--log-level", "warning",
-            *args.server_args]
+            *interval, *args.server_args]
 
 
 def direct_cmd(args: argparse.Namespace, port: int) -> list[str]:
@@ -152,6 +187,8 @@ def main() -> None:
     ap.add_argument("--only", choices=("all", "hop"), default="all",
                     help="hop: only the one-stream Serve hop, over --repeats fresh pairs of starts")
     ap.add_argument("--repeats", type=int, default=3, help="pairs of fresh starts for --only hop")
+    ap.add_argument("--stream-interval-ms", type=float, default=None,
+                    help="the Serve app's --stream-interval-ms (default: its own default)")
     ap.add_argument("--prompts", type=Path, default=PROMPTS)
     ap.add_argument("--out", type=Path, default=None, help="default: results/ray.json (ray_hop.json with --only hop)")
     ap.add_argument("--logs", type=Path, default=None, help="server logs directory (default: a new temporary one)")
@@ -174,7 +211,7 @@ def main() -> None:
     else:
         summary = scaling(args, prompts, logs, runs)
     result = {"model": args.model, "max_tokens": args.max_tokens, "streams": args.streams, "only": args.only,
-              "server_args": args.server_args, "host": host_cpu(), "summary": summary, "runs": runs}
+              "server_args": args.server_args, "stream_interval_ms": args.stream_interval_ms, "host": host_cpu(), "summary": summary, "runs": runs}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(json.dumps(summary, indent=2))

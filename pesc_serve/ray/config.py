@@ -48,7 +48,7 @@ def serve_env_defaults(environ: dict[str, str]) -> dict[str, str]:
 
 # Ten updates a second: a reader sees text arrive in lines rather than words, and each crossing
 # (about 2 ms of the ingress's and the proxy's CPU) carries ~15 tokens at this model's speed; at
-# 25 ms the crossings alone cost a 2-core host a quarter of its decode speed (README, Ray Serve).
+# 25 ms the crossings cost a 2-core host about a quarter of its decode speed (README, Ray Serve).
 DEFAULT_STREAM_INTERVAL_MS = 100.0
 MAX_STREAM_INTERVAL_MS = 1000.0
 

@@ -211,7 +211,8 @@ def main() -> None:
     else:
         summary = scaling(args, prompts, logs, runs)
     result = {"model": args.model, "max_tokens": args.max_tokens, "streams": args.streams, "only": args.only,
-              "server_args": args.server_args, "stream_interval_ms": args.stream_interval_ms, "host": host_cpu(), "summary": summary, "runs": runs}
+              "server_args": args.server_args, "stream_interval_ms": args.stream_interval_ms, "host": host_cpu(),
+              "summary": summary, "runs": runs}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(json.dumps(summary, indent=2))

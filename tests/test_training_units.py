@@ -301,6 +301,35 @@ def test_training_calls_copy_their_text_arguments_verbatim():
                         (task.tool.name, question)
 
 
+def _question_shapes(tasks, n: int = 40) -> set[str]:
+    """Each task's questions with the argument values taken out: the phrasings themselves."""
+    import random
+
+    rng, shapes = random.Random(0), set()
+    for task in tasks:
+        for _ in range(n):
+            question, args = task.ask(rng)
+            for v in sorted((str(v) for v in args.values()), key=len, reverse=True):
+                question = question.replace(v, "{}")
+            shapes.add(question)
+    return shapes
+
+
+def test_training_tools_cover_questions_a_model_answers_from_memory():
+    """v6 answered held-out "Where can I eat ..." and population questions from memory beside a
+    tool that covered them; the training tools ask the same kinds of question (where can I, facts
+    about a country) in other words, so the held-out phrasings stay unseen."""
+    import random
+
+    from training.tasks import tools
+
+    where = {t.tool.name for t in tools.TRAIN_TASKS if any(s.startswith("Where can I") for s in _question_shapes([t]))}
+    country = {t.tool.name for t in tools.TRAIN_TASKS if all(t.ask(r)[1][t.key] in tools.NATIONS
+                                                             for r in map(random.Random, range(5)))}
+    assert len(where) >= 3 and len(country) >= 3, (where, country)
+    assert not _question_shapes(tools.TRAIN_TASKS) & _question_shapes(tools.HELDOUT_TASKS)
+
+
 def test_two_place_training_tools_name_the_places_in_either_order():
     """From-A-to-B tools are also asked to-B-from-A, so a call is filled by meaning, not by order."""
     import random

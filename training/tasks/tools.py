@@ -141,6 +141,9 @@ SPORTS = ["yoga", "pilates", "spinning", "boxing", "swimming", "climbing", "zumb
 # ("I need a nudge to ...") nor its time.
 NUDGE_ACTIONS = ["stretch my legs", "check the oven", "take out the trash", "send the invoice", "charge my phone",
                  "lock the back door", "move the car", "drink some water", "pack my gym bag", "print the tickets"]
+SHOP_ITEMS = ["running shoes", "a bicycle", "fresh bread", "a phone charger", "vinyl records", "flowers", "a winter coat",
+              "board games"]
+ART_KINDS = ["modern", "classical", "Impressionist", "Japanese", "folk", "Renaissance"]
 
 
 def _train_tasks() -> list[ToolTask]:
@@ -156,7 +159,8 @@ def _train_tasks() -> list[ToolTask]:
     def money(rng):
         amount, f, t = rng.choice([5, 10, 20, 50, 75, 100, 250, 1000]), *rng.sample(CURRENCIES, 2)
         return _pick(rng, ["How much is {a} {f} in {t}?", "Convert {a} {f} to {t}.",
-                           "What are {a} {f} worth in {t}?"], a=amount, f=f, t=t), \
+                           "What are {a} {f} worth in {t}?", "If I swap {a} {f} for {t}, how much do I get?",
+                           "{a} {f} equals how many {t}?"], a=amount, f=f, t=t), \
             {"amount": amount, "from_currency": f, "to_currency": t}
 
     def money_result(rng, a):
@@ -434,6 +438,56 @@ def _train_tasks() -> list[ToolTask]:
         return "notification scheduled", f"At {a['notify_hour']}:00 you will get a nudge to {a['action']}.", \
             f"{a['notify_hour']}:00"
 
+    # Questions a small model believes it can answer from memory ("where can I ...", how many
+    # live somewhere, how big a country is): with a tool that covers them on offer, the call is the
+    # answer, and the no-fit examples keep the contrast (the same kind of question beside tools
+    # that do not cover it is answered in text).
+    def residents(rng):
+        c = rng.choice(TRAIN_CITIES)
+        return _pick(rng, ["How many inhabitants does {c} have?", "What is the number of residents of {c}?",
+                           "How populous is {c}?", "Count the residents of {c} for me."], c=c), {"city_name": c}
+
+    def residents_result(rng, a):
+        n = round(rng.uniform(0.3, 9.9), 1)
+        return f"{n} million residents", f"{a['city_name']} has about {n} million residents.", f"{n} million"
+
+    def land_area(rng):
+        c = rng.choice(NATIONS)
+        return _pick(rng, ["How large is {c} in square kilometres?", "What area does {c} cover?",
+                           "How much land does {c} have?", "How big is {c} on the map?"], c=c), {"land": c}
+
+    def land_area_result(rng, a):
+        n = rng.randint(20, 2900) * 1000
+        return f"{n} km2", f"{a['land']} covers about {n} square kilometres.", str(n)
+
+    def median_age(rng):
+        c = rng.choice(NATIONS)
+        return _pick(rng, ["What's the median age in {c}?", "How old is the typical person in {c}?",
+                           "Is {c} a young or an old country, by median age?"], c=c), {"state": c}
+
+    def median_age_result(rng, a):
+        n = rng.randint(17, 48)
+        return f"median age {n}", f"The median age in {a['state']} is {n} years.", f"{n} years"
+
+    def shop(rng):
+        item, c = rng.choice(SHOP_ITEMS), rng.choice(TRAIN_CITIES)
+        return _pick(rng, ["Where can I buy {i} in {c}?", "Which shop in {c} sells {i}?",
+                           "I want to buy {i} in {c}; where should I go?", "Is there a store in {c} with {i}?"],
+                     i=item, c=c), {"item": item, "town": c}
+
+    def shop_result(rng, a):
+        name = rng.choice(["Market Hall", "Corner Store", "City Outlet", "Blue Door Shop"])
+        return name, f"{name} in {a['town']} sells {a['item']}.", name
+
+    def museum(rng):
+        art, c = rng.choice(ART_KINDS), rng.choice(TRAIN_CITIES)
+        return _pick(rng, ["Where can I see {k} art in {c}?", "Is there a museum of {k} art in {c}?",
+                           "I'd like to look at {k} paintings in {c}; where?"], k=art, c=c), {"art_style": art, "city": c}
+
+    def museum_result(rng, a):
+        name = rng.choice(["the City Gallery", "the Art House", "the National Museum", "the Old Mill Gallery"])
+        return name, f"Go to {name} in {a['city']} for {a['art_style']} art.", name
+
     return [
         ToolTask(_tool("get_weather", "Current weather in a city", city="string"), weather, weather_result, "city",
                  (("current_weather", "weather_now"), {"city": ("town", "place")})),
@@ -515,6 +569,20 @@ def _train_tasks() -> list[ToolTask]:
         ToolTask(_tool("notify_me", "Send the user a notification at an hour of the day", action="string",
                        notify_hour="integer"), nudge, nudge_result, "action",
                  (("send_nudge", "ping_me"), {"action": ("todo_note", "what_to_do"), "notify_hour": ("ping_hour", "at_time")})),
+        ToolTask(_tool("city_residents", "Number of people living in a city", city_name="string"), residents,
+                 residents_result, "city_name", (("residents_count", "city_size"),
+                                                 {"city_name": ("municipality", "urban_area")})),
+        ToolTask(_tool("country_area", "Land area of a country in square kilometres", land="string"), land_area,
+                 land_area_result, "land", (("land_area", "area_lookup"), {"land": ("nation_name", "territory")})),
+        ToolTask(_tool("median_age", "Median age of the people of a country", state="string"), median_age,
+                 median_age_result, "state", (("age_statistics", "demographics"), {"state": ("land_name", "realm")})),
+        ToolTask(_tool("find_shop", "Shops in a city that sell an item", item="string", town="string"), shop,
+                 shop_result, "item", (("shop_finder", "store_search"), {"item": ("product", "goods"),
+                                                                         "town": ("shop_city", "in_city")})),
+        ToolTask(_tool("find_museum", "Museums showing a style of art in a city", art_style="string", city="string"),
+                 museum, museum_result, "art_style", (("museum_search", "gallery_finder"),
+                                                      {"art_style": ("style_of_art", "movement"),
+                                                       "city": ("museum_city", "located_in")})),
     ]
 
 

@@ -484,6 +484,16 @@ def _train_tasks() -> list[ToolTask]:
         return _pick(rng, ["Where can I see {k} art in {c}?", "Is there a museum of {k} art in {c}?",
                            "I'd like to look at {k} paintings in {c}; where?"], k=art, c=c), {"art_style": art, "city": c}
 
+    def misspellings(rng):
+        text = typo_text(rng)
+        return _pick(rng, ["Are there misspelt words in: {x}", "Which words are spelt wrong here? {x}",
+                           "Spot the spelling errors in \"{x}\".", "Find the misspellings: '{x}'"], x=text), \
+            {"text_to_check": text}
+
+    def misspellings_result(rng, a):
+        n = rng.randint(1, 4)
+        return f"{n} misspelt words", f"There are {n} misspelt words in your text.", f"{n} misspelt"
+
     def museum_result(rng, a):
         name = rng.choice(["the City Gallery", "the Art House", "the National Museum", "the Old Mill Gallery"])
         return name, f"Go to {name} in {a['city']} for {a['art_style']} art.", name
@@ -579,6 +589,9 @@ def _train_tasks() -> list[ToolTask]:
         ToolTask(_tool("find_shop", "Shops in a city that sell an item", item="string", town="string"), shop,
                  shop_result, "item", (("shop_finder", "store_search"), {"item": ("product", "goods"),
                                                                          "town": ("shop_city", "in_city")})),
+        ToolTask(_tool("mark_misspellings", "List the misspelt words of a text", text_to_check="string"),
+                 misspellings, misspellings_result, "text_to_check",
+                 (("misspelling_finder", "orthography"), {"text_to_check": ("draft", "words_in")})),
         ToolTask(_tool("find_museum", "Museums showing a style of art in a city", art_style="string", city="string"),
                  museum, museum_result, "art_style", (("museum_search", "gallery_finder"),
                                                       {"art_style": ("style_of_art", "movement"),

@@ -277,6 +277,35 @@ def test_a_second_stage_starts_from_the_first_stages_weights(crafted_dir, data_f
         train(TrainConfig(out=tmp_path / "bad", steps=1, init_from=bad, **base), log=lambda s: None)
 
 
+def test_expert_lr_moves_routers_and_adapters_alone(crafted_dir, dense_dir, data_file, tmp_path):
+    """--expert-lr sets the routers' and adapters' step size apart from LoRA's: at a tiny expert
+    rate the routed part barely moves while LoRA trains as before; a dense model refuses it."""
+    from safetensors.torch import load_file
+
+    base = dict(model=str(crafted_dir), data=(str(data_file),), steps=3, batch_size=4, micro_batch_size=2, lr=1e-2,
+                save_every=100, progress=False)
+    same = train(TrainConfig(out=tmp_path / "same", **base), log=lambda s: None)
+    slow = train(TrainConfig(out=tmp_path / "slow", expert_lr=1e-9, **base), log=lambda s: None)
+    crafted = delta_tensors(TrainableModel(_load(crafted_dir).model, TrainableConfig(seed=0)))
+
+    def moved(run: str, part: str) -> float:
+        t = load_file(tmp_path / run / "adapter_model.safetensors")
+        return max((t[k].float() - crafted[k].float()).abs().max().item() for k in t if part in k)
+
+    assert moved("slow", "adapter_up") < 1e-3 < moved("same", "adapter_up")
+    assert moved("slow", "router") < 1e-3 < moved("same", "router")
+    assert moved("slow", "lora_B") > 1e-3 and same.losses[0] == slow.losses[0]
+    log = [json.loads(line) for line in (tmp_path / "slow" / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["lr"] == 1e-2 and log[-1]["expert_lr"] == 1e-9 and "expert_lr" not in json.loads(
+        (tmp_path / "same" / "train_log.jsonl").read_text().splitlines()[-1])
+    info = json.loads((tmp_path / "slow" / "config.json").read_text())["pesc_delta"]
+    assert info["expert_lr"] == 1e-9
+    with pytest.raises(ValueError, match="has no experts"):
+        train(TrainConfig(**{**base, "model": str(dense_dir)}, out=tmp_path / "d", expert_lr=1e-3), log=lambda s: None)
+    with pytest.raises(ValueError, match="--expert-lr must be positive"):
+        TrainConfig(**base, out=tmp_path / "x", expert_lr=0.0)
+
+
 def test_dense_control_run_exports_lora_delta(dense_dir, data_file, tmp_path):
     train(TrainConfig(model=str(dense_dir), out=tmp_path / "d", data=(str(data_file),), steps=2, batch_size=4,
                       micro_batch_size=4, progress=False), log=lambda s: None)

@@ -32,11 +32,12 @@ from training.losses import answer_loss, load_balancing_loss
 from training.trainable import TrainableConfig, TrainableModel
 
 CHECKPOINT = "checkpoint.pt"
+EXPERT_PARAMS = ("router", "adapter_down", "adapter_up")  # TrainableModel's names for the routed part
 METRICS = "train_log.jsonl"
 # Settings a resumed run must share with the checkpoint it continues.  The length of the run
 # (--steps/--epochs) may grow: the learning rate is constant after warm-up, so resuming with
 # more steps simply trains longer on the same deterministic data order.
-RESUME_KEYS = ("model", "data", "batch_size", "micro_batch_size", "max_len", "lr", "warmup_ratio", "lora_rank",
+RESUME_KEYS = ("model", "data", "batch_size", "micro_batch_size", "max_len", "lr", "expert_lr", "warmup_ratio", "lora_rank",
                "lora_alpha", "lora_dropout", "adapter_dropout", "aux_loss_coef", "quantization", "dtype", "seed",
                "max_examples")
 
@@ -52,6 +53,9 @@ class TrainConfig:
     micro_batch_size: int = 8
     max_len: int = 256
     lr: float = 2e-4
+    # Routers and adapters start from a random craft while LoRA starts at zero over a trained
+    # base, so the two may want different step sizes (issue #16's separate-learning-rate knob).
+    expert_lr: float | None = None  # None: the same as lr
     warmup_ratio: float = 0.03
     lora_rank: int = 4
     lora_alpha: float = 8.0
@@ -84,6 +88,8 @@ class TrainConfig:
             raise ValueError(f"--max-len must be >= 8, got {self.max_len}")
         if self.lr <= 0 or not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"need --lr > 0 and 0 <= --warmup-ratio < 1 (got {self.lr}, {self.warmup_ratio})")
+        if self.expert_lr is not None and self.expert_lr <= 0:
+            raise ValueError(f"--expert-lr must be positive, got {self.expert_lr}")
         if self.aux_loss_coef < 0:
             raise ValueError(f"--aux-loss-coef must be >= 0, got {self.aux_loss_coef}")
         if self.dtype not in ("bfloat16", "float32"):
@@ -173,7 +179,7 @@ def _prepare(cfg: TrainConfig, log: Callable[[str], None]) -> _Run:
     params = [p for _, p in tm.trainable_parameters()]
     total_steps = cfg.steps or max(1, math.floor(cfg.epochs * len(encoded) / cfg.batch_size))
     warmup = max(1, round(cfg.warmup_ratio * total_steps))
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(_param_groups(tm, cfg), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     run = _Run(source, tokenizer, encoded, tm, params, opt, sched, total_steps, 0,
                {"loss": [], "aux": [], "tokens": 0, "seconds": 0.0})
@@ -202,6 +208,18 @@ def _prepare(cfg: TrainConfig, log: Callable[[str], None]) -> _Run:
     return run
 
 
+def _param_groups(tm: TrainableModel, cfg: TrainConfig) -> list[dict]:
+    """LoRA first (its rate is the one logged), then routers and adapters at ``expert_lr``."""
+    named = tm.trainable_parameters()
+    expert = [p for n, p in named if n.rsplit(".", 1)[-1] in EXPERT_PARAMS]
+    if cfg.expert_lr is None:
+        return [{"params": [p for _, p in named]}]
+    if not expert:
+        raise ValueError(f"--expert-lr: {cfg.model} has no experts (a dense model trains LoRA only; use --lr)")
+    ids = {id(p) for p in expert}
+    return [{"params": [p for _, p in named if id(p) not in ids]}, {"params": expert, "lr": cfg.expert_lr}]
+
+
 def _train_step(run: _Run, micro_batches: list, pad_id: int, cfg: TrainConfig) -> dict:
     """One optimizer step over its micro-batches; returns the step's metrics record."""
     tm = run.tm
@@ -221,13 +239,15 @@ def _train_step(run: _Run, micro_batches: list, pad_id: int, cfg: TrainConfig) -
         loss_sum += float(ce.detach())
         run.history["tokens"] += int(b.attention_mask.sum())
     grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm))
-    lr = run.opt.param_groups[0]["lr"]
+    lrs = [g["lr"] for g in run.opt.param_groups]
     run.opt.step()
     run.sched.step()
     run.opt.zero_grad(set_to_none=True)
     run.step += 1
     record = {"step": run.step, "loss": round(loss_sum / answer_tokens, 5), "aux": round(aux_sum, 6),
-              "grad_norm": round(grad_norm, 4), "lr": lr, "tokens": run.history["tokens"]}
+              "grad_norm": round(grad_norm, 4), "lr": lrs[0], "tokens": run.history["tokens"]}
+    if len(lrs) > 1:
+        record["expert_lr"] = lrs[1]
     if load is not None:
         record["load"] = [round(v, 4) for v in (load / len(batches)).mean(0).tolist()]  # [E], mean over layers
     run.history["loss"].append(record["loss"])
@@ -277,6 +297,7 @@ def _info(cfg: TrainConfig, steps: int, num_examples: int, history: dict) -> dic
         "batch_size": cfg.batch_size,
         "max_len": cfg.max_len,
         "lr": cfg.lr,
+        **({"expert_lr": cfg.expert_lr} if cfg.expert_lr is not None else {}),
         "warmup_ratio": cfg.warmup_ratio,
         "aux_loss_coef": cfg.aux_loss_coef,
         "adapter_dropout": cfg.adapter_dropout,

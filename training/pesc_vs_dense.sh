@@ -6,6 +6,8 @@
 #   bash training/pesc_vs_dense.sh            # everything still missing, then eval + compare
 #   SEEDS="1" STAGE=train bash training/pesc_vs_dense.sh   # only the runs of seed 1
 #   CONTROL=matched bash training/pesc_vs_dense.sh        # the matched-parameter dense control
+#   ARM=elr2e-3 PESC_FLAGS="--expert-lr 0.002" bash training/pesc_vs_dense.sh   # a knob (item 3)
+#   ARM=e16 CRAFT_FLAGS="--num-experts 16 --topk 2 --adapter-dim 64" bash training/pesc_vs_dense.sh
 #
 # The dense control trains LoRA of rank 4 (1.22M parameters against PESC's 19.05M, as in the
 # paper).  CONTROL=matched trains the control with LoRA of rank 64, alpha 128 (19.54M
@@ -38,6 +40,42 @@ fi
 TRAIN="--data $DATA/train.jsonl --lr 0.0005 --max-len 512 --steps $STEPS --no-progress --resume --threads 1"
 
 trained() { [ -f "$1/config.json" ] && grep -q '"status": "trained"' "$1/config.json"; }
+labels() { local out=() s; for s in $SEEDS; do out+=("$1-$s"); done; (IFS=,; echo "${out[*]}"); }
+
+if [ -n "${ARM:-}" ]; then
+  # One of item 3's knobs: a PESC variant (PESC_FLAGS for train, CRAFT_FLAGS for another craft)
+  # at the same data, steps, learning rate and seeds, scored the same way and compared with both
+  # the plain PESC runs and the matched dense control (run CONTROL=matched first).  Two runs
+  # train side by side, one thread each.
+  K=$OUT/knobs/$ARM
+  if [ "$STAGE" != eval ]; then
+    for s in $SEEDS; do
+      craft=$RUNS/crafted-$s
+      if [ -n "${CRAFT_FLAGS:-}" ]; then
+        craft=$RUNS/crafted-$ARM-$s
+        [ -f "$craft/config.json" ] || $PY -m training craft --base smollm2 --seed "$s" --out "$craft" $CRAFT_FLAGS
+      fi
+      while [ "$(jobs -rp | wc -l)" -ge 2 ]; do wait -n; done
+      trained "$RUNS/pesc-$ARM-$s" || $PY -m training train --model "$craft" --out "$RUNS/pesc-$ARM-$s" --seed "$s" \
+        $TRAIN ${PESC_FLAGS:-} --note "#16 knob $ARM seed $s" >> "$RUNS/pesc-$ARM-$s.log" 2>&1 &
+    done
+    wait
+  fi
+  if [ "$STAGE" != train ]; then
+    base=() dense=() mine=()
+    for s in $SEEDS; do
+      trained "$RUNS/pesc-$ARM-$s" || { echo "pesc-$ARM-$s is not trained yet" >&2; exit 1; }
+      [ -f "$K/seed$s/eval.json" ] || $PY -m training eval --model "$RUNS/pesc-$ARM-$s" --labels "pesc-$ARM-$s" \
+        --heldout large --serving defaults --out "$K/seed$s"
+      mine+=("$K/seed$s/eval.json") base+=("$OUT/seed$s/eval.json") dense+=("$OUT/matched/seed$s/eval.json")
+    done
+    $PY -m training compare "${base[@]}" "${mine[@]}" --arm "$ARM=$(labels "pesc-$ARM")" \
+      --arm "PESC=$(labels pesc)" --out "$K/vs-pesc"
+    $PY -m training compare "${dense[@]}" "${mine[@]}" --arm "$ARM=$(labels "pesc-$ARM")" \
+      --arm "dense64=$(labels dense64)" --out "$K/vs-dense64"
+  fi
+  exit 0
+fi
 
 if [ "$STAGE" != eval ]; then
   mkdir -p "$RUNS"

@@ -211,9 +211,9 @@ def _prepare(cfg: TrainConfig, log: Callable[[str], None]) -> _Run:
 def _param_groups(tm: TrainableModel, cfg: TrainConfig) -> list[dict]:
     """LoRA first (its rate is the one logged), then routers and adapters at ``expert_lr``."""
     named = tm.trainable_parameters()
-    expert = [p for n, p in named if n.rsplit(".", 1)[-1] in EXPERT_PARAMS]
     if cfg.expert_lr is None:
         return [{"params": [p for _, p in named]}]
+    expert = [p for n, p in named if n.rsplit(".", 1)[-1] in EXPERT_PARAMS]
     if not expert:
         raise ValueError(f"--expert-lr: {cfg.model} has no experts (a dense model trains LoRA only; use --lr)")
     ids = {id(p) for p in expert}

@@ -44,6 +44,7 @@ class ToolTask:
     result: Callable[[random.Random, Args], tuple[str, str, str]]
     key: str  # the argument a call must get right
     aliases: tuple[tuple[str, ...], dict[str, tuple[str, ...]]] = ((), {})
+    weight: float = 1.0  # relative share of the call examples (the kinds a model gets wrong get more)
 
     def names(self) -> set[str]:
         """Every name this tool goes by."""
@@ -141,6 +142,10 @@ SPORTS = ["yoga", "pilates", "spinning", "boxing", "swimming", "climbing", "zumb
 # ("I need a nudge to ...") nor its time.
 NUDGE_ACTIONS = ["stretch my legs", "check the oven", "take out the trash", "send the invoice", "charge my phone",
                  "lock the back door", "move the car", "drink some water", "pack my gym bag", "print the tickets"]
+# What a memo pops up to say: again the bare action, never "I need a memo to" nor the hour.
+MEMO_ACTIONS = ["feed the fish", "buy stamps", "check the mail", "book a haircut", "pay the plumber",
+                "defrost the freezer", "ring the bank", "collect the laundry", "back up my laptop", "refill the printer"]
+DISHES = ["sushi", "tacos", "dumplings", "ramen", "falafel", "paella", "burgers", "crepes"]
 SHOP_ITEMS = ["running shoes", "a bicycle", "fresh bread", "a phone charger", "vinyl records", "flowers", "a winter coat",
               "board games"]
 ART_KINDS = ["modern", "classical", "Impressionist", "Japanese", "folk", "Renaissance"]
@@ -431,12 +436,23 @@ def _train_tasks() -> list[ToolTask]:
         return _pick(rng, ["Ping me to {x} at {h} o'clock.", "At {h}:00 I need a nudge to {x}.",
                            "Don't let me forget to {x} at {h}:00.", "Send me a notification at {h} o'clock to {x}.",
                            "I'd like a ping at {h}:00 telling me to {x}.", "Nudge me to {x} at {h}:00, please.",
-                           "At {h} o'clock I want a notification to {x}."], x=action, h=h), \
+                           "At {h} o'clock I want a notification to {x}.", "I need a nudge to {x} at {h} o'clock.",
+                           "At {h}:00 I'd like a ping to {x}."], x=action, h=h), \
             {"action": action, "notify_hour": h}
 
     def nudge_result(rng, a):
         return "notification scheduled", f"At {a['notify_hour']}:00 you will get a nudge to {a['action']}.", \
             f"{a['notify_hour']}:00"
+
+    def memo(rng):
+        action, h = rng.choice(MEMO_ACTIONS), rng.randint(6, 22)
+        return _pick(rng, ["At {h}:00 I need a memo to {x}.", "Memo me to {x} at {h} o'clock.",
+                           "I need a memo at {h}:00 to {x}.", "Leave me a memo to {x} for {h} o'clock.",
+                           "Could you pin a memo at {h}:00 so I {x}?", "At {h} o'clock I want a memo to {x}."],
+                     x=action, h=h), {"memo": action, "memo_hour": h}
+
+    def memo_result(rng, a):
+        return "memo pinned", f"At {a['memo_hour']}:00 a memo will say: {a['memo']}.", f"{a['memo_hour']}:00"
 
     # Questions a small model believes it can answer from memory ("where can I ...", how many
     # live somewhere, how big a country is): with a tool that covers them on offer, the call is the
@@ -493,6 +509,26 @@ def _train_tasks() -> list[ToolTask]:
     def misspellings_result(rng, a):
         n = rng.randint(1, 4)
         return f"{n} misspelt words", f"There are {n} misspelt words in your text.", f"{n} misspelt"
+
+    def food_stall(rng):
+        dish, c = rng.choice(DISHES), rng.choice(TRAIN_CITIES)
+        return _pick(rng, ["Where can I get {d} in {c}?", "Where can I try good {d} in {c}?",
+                           "I'm craving {d} in {c}; where should I go?", "Any good place for {d} in {c}?"],
+                     d=dish, c=c), {"dish": dish, "town_name": c}
+
+    def food_stall_result(rng, a):
+        name = rng.choice(["Stall 12 at the Old Market", "Night Bazaar", "Harbour Food Hall", "Station Kiosk"])
+        return name, f"For {a['dish']} in {a['town_name']}, go to {name}.", name
+
+    def census(rng):
+        c = rng.choice(NATIONS)
+        return _pick(rng, ["How many citizens does {c} have?", "What's the head count of {c}?",
+                           "How many people call {c} home?", "Give me the number of inhabitants of {c}."], c=c), \
+            {"nation_name": c}
+
+    def census_result(rng, a):
+        n = round(rng.uniform(0.4, 90.0), 1)
+        return f"{n} million inhabitants", f"{a['nation_name']} has about {n} million inhabitants.", f"{n} million"
 
     def museum_result(rng, a):
         name = rng.choice(["the City Gallery", "the Art House", "the National Museum", "the Old Mill Gallery"])
@@ -556,7 +592,7 @@ def _train_tasks() -> list[ToolTask]:
                  "status_text", (("share_post", "publish_update"), {"status_text": ("post_text", "update")})),
         ToolTask(_tool("set_alarm", "Set a wake-up alarm with a label", label="string", wake_hour="integer"), alarm,
                  alarm_result, "label", (("wake_up_alarm", "alarm_clock"), {"label": ("purpose", "alarm_label"),
-                                                                           "wake_hour": ("ring_hour", "alarm_hour")})),
+                                                                           "wake_hour": ("ring_hour", "alarm_hour")}), 2.0),
         ToolTask(_tool("set_thermostat", "Set the heating of a room", room="string", degrees="integer"), thermostat,
                  thermostat_result, "room", (("heating_control", "set_temperature"), {"room": ("zone_name", "space"),
                                                                                      "degrees": ("celsius", "temp")})),
@@ -578,24 +614,35 @@ def _train_tasks() -> list[ToolTask]:
                  (("class_booking", "gym_booking"), {"activity": ("sport", "class_name"), "class_hour": ("hour_slot", "starts_at")})),
         ToolTask(_tool("notify_me", "Send the user a notification at an hour of the day", action="string",
                        notify_hour="integer"), nudge, nudge_result, "action",
-                 (("send_nudge", "ping_me"), {"action": ("todo_note", "what_to_do"), "notify_hour": ("ping_hour", "at_time")})),
+                 (("send_nudge", "ping_me"), {"action": ("todo_note", "what_to_do", "note_text"),
+                                              "notify_hour": ("ping_hour", "at_time")}), 2.0),
+        ToolTask(_tool("pin_memo", "Pin a memo that pops up at an hour of the day", memo="string", memo_hour="integer"),
+                 memo, memo_result, "memo", (("add_memo", "memo_at"), {"memo": ("memo_text", "note_body"),
+                                                                     "memo_hour": ("pop_hour", "show_at")}), 2.0),
         ToolTask(_tool("city_residents", "Number of people living in a city", city_name="string"), residents,
                  residents_result, "city_name", (("residents_count", "city_size"),
-                                                 {"city_name": ("municipality", "urban_area")})),
+                                                 {"city_name": ("municipality", "urban_area")}), 2.0),
         ToolTask(_tool("country_area", "Land area of a country in square kilometres", land="string"), land_area,
-                 land_area_result, "land", (("land_area", "area_lookup"), {"land": ("nation_name", "territory")})),
+                 land_area_result, "land", (("land_area", "area_lookup"), {"land": ("nation_name", "territory")}), 1.5),
         ToolTask(_tool("median_age", "Median age of the people of a country", state="string"), median_age,
-                 median_age_result, "state", (("age_statistics", "demographics"), {"state": ("land_name", "realm")})),
+                 median_age_result, "state", (("age_statistics", "demographics"), {"state": ("land_name", "realm")}), 1.5),
         ToolTask(_tool("find_shop", "Shops in a city that sell an item", item="string", town="string"), shop,
                  shop_result, "item", (("shop_finder", "store_search"), {"item": ("product", "goods"),
-                                                                         "town": ("shop_city", "in_city")})),
+                                                                         "town": ("shop_city", "in_city")}), 1.5),
         ToolTask(_tool("mark_misspellings", "List the misspelt words of a text", text_to_check="string"),
                  misspellings, misspellings_result, "text_to_check",
                  (("misspelling_finder", "orthography"), {"text_to_check": ("draft", "words_in")})),
         ToolTask(_tool("find_museum", "Museums showing a style of art in a city", art_style="string", city="string"),
                  museum, museum_result, "art_style", (("museum_search", "gallery_finder"),
                                                       {"art_style": ("style_of_art", "movement"),
-                                                       "city": ("museum_city", "located_in")})),
+                                                       "city": ("museum_city", "located_in")}), 1.5),
+        ToolTask(_tool("find_food_stall", "Food stalls and markets serving a dish in a city", dish="string",
+                       town_name="string"), food_stall, food_stall_result, "dish",
+                 (("street_food", "dish_finder"), {"dish": ("meal", "food_item"), "town_name": ("food_city", "market_town")}),
+                 2.0),
+        ToolTask(_tool("national_census", "Number of inhabitants of a nation", nation_name="string"), census,
+                 census_result, "nation_name", (("census_lookup", "head_count"), {"nation_name": ("people_of", "homeland")}),
+                 2.0),
     ]
 
 
@@ -743,8 +790,9 @@ def train_examples(calls: int, no_fit: int, results: int, no_fit_pairs: list[tup
     answer) pairs from the other domains, answered in text beside unrelated tools."""
     rng = random.Random(f"tools-train-{seed}")
     out: list[Example] = []
+    weights = [t.weight for t in TRAIN_TASKS]
     for _ in range(calls):
-        task = rng.choice(TRAIN_TASKS)
+        task = rng.choices(TRAIN_TASKS, weights)[0]
         question, args = task.ask(rng)
         tools, tool, rename = _offered_variants(rng, task, rng.randint(1, 4))
         msgs = _messages(tools, [{"role": "user", "content": question}])

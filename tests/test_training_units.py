@@ -301,10 +301,10 @@ def test_training_calls_copy_their_text_arguments_verbatim():
                         (task.tool.name, question)
 
 
-def test_call_examples_favour_the_kinds_of_tool_a_model_gets_wrong():
-    """v7's held-out misses were a reminder's message with the request or time left in, and
-    questions answered from memory; the training tools of those kinds carry a larger weight and
-    get proportionally more call examples than the rest."""
+def test_call_examples_favour_the_action_extraction_tools():
+    """Most of v7's held-out misses were a reminder's message with the request or the time left
+    in; the training tools whose call takes a bare action out of such a request carry a larger
+    weight and get proportionally more call examples than the rest."""
     import collections
     import json
 
@@ -317,7 +317,7 @@ def test_call_examples_favour_the_kinds_of_tool_a_model_gets_wrong():
         counts[by_name[call["name"]].tool.name] += 1
     heavy = [t for t in tools.TRAIN_TASKS if t.weight >= 2]
     plain = [t for t in tools.TRAIN_TASKS if t.weight == 1]
-    assert {"notify_me", "pin_memo", "find_food_stall", "national_census"} <= {t.tool.name for t in heavy}
+    assert {t.tool.name for t in heavy} == {"notify_me", "pin_memo", "set_alarm"}
     mean = lambda ts: sum(counts[t.tool.name] for t in ts) / len(ts)  # noqa: E731
     assert mean(heavy) > 1.6 * mean(plain), (mean(heavy), mean(plain))
 

@@ -44,7 +44,7 @@ class ToolTask:
     result: Callable[[random.Random, Args], tuple[str, str, str]]
     key: str  # the argument a call must get right
     aliases: tuple[tuple[str, ...], dict[str, tuple[str, ...]]] = ((), {})
-    weight: float = 1.0  # relative share of the call examples (the kinds a model gets wrong get more)
+    weight: float = 1.0  # relative share of the call examples: the action-extraction kinds get more
 
     def names(self) -> set[str]:
         """Every name this tool goes by."""
@@ -145,7 +145,6 @@ NUDGE_ACTIONS = ["stretch my legs", "check the oven", "take out the trash", "sen
 # What a memo pops up to say: again the bare action, never "I need a memo to" nor the hour.
 MEMO_ACTIONS = ["feed the fish", "buy stamps", "check the mail", "book a haircut", "pay the plumber",
                 "defrost the freezer", "ring the bank", "collect the laundry", "back up my laptop", "refill the printer"]
-DISHES = ["sushi", "tacos", "dumplings", "ramen", "falafel", "paella", "burgers", "crepes"]
 SHOP_ITEMS = ["running shoes", "a bicycle", "fresh bread", "a phone charger", "vinyl records", "flowers", "a winter coat",
               "board games"]
 ART_KINDS = ["modern", "classical", "Impressionist", "Japanese", "folk", "Renaissance"]
@@ -510,26 +509,6 @@ def _train_tasks() -> list[ToolTask]:
         n = rng.randint(1, 4)
         return f"{n} misspelt words", f"There are {n} misspelt words in your text.", f"{n} misspelt"
 
-    def food_stall(rng):
-        dish, c = rng.choice(DISHES), rng.choice(TRAIN_CITIES)
-        return _pick(rng, ["Where can I get {d} in {c}?", "Where can I try good {d} in {c}?",
-                           "I'm craving {d} in {c}; where should I go?", "Any good place for {d} in {c}?"],
-                     d=dish, c=c), {"dish": dish, "town_name": c}
-
-    def food_stall_result(rng, a):
-        name = rng.choice(["Stall 12 at the Old Market", "Night Bazaar", "Harbour Food Hall", "Station Kiosk"])
-        return name, f"For {a['dish']} in {a['town_name']}, go to {name}.", name
-
-    def census(rng):
-        c = rng.choice(NATIONS)
-        return _pick(rng, ["How many citizens does {c} have?", "What's the head count of {c}?",
-                           "How many people call {c} home?", "Give me the number of inhabitants of {c}."], c=c), \
-            {"nation_name": c}
-
-    def census_result(rng, a):
-        n = round(rng.uniform(0.4, 90.0), 1)
-        return f"{n} million inhabitants", f"{a['nation_name']} has about {n} million inhabitants.", f"{n} million"
-
     def museum_result(rng, a):
         name = rng.choice(["the City Gallery", "the Art House", "the National Museum", "the Old Mill Gallery"])
         return name, f"Go to {name} in {a['city']} for {a['art_style']} art.", name
@@ -621,28 +600,21 @@ def _train_tasks() -> list[ToolTask]:
                                                                      "memo_hour": ("pop_hour", "show_at")}), 2.0),
         ToolTask(_tool("city_residents", "Number of people living in a city", city_name="string"), residents,
                  residents_result, "city_name", (("residents_count", "city_size"),
-                                                 {"city_name": ("municipality", "urban_area")}), 2.0),
+                                                 {"city_name": ("municipality", "urban_area")})),
         ToolTask(_tool("country_area", "Land area of a country in square kilometres", land="string"), land_area,
-                 land_area_result, "land", (("land_area", "area_lookup"), {"land": ("nation_name", "territory")}), 1.5),
+                 land_area_result, "land", (("land_area", "area_lookup"), {"land": ("nation_name", "territory")})),
         ToolTask(_tool("median_age", "Median age of the people of a country", state="string"), median_age,
-                 median_age_result, "state", (("age_statistics", "demographics"), {"state": ("land_name", "realm")}), 1.5),
+                 median_age_result, "state", (("age_statistics", "demographics"), {"state": ("land_name", "realm")})),
         ToolTask(_tool("find_shop", "Shops in a city that sell an item", item="string", town="string"), shop,
                  shop_result, "item", (("shop_finder", "store_search"), {"item": ("product", "goods"),
-                                                                         "town": ("shop_city", "in_city")}), 1.5),
+                                                                         "town": ("shop_city", "in_city")})),
         ToolTask(_tool("mark_misspellings", "List the misspelt words of a text", text_to_check="string"),
                  misspellings, misspellings_result, "text_to_check",
                  (("misspelling_finder", "orthography"), {"text_to_check": ("draft", "words_in")})),
         ToolTask(_tool("find_museum", "Museums showing a style of art in a city", art_style="string", city="string"),
                  museum, museum_result, "art_style", (("museum_search", "gallery_finder"),
                                                       {"art_style": ("style_of_art", "movement"),
-                                                       "city": ("museum_city", "located_in")}), 1.5),
-        ToolTask(_tool("find_food_stall", "Food stalls and markets serving a dish in a city", dish="string",
-                       town_name="string"), food_stall, food_stall_result, "dish",
-                 (("street_food", "dish_finder"), {"dish": ("meal", "food_item"), "town_name": ("food_city", "market_town")}),
-                 2.0),
-        ToolTask(_tool("national_census", "Number of inhabitants of a nation", nation_name="string"), census,
-                 census_result, "nation_name", (("census_lookup", "head_count"), {"nation_name": ("people_of", "homeland")}),
-                 2.0),
+                                                       "city": ("museum_city", "located_in")})),
     ]
 
 

@@ -262,6 +262,24 @@ def test_resume_continues_exactly(crafted_dir, data_file, tmp_path, monkeypatch)
     assert len(longer.losses) == 8 and longer.losses[:6] == full.losses
 
 
+def test_decay_ends_the_run_at_a_small_learning_rate(crafted_dir, data_file, tmp_path):
+    base = dict(model=str(crafted_dir), data=(str(data_file),), steps=8, batch_size=4, micro_batch_size=2, lr=1e-2,
+                decay_ratio=0.5, save_every=4, progress=False)
+    full = train(TrainConfig(out=tmp_path / "full", **base), log=lambda s: None)
+    log = [json.loads(line) for line in (tmp_path / "full" / "train_log.jsonl").read_text().splitlines()]
+    assert [round(r["lr"] / 1e-2, 3) for r in log[-4:]] == [1.0, 0.75, 0.5, 0.25]
+    info = json.loads((tmp_path / "full" / "config.json").read_text())["pesc_delta"]
+    assert info["decay_ratio"] == 0.5
+    old = dict(base, decay_ratio=0.0, steps=4)
+    train(TrainConfig(out=tmp_path / "old", **old), log=lambda s: None)
+    state = torch.load(tmp_path / "old" / "checkpoint.pt", weights_only=True)
+    del state["config"]["decay_ratio"]  # a checkpoint from before the flag: it ran a constant schedule
+    torch.save(state, tmp_path / "old" / "checkpoint.pt")
+    assert train(TrainConfig(out=tmp_path / "old", resume=True, **old), log=lambda s: None).steps == 4
+    with pytest.raises(ValueError, match="decay_ratio"):
+        train(TrainConfig(out=tmp_path / "old", resume=True, **{**old, "decay_ratio": 0.5}), log=lambda s: None)
+
+
 def test_a_second_stage_starts_from_the_first_stages_weights(crafted_dir, data_file, tmp_path):
     """--init-from: new data and schedule, the first stage's routers, adapters and LoRA."""
     base = dict(model=str(crafted_dir), data=(str(data_file),), batch_size=4, micro_batch_size=2, lr=1e-2,

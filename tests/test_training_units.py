@@ -12,6 +12,7 @@ from training.data import Example, collate, encode, load_data_file, step_batches
 from training.lora import LoraConfig, LoRALinear, Slice
 from training.losses import IGNORE_INDEX, answer_loss, load_balancing_loss
 from training.trainable import route_with_logits
+from training.trainer import TrainConfig, lr_multiplier
 
 E, K = 8, 2
 
@@ -123,6 +124,25 @@ def test_lora_on_fused_slices_updates_only_its_rows():
 def test_lora_config_rejects_bad_values(kwargs):
     with pytest.raises(ValueError):
         LoraConfig(**kwargs)
+
+
+# --- learning-rate schedule -------------------------------------------------------------------
+
+
+def test_schedule_warms_up_holds_then_decays_to_zero():
+    lrs = [lr_multiplier(s, 100, 10, 20) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == 1.0
+    assert all(x == 1.0 for x in lrs[9:81])
+    assert all(a > b for a, b in zip(lrs[80:], lrs[81:]))  # strictly falling over the last 20 steps
+    assert lrs[-1] == pytest.approx(1 / 20)
+    assert [lr_multiplier(s, 100, 10, 0) for s in range(10, 100)] == [1.0] * 90  # no decay: constant
+
+
+@pytest.mark.parametrize("kwargs", [{"decay_ratio": -0.1}, {"decay_ratio": 1.5},
+                                    {"warmup_ratio": 0.5, "decay_ratio": 0.6}])
+def test_train_config_rejects_bad_decay(kwargs, tmp_path):
+    with pytest.raises(ValueError, match="--decay-ratio"):
+        TrainConfig(model="m", out=tmp_path, data=("d.jsonl",), **kwargs)
 
 
 # --- data: masking, formats, batching -----------------------------------------------------------

@@ -50,6 +50,8 @@ def _add_train(sub) -> None:
     t.add_argument("--expert-lr", type=float, default=None,
                    help="learning rate of the routers and adapters (PESC only; default: --lr)")
     t.add_argument("--warmup-ratio", type=float, default=0.03)
+    t.add_argument("--decay-ratio", type=float, default=0.0,
+                   help="the last fraction of the steps lowers the learning rate linearly to 0 (default 0: constant)")
     t.add_argument("--lora-rank", type=int, default=4)
     t.add_argument("--lora-alpha", type=float, default=8.0)
     t.add_argument("--lora-dropout", type=float, default=0.1)
@@ -127,7 +129,7 @@ def _run(args) -> None:
         cfg = TrainConfig(
             model=args.model, out=args.out, data=tuple(args.data), steps=args.steps, epochs=args.epochs,
             batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, max_len=args.max_len, lr=args.lr,
-            expert_lr=args.expert_lr, warmup_ratio=args.warmup_ratio, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+            expert_lr=args.expert_lr, warmup_ratio=args.warmup_ratio, decay_ratio=args.decay_ratio, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
             lora_dropout=args.lora_dropout, lora_targets=tuple(t for t in args.lora_targets.split(",") if t),
             adapter_dropout=args.adapter_dropout, aux_loss_coef=args.aux_loss_coef, quantization=args.quantization,
             dtype=args.dtype, seed=args.seed, save_every=args.save_every, resume=args.resume, merge=args.merge,

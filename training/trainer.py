@@ -37,7 +37,7 @@ METRICS = "train_log.jsonl"
 # Settings a resumed run must share with the checkpoint it continues.  The length of the run
 # (--steps/--epochs) may grow: the learning rate is constant after warm-up, so resuming with
 # more steps simply trains longer on the same deterministic data order.
-RESUME_KEYS = ("model", "data", "batch_size", "micro_batch_size", "max_len", "lr", "expert_lr", "warmup_ratio", "lora_rank",
+RESUME_KEYS = ("model", "data", "batch_size", "micro_batch_size", "max_len", "lr", "expert_lr", "warmup_ratio", "decay_ratio", "lora_rank",
                "lora_alpha", "lora_dropout", "adapter_dropout", "aux_loss_coef", "quantization", "dtype", "seed",
                "max_examples")
 
@@ -57,6 +57,10 @@ class TrainConfig:
     # base, so the two may want different step sizes (issue #16's separate-learning-rate knob).
     expert_lr: float | None = None  # None: the same as lr
     warmup_ratio: float = 0.03
+    # The last decay_ratio of the steps take the learning rate linearly down to zero (0: constant
+    # after warm-up).  Stopping at full learning rate leaves the final weights wherever the last
+    # batches pushed them; annealing settles them, so one run says more about its recipe.
+    decay_ratio: float = 0.0
     lora_rank: int = 4
     lora_alpha: float = 8.0
     lora_dropout: float = 0.1
@@ -88,6 +92,9 @@ class TrainConfig:
             raise ValueError(f"--max-len must be >= 8, got {self.max_len}")
         if self.lr <= 0 or not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"need --lr > 0 and 0 <= --warmup-ratio < 1 (got {self.lr}, {self.warmup_ratio})")
+        if not 0 <= self.decay_ratio <= 1 or self.warmup_ratio + self.decay_ratio > 1:
+            raise ValueError(f"need 0 <= --decay-ratio <= 1 and --warmup-ratio + --decay-ratio <= 1 "
+                             f"(got {self.decay_ratio}, {self.warmup_ratio})")
         if self.expert_lr is not None and self.expert_lr <= 0:
             raise ValueError(f"--expert-lr must be positive, got {self.expert_lr}")
         if self.aux_loss_coef < 0:
@@ -117,6 +124,16 @@ class TrainResult:
     num_examples: int = 0
 
 
+def lr_multiplier(step: int, total_steps: int, warmup: int, decay: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) as a fraction of --lr: a linear
+    warm-up over ``warmup`` steps, flat, then a linear fall over the last ``decay`` steps that
+    reaches zero after the final step (warm-up, stable, decay)."""
+    rise = min(1.0, (step + 1) / warmup)
+    if decay <= 0:
+        return rise
+    return min(rise, max(0.0, (total_steps - step) / decay))
+
+
 def _save_checkpoint(path: Path, tm: TrainableModel, opt, sched, step: int, cfg: TrainConfig, history: dict) -> None:
     state = {
         "step": step,
@@ -135,7 +152,8 @@ def _save_checkpoint(path: Path, tm: TrainableModel, opt, sched, step: int, cfg:
 def _load_checkpoint(path: Path, tm: TrainableModel, opt, sched, cfg: TrainConfig) -> tuple[int, dict]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     saved = state["config"]
-    diff = [k for k in RESUME_KEYS if saved.get(k) != cfg.resume_view()[k]]
+    older = {"decay_ratio": 0.0}  # checkpoints written before the key existed ran a constant schedule
+    diff = [k for k in RESUME_KEYS if saved.get(k, older.get(k)) != cfg.resume_view()[k]]
     if diff:
         raise ValueError(f"--resume: {path} was written with different settings ({', '.join(diff)}); "
                          f"use the same flags or a new --out")
@@ -179,8 +197,9 @@ def _prepare(cfg: TrainConfig, log: Callable[[str], None]) -> _Run:
     params = [p for _, p in tm.trainable_parameters()]
     total_steps = cfg.steps or max(1, math.floor(cfg.epochs * len(encoded) / cfg.batch_size))
     warmup = max(1, round(cfg.warmup_ratio * total_steps))
+    decay = round(cfg.decay_ratio * total_steps)
     opt = torch.optim.AdamW(_param_groups(tm, cfg), lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, total_steps, warmup, decay))
     run = _Run(source, tokenizer, encoded, tm, params, opt, sched, total_steps, 0,
                {"loss": [], "aux": [], "tokens": 0, "seconds": 0.0})
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -299,6 +318,7 @@ def _info(cfg: TrainConfig, steps: int, num_examples: int, history: dict) -> dic
         "lr": cfg.lr,
         **({"expert_lr": cfg.expert_lr} if cfg.expert_lr is not None else {}),
         "warmup_ratio": cfg.warmup_ratio,
+        **({"decay_ratio": cfg.decay_ratio} if cfg.decay_ratio else {}),
         "aux_loss_coef": cfg.aux_loss_coef,
         "adapter_dropout": cfg.adapter_dropout,
         "lora_dropout": cfg.lora_dropout,

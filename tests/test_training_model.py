@@ -17,6 +17,7 @@ from pesc_serve.layers.attention import AttentionMetadata, PrefillChunk
 from pesc_serve.models.loader import load_model
 from pesc_serve.registry import resolve_model
 from tests.fixtures.tiny_checkpoints import make_checkpoint
+from training.average import average_deltas
 from training.craft import craft
 from training.data import Example, write_jsonl
 from training.export import delta_tensors, write_delta
@@ -293,6 +294,50 @@ def test_a_second_stage_starts_from_the_first_stages_weights(crafted_dir, data_f
         bad = tmp_path / "bad.pt"
         torch.save({"trainable": {"nope": torch.zeros(1)}}, bad)
         train(TrainConfig(out=tmp_path / "bad", steps=1, init_from=bad, **base), log=lambda s: None)
+
+
+def test_average_of_a_run_and_its_continuation(crafted_dir, dense_dir, data_file, tmp_path):
+    """``python -m training average``: the weighted mean of a run and its --init-from
+    continuation, tensor by tensor; it serves, its provenance is recorded, and deltas of
+    different shapes or kinds are refused by name."""
+    from safetensors.torch import load_file
+
+    from training.__main__ import main
+
+    base = dict(model=str(crafted_dir), data=(str(data_file),), batch_size=4, micro_batch_size=2, lr=1e-2,
+                save_every=100, progress=False)
+    train(TrainConfig(out=tmp_path / "a", steps=3, **base), log=lambda s: None)
+    train(TrainConfig(out=tmp_path / "b", steps=3, decay_ratio=0.9, init_from=tmp_path / "a" / "checkpoint.pt",
+                      **base), log=lambda s: None)
+    assert main(["average", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "m"),
+                 "--weights", "1,3"]) == 0
+    a, b, m = (load_file(tmp_path / d / "adapter_model.safetensors") for d in "abm")
+    assert m.keys() == a.keys() and any((a[k] != b[k]).any() for k in a)
+    for k in a:
+        want = (0.25 * a[k].float() + 0.75 * b[k].float()).to(a[k].dtype)
+        assert torch.equal(m[k], want), k
+    info = json.loads((tmp_path / "m" / "config.json").read_text())["pesc_delta"]
+    assert [x["weight"] for x in info["averaged_from"]] == [0.25, 0.75]
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["pesc_delta"]["init_from"].endswith("checkpoint.pt")
+    ids = _tokens(9)
+    la, lb, lm = (_serving_logits(_load(tmp_path / d), ids) for d in "abm")
+    assert (lm - la).abs().max() > 0 and (lm - lb).abs().max() > 0
+
+    dense = train(TrainConfig(model=str(dense_dir), out=tmp_path / "lora", data=(str(data_file),), steps=1,
+                              batch_size=4, micro_batch_size=2, save_every=100, progress=False), log=lambda s: None)
+    with pytest.raises(ValueError, match="one training trajectory"):
+        average_deltas([tmp_path / "a", dense.out], tmp_path / "x")
+    wide = train(TrainConfig(out=tmp_path / "wide", steps=1, lora_rank=8, **base), log=lambda s: None)
+    with pytest.raises(ValueError, match="lora_rank"):
+        average_deltas([tmp_path / "a", wide.out], tmp_path / "x")
+    with pytest.raises(ValueError, match="at least two"):
+        average_deltas([tmp_path / "a"], tmp_path / "x")
+    with pytest.raises(ValueError, match="--weights"):
+        average_deltas([tmp_path / "a", tmp_path / "b"], tmp_path / "x", [1.0])
+    with pytest.raises(ValueError, match="not a trained delta"):
+        average_deltas([tmp_path / "a", tmp_path / "nowhere"], tmp_path / "x")
+    assert main(["average", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "y"),
+                 "--weights", "1,x"]) == 2
 
 
 def test_expert_lr_moves_routers_and_adapters_alone(crafted_dir, dense_dir, data_file, tmp_path):

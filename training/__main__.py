@@ -1,4 +1,5 @@
-"""``python -m training craft|data|train|eval|compare``: craft PESC models, build data, tune, evaluate, compare arms of seeds."""
+"""``python -m training craft|data|train|average|eval|compare``: craft PESC models, build data, tune, average
+checkpoints, evaluate, compare arms of seeds."""
 
 from __future__ import annotations
 
@@ -103,6 +104,14 @@ def _add_compare(sub) -> None:
     k.add_argument("--out", type=Path, default=Path("training/results/compare"))
 
 
+def _add_average(sub) -> None:
+    a = sub.add_parser("average", help="the weighted mean of deltas of one training trajectory (checkpoint averaging)")
+    a.add_argument("deltas", nargs="+", type=Path, help="delta directories (a run and its --init-from continuation)")
+    a.add_argument("--out", required=True, type=Path)
+    a.add_argument("--weights", default=None, help="comma-separated, one per delta (default: equal)")
+    a.add_argument("--note", default="", help="recorded in the delta's config.json")
+
+
 def _run(args) -> None:
     import torch
 
@@ -137,6 +146,15 @@ def _run(args) -> None:
             max_examples=args.max_examples, note=args.note, progress=not args.no_progress,
         )
         train(cfg)
+    elif args.command == "average":
+        from training.average import average_deltas
+
+        try:
+            weights = [float(w) for w in args.weights.split(",")] if args.weights else None
+        except ValueError:
+            raise ValueError(f"--weights {args.weights!r}: give comma-separated numbers") from None
+        out = average_deltas(args.deltas, args.out, weights, args.note)
+        print(f"wrote the mean of {len(args.deltas)} deltas to {out}")
     elif args.command == "eval":
         from training.evaluate import EvalConfig, run_eval
 
@@ -163,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_craft(sub)
     _add_data(sub)
     _add_train(sub)
+    _add_average(sub)
     _add_eval(sub)
     _add_compare(sub)
     args = parser.parse_args(argv)

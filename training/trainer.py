@@ -325,6 +325,7 @@ def _info(cfg: TrainConfig, steps: int, num_examples: int, history: dict) -> dic
         "quantization": cfg.quantization,
         "dtype": cfg.dtype,
         "seed": cfg.seed,
+        **({"init_from": str(cfg.init_from)} if cfg.init_from is not None else {}),
         "data": [Path(p).name for p in cfg.data],
         "train_examples": num_examples,
         "train_tokens": history["tokens"],

@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-DELTA_WEIGHTS = "adapter_model.safetensors"
+from pesc_serve.deltas.delta import WEIGHTS_FILE as DELTA_WEIGHTS
 SHAPE_KEYS = ("base_model_name_or_path", "num_experts", "topk", "adapter_dim", "moe_scaling", "moe_dtype")
 LORA_KEYS = ("lora_rank", "lora_alpha", "lora_targets")
 

@@ -263,7 +263,7 @@ def test_resume_continues_exactly(crafted_dir, data_file, tmp_path, monkeypatch)
     assert len(longer.losses) == 8 and longer.losses[:6] == full.losses
 
 
-def test_decay_ends_the_run_at_a_small_learning_rate(crafted_dir, data_file, tmp_path):
+def test_decay_ends_the_run_at_a_small_learning_rate_and_fixes_its_length(crafted_dir, data_file, tmp_path):
     base = dict(model=str(crafted_dir), data=(str(data_file),), steps=8, batch_size=4, micro_batch_size=2, lr=1e-2,
                 decay_ratio=0.5, save_every=4, progress=False)
     full = train(TrainConfig(out=tmp_path / "full", **base), log=lambda s: None)
@@ -271,6 +271,10 @@ def test_decay_ends_the_run_at_a_small_learning_rate(crafted_dir, data_file, tmp
     assert [round(r["lr"] / 1e-2, 3) for r in log[-4:]] == [1.0, 0.75, 0.5, 0.25]
     info = json.loads((tmp_path / "full" / "config.json").read_text())["pesc_delta"]
     assert info["decay_ratio"] == 0.5
+    half = dict(base, save_every=100, steps=4)
+    train(TrainConfig(out=tmp_path / "half", **half), log=lambda s: None)
+    with pytest.raises(ValueError, match="decays its learning rate over a run of 4 steps"):
+        train(TrainConfig(out=tmp_path / "half", resume=True, **{**half, "steps": 8}), log=lambda s: None)
     old = dict(base, decay_ratio=0.0, steps=4)
     train(TrainConfig(out=tmp_path / "old", **old), log=lambda s: None)
     state = torch.load(tmp_path / "old" / "checkpoint.pt", weights_only=True)

@@ -11,6 +11,7 @@ same PESC shape.  LoRA factors are averaged one by one, like every other paramet
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from pesc_serve.deltas.delta import WEIGHTS_FILE as DELTA_WEIGHTS
+
 SHAPE_KEYS = ("base_model_name_or_path", "num_experts", "topk", "adapter_dim", "moe_scaling", "moe_dtype")
 LORA_KEYS = ("lora_rank", "lora_alpha", "lora_targets")
 
@@ -67,7 +69,7 @@ def average_deltas(deltas: list[Path], out: Path, weights: list[float] | None = 
         mean[key] = acc.to(ref.dtype).contiguous()
     out.mkdir(parents=True, exist_ok=True)
     save_file(mean, str(out / DELTA_WEIGHTS), metadata={"format": "pt"})
-    cfg = json.loads(json.dumps(first_cfg))
+    cfg = copy.deepcopy(first_cfg)
     info = cfg.setdefault("pesc_delta", {})
     info["status"] = "trained"
     info["averaged_from"] = [{"delta": str(d), "weight": round(w, 6)} for d, w in zip(deltas, weights)]

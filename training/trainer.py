@@ -35,8 +35,9 @@ CHECKPOINT = "checkpoint.pt"
 EXPERT_PARAMS = ("router", "adapter_down", "adapter_up")  # TrainableModel's names for the routed part
 METRICS = "train_log.jsonl"
 # Settings a resumed run must share with the checkpoint it continues.  The length of the run
-# (--steps/--epochs) may grow: the learning rate is constant after warm-up, so resuming with
-# more steps simply trains longer on the same deterministic data order.
+# (--steps/--epochs) may grow when the learning rate is constant after warm-up: resuming with
+# more steps simply trains longer on the same deterministic data order.  With --decay-ratio the
+# length places the decay, so a resumed decaying run must keep it.
 RESUME_KEYS = ("model", "data", "batch_size", "micro_batch_size", "max_len", "lr", "expert_lr", "warmup_ratio", "decay_ratio", "lora_rank",
                "lora_alpha", "lora_dropout", "adapter_dropout", "aux_loss_coef", "quantization", "dtype", "seed",
                "max_examples")
@@ -201,13 +202,17 @@ def _prepare(cfg: TrainConfig, log: Callable[[str], None]) -> _Run:
     opt = torch.optim.AdamW(_param_groups(tm, cfg), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, total_steps, warmup, decay))
     run = _Run(source, tokenizer, encoded, tm, params, opt, sched, total_steps, 0,
-               {"loss": [], "aux": [], "tokens": 0, "seconds": 0.0})
+               {"loss": [], "aux": [], "tokens": 0, "seconds": 0.0, "total_steps": total_steps})
     cfg.out.mkdir(parents=True, exist_ok=True)
     ckpt = cfg.out / CHECKPOINT
     if cfg.resume and ckpt.is_file():
         run.step, run.history = _load_checkpoint(ckpt, tm, opt, sched, cfg)
         if run.step > total_steps:
             raise ValueError(f"--resume: {ckpt} is already at step {run.step}, beyond --steps {total_steps}")
+        planned = run.history.setdefault("total_steps", total_steps)
+        if cfg.decay_ratio and planned != total_steps:
+            raise ValueError(f"--resume: {ckpt} decays its learning rate over a run of {planned} steps; "
+                             f"resume it with that length (here {total_steps} steps from --steps/--epochs)")
         log(f"resumed from {ckpt} at step {run.step}/{total_steps}")
     else:
         if cfg.resume:

@@ -16,7 +16,9 @@
 #
 # The seeds 0-2 reported in the README trained on the mixture of commit 5f66a88's generator
 # (sha256 in training/results/pesc_vs_dense/train_jsonl.sha256); later commits changed the tool
-# domain's training tools, so rebuilding DATA now gives another mixture.
+# domain's training tools, so a missing DATA is rebuilt with that commit's generator (DATA_COMMIT,
+# in a temporary git worktree) and checked against the recorded sha256, so a knob run on a fresh
+# machine trains on the same mixture as the runs it is compared with.
 #
 # Resumable: a finished run (its config.json says "trained") is skipped and an unfinished one
 # continues from its checkpoint, bit for bit.  The PESC and dense runs of one seed train side by
@@ -39,6 +41,35 @@ else
 fi
 TRAIN="--data $DATA/train.jsonl --lr 0.0005 --max-len 512 --steps $STEPS --no-progress --resume --threads 1"
 
+DATA_COMMIT=${DATA_COMMIT:-5f66a88}
+SHA_FILE=training/results/pesc_vs_dense/train_jsonl.sha256
+
+# The recorded mixture: the generator of DATA_COMMIT, run in a worktree of it, then its sha256
+# checked (the data is deterministic: the chat replay decodes greedily).
+ensure_data() {
+  [ -f "$DATA/train.jsonl" ] && return 0
+  local py wt; py=$(command -v "$PY"); py=$(cd "$(dirname "$py")" && pwd)/$(basename "$py")
+  wt=$(mktemp -d); mkdir -p "$DATA" "$RUNS"
+  git worktree add --detach -f "$wt" "$DATA_COMMIT" >/dev/null
+  if ! (cd "$wt" && "$py" -m training data --out "$(cd "$DATA" && pwd)") > "$RUNS/data.log" 2>&1; then
+    git worktree remove --force "$wt"
+    echo "building the mixture with $DATA_COMMIT's generator failed: see $RUNS/data.log" >&2
+    exit 1
+  fi
+  git worktree remove --force "$wt"
+  local want got; want=$(cut -d' ' -f1 "$SHA_FILE"); got=$(sha256sum "$DATA/train.jsonl" | cut -d' ' -f1)
+  if [ "$want" != "$got" ]; then
+    echo "$DATA/train.jsonl from $DATA_COMMIT has sha256 $got, not the recorded $want ($SHA_FILE)" >&2
+    exit 1
+  fi
+}
+
+# The plain craft of seed $1 (8 experts, top-2, adapter dim 64), shared by PESC and its knobs.
+craft_base() {
+  [ -f "$RUNS/crafted-$1/config.json" ] || $PY -m training craft --base smollm2 --num-experts 8 --topk 2 \
+    --adapter-dim 64 --seed "$1" --out "$RUNS/crafted-$1"
+}
+
 trained() { [ -f "$1/config.json" ] && grep -q '"status": "trained"' "$1/config.json"; }
 labels() { local out=() s; for s in $SEEDS; do out+=("$1-$s"); done; (IFS=,; echo "${out[*]}"); }
 
@@ -49,11 +80,14 @@ if [ -n "${ARM:-}" ]; then
   # train side by side, one thread each.
   K=$OUT/knobs/$ARM
   if [ "$STAGE" != eval ]; then
+    ensure_data
     for s in $SEEDS; do
       craft=$RUNS/crafted-$s
       if [ -n "${CRAFT_FLAGS:-}" ]; then
         craft=$RUNS/crafted-$ARM-$s
         [ -f "$craft/config.json" ] || $PY -m training craft --base smollm2 --seed "$s" --out "$craft" $CRAFT_FLAGS
+      else
+        craft_base "$s"
       fi
       while [ "$(jobs -rp | wc -l)" -ge 2 ]; do wait -n; done
       trained "$RUNS/pesc-$ARM-$s" || $PY -m training train --model "$craft" --out "$RUNS/pesc-$ARM-$s" --seed "$s" \
@@ -79,10 +113,9 @@ fi
 
 if [ "$STAGE" != eval ]; then
   mkdir -p "$RUNS"
-  [ -f "$DATA/train.jsonl" ] || $PY -m training data --out "$DATA" > "$RUNS/data.log" 2>&1
+  ensure_data
   for s in $SEEDS; do
-    [ -f "$RUNS/crafted-$s/config.json" ] || $PY -m training craft --base smollm2 --num-experts 8 --topk 2 \
-      --adapter-dim 64 --seed "$s" --out "$RUNS/crafted-$s"
+    craft_base "$s"
     pids=()
     if ! trained "$RUNS/pesc-$s"; then
       $PY -m training train --model "$RUNS/crafted-$s" --out "$RUNS/pesc-$s" --seed "$s" $TRAIN \

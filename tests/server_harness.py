@@ -103,8 +103,10 @@ def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
-def wait_until(predicate, timeout_s: float = 5.0, interval_s: float = 0.02) -> bool:
-    """Poll ``predicate`` until it is true or the time is up; returns its last value."""
+def wait_until(predicate, timeout_s: float = 120.0, interval_s: float = 0.02) -> bool:
+    """Poll ``predicate`` until it is true or the time is up; returns its last value.  The
+    limit only catches hangs: it returns as soon as the predicate holds, so a busy or slow host
+    waits longer instead of failing."""
     deadline = time.monotonic() + timeout_s
     while True:
         if predicate():

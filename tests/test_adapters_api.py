@@ -89,7 +89,7 @@ def test_an_unknown_model_is_a_404(server):
 
 def test_metrics_are_labelled_by_model(server):
     _complete(server, "gamma")
-    assert wait_until(lambda: engine_idle(server), 10)
+    assert wait_until(lambda: engine_idle(server))
     m = scrape(server.url)
     success = {dict(labels)["model"] for (name, labels), v in m.items() if name == "pesc:request_success_total" and v}
     assert {"gamma", server.server.model_name} <= success
@@ -129,7 +129,7 @@ def test_runtime_load_and_unload(server, tenants, tmp_path):
     assert post("/unload_lora_adapter", {"lora_name": "beta"}).status_code == 404
     base = post("/unload_lora_adapter", {"lora_name": server.server.model_name})
     assert base.status_code == 400 and "cannot be unloaded" in base.json()["error"]["message"]
-    assert wait_until(lambda: engine_idle(server), 10)
+    assert wait_until(lambda: engine_idle(server))
 
 
 def test_runtime_endpoints_need_the_api_key(server, tenants):

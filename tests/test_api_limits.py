@@ -59,7 +59,7 @@ def test_burst_past_the_queue_limit_gets_429_at_once(server):
     async def burst() -> None:
         async with httpx.AsyncClient(timeout=30) as client:
             held = [await _open_stream(client, url) for _ in range(capacity)]
-            assert wait_until(lambda: server.server.engine.stats().num_waiting == MAX_QUEUE_LEN, 5)
+            assert wait_until(lambda: server.server.engine.stats().num_waiting == MAX_QUEUE_LEN)
             metrics = scrape(server.url)
             assert metrics[("pesc:num_requests_running", ())] == MAX_NUM_SEQS
             assert metrics[("pesc:num_requests_waiting", ())] == MAX_QUEUE_LEN
@@ -81,7 +81,7 @@ def test_burst_past_the_queue_limit_gets_429_at_once(server):
             assert r.status_code == 429
             for resp, _ in held:
                 await resp.aclose()
-            assert wait_until(lambda: engine_idle(server), 5)
+            assert wait_until(lambda: engine_idle(server))
             r = await client.post(url, json=dict(LONG, max_tokens=2, stream=False))
             assert r.status_code == 200
             r = await client.post(url, json=dict(LONG, max_tokens=2, stream=False, n=capacity + 1))
@@ -103,7 +103,7 @@ def test_request_timeout_non_streaming_is_504_and_frees_kv(timeout_server):
     assert r.status_code == 504
     assert r.json()["error"]["type"] == "timeout_error"
     assert time.monotonic() - t0 < 5
-    assert wait_until(lambda: engine_idle(timeout_server), 5)
+    assert wait_until(lambda: engine_idle(timeout_server))
 
 
 def test_request_timeout_streaming_ends_with_an_error_event(timeout_server):
@@ -112,7 +112,7 @@ def test_request_timeout_streaming_ends_with_an_error_event(timeout_server):
         events = sse_events(resp)
     assert events[-1] == "[DONE]"
     assert events[-2]["error"]["code"] == "timeout"
-    assert wait_until(lambda: engine_idle(timeout_server), 5)
+    assert wait_until(lambda: engine_idle(timeout_server))
     # short requests are unaffected
     r = httpx.post(timeout_server.v1 + "/completions", json={"prompt": "x", "max_tokens": 3}, timeout=30)
     assert r.status_code == 200

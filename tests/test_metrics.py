@@ -51,7 +51,7 @@ def test_metrics_after_traffic(server):
     with httpx.stream("POST", server.v1 + "/completions", json=body_stream, timeout=30) as resp:
         events = sse_events(resp)
     assert events[-2]["usage"]["completion_tokens"] == MAX_TOKENS
-    assert wait_until(lambda: scrape(server.url)[("pesc:num_requests_running", ())] == 0, 5)
+    assert wait_until(lambda: scrape(server.url)[("pesc:num_requests_running", ())] == 0)
 
     m = scrape(server.url)
     names = {name for name, _ in m}

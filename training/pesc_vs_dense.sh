@@ -98,9 +98,11 @@ if [ -n "${ARM:-}" ]; then
   if [ "$STAGE" != train ]; then
     base=() dense=() mine=()
     for s in $SEEDS; do
-      trained "$RUNS/pesc-$ARM-$s" || { echo "pesc-$ARM-$s is not trained yet" >&2; exit 1; }
-      [ -f "$K/seed$s/eval.json" ] || $PY -m training eval --model "$RUNS/pesc-$ARM-$s" --labels "pesc-$ARM-$s" \
-        --heldout large --serving defaults --out "$K/seed$s"
+      if [ ! -f "$K/seed$s/eval.json" ]; then  # a scored seed needs no run: its report is kept
+        trained "$RUNS/pesc-$ARM-$s" || { echo "pesc-$ARM-$s is not trained yet" >&2; exit 1; }
+        $PY -m training eval --model "$RUNS/pesc-$ARM-$s" --labels "pesc-$ARM-$s" \
+          --heldout large --serving defaults --out "$K/seed$s"
+      fi
       mine+=("$K/seed$s/eval.json") base+=("$OUT/seed$s/eval.json") dense+=("$OUT/matched/seed$s/eval.json")
     done
     $PY -m training compare "${base[@]}" "${mine[@]}" --arm "$ARM=$(labels "pesc-$ARM")" \
@@ -138,9 +140,9 @@ if [ "$STAGE" != train ]; then
   first=${SEEDS%% *}
   reports=() pesc=() dense=()
   for s in $SEEDS; do
-    trained "$RUNS/pesc-$s" && trained "$RUNS/$DENSE-$s" || { echo "seed $s is not trained yet" >&2; exit 1; }
     reports+=("$OUT/seed$s/eval.json") pesc+=("pesc-$s") dense+=("$DENSE-$s")
-    if [ ! -f "$OUT/seed$s/eval.json" ]; then
+    if [ ! -f "$OUT/seed$s/eval.json" ]; then  # as for the knobs, a scored seed needs no runs
+      trained "$RUNS/pesc-$s" && trained "$RUNS/dense-$s" || { echo "seed $s is not trained yet" >&2; exit 1; }
       baselines=(--baseline "$RUNS/pesc-$s") labels="pesc-$s,dense-$s"
       if [ "$s" = "$first" ]; then baselines=(--baseline "$RUNS/crafted-$s" "${baselines[@]}") labels="crafted-$s,$labels"; fi
       $PY -m training eval --model "$RUNS/dense-$s" "${baselines[@]}" --labels "$labels" \
@@ -148,8 +150,11 @@ if [ "$STAGE" != train ]; then
     fi
     if [ "$CONTROL" = matched ]; then
       reports+=("$DENSE_OUT/seed$s/eval.json")
-      [ -f "$DENSE_OUT/seed$s/eval.json" ] || $PY -m training eval --model "$RUNS/$DENSE-$s" --labels "$DENSE-$s" \
-        --heldout large --serving defaults --out "$DENSE_OUT/seed$s"
+      if [ ! -f "$DENSE_OUT/seed$s/eval.json" ]; then
+        trained "$RUNS/$DENSE-$s" || { echo "$DENSE-$s is not trained yet" >&2; exit 1; }
+        $PY -m training eval --model "$RUNS/$DENSE-$s" --labels "$DENSE-$s" \
+          --heldout large --serving defaults --out "$DENSE_OUT/seed$s"
+      fi
     fi
   done
   $PY -m training compare "${reports[@]}" --arm "PESC=$(IFS=,; echo "${pesc[*]}")" \

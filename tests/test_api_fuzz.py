@@ -4,7 +4,6 @@ examples per operation, derandomized, a short context so no request can run long
 
 from __future__ import annotations
 
-import time
 
 import pytest
 import schemathesis
@@ -86,6 +85,4 @@ def test_openapi_describes_the_bodies(fuzz_server):
 
 
 def test_server_is_idle_after_fuzzing(fuzz_server):
-    t0 = time.monotonic()
     assert wait_until(lambda: engine_idle(fuzz_server))
-    assert time.monotonic() - t0 < 10

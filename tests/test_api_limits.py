@@ -64,18 +64,14 @@ def test_burst_past_the_queue_limit_gets_429_at_once(server):
             assert metrics[("pesc:num_requests_running", ())] == MAX_NUM_SEQS
             assert metrics[("pesc:num_requests_waiting", ())] == MAX_QUEUE_LEN
 
-            async def rejected(body: dict) -> tuple[httpx.Response, float]:
-                t0 = time.monotonic()
-                r = await client.post(url, json=body)
-                return r, time.monotonic() - t0
-
             bodies = [dict(LONG, stream=i % 2 == 0) for i in range(12)]
-            results = await asyncio.gather(*(rejected(b) for b in bodies))
-            for r, elapsed in results:
+            results = await asyncio.gather(*(client.post(url, json=b) for b in bodies))
+            for r in results:
                 assert r.status_code == 429, r.text
                 assert r.headers["retry-after"].isdigit()
                 assert r.json()["error"]["type"] == "rate_limit_error"
-                assert elapsed < 2.0
+            # at once: refused while the queue it found full is still full, not after it drained
+            assert server.server.engine.stats().num_waiting == MAX_QUEUE_LEN
             # completions count against the same limit; n counts n times
             r = await client.post(server.v1 + "/completions", json={"prompt": "x", "max_tokens": 2})
             assert r.status_code == 429
@@ -98,11 +94,9 @@ def timeout_server(tiny_checkpoint_factory):
 
 
 def test_request_timeout_non_streaming_is_504_and_frees_kv(timeout_server):
-    t0 = time.monotonic()
     r = httpx.post(timeout_server.v1 + "/chat/completions", json=dict(LONG, stream=False), timeout=30)
     assert r.status_code == 504
     assert r.json()["error"]["type"] == "timeout_error"
-    assert time.monotonic() - t0 < 5
     assert wait_until(lambda: engine_idle(timeout_server))
 
 

@@ -4,7 +4,6 @@ examples per operation, derandomized, a short context so no request can run long
 
 from __future__ import annotations
 
-
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings

@@ -71,6 +71,8 @@ craft_base() {
 }
 
 trained() { [ -f "$1/config.json" ] && grep -q '"status": "trained"' "$1/config.json"; }
+# Scoring a run that is not trained yet is a mistake in the stage order: say which run and stop.
+need_trained() { local r; for r; do trained "$RUNS/$r" || { echo "$r is not trained yet" >&2; exit 1; }; done; }
 labels() { local out=() s; for s in $SEEDS; do out+=("$1-$s"); done; (IFS=,; echo "${out[*]}"); }
 
 if [ -n "${ARM:-}" ]; then
@@ -99,7 +101,7 @@ if [ -n "${ARM:-}" ]; then
     base=() dense=() mine=()
     for s in $SEEDS; do
       if [ ! -f "$K/seed$s/eval.json" ]; then  # a scored seed needs no run: its report is kept
-        trained "$RUNS/pesc-$ARM-$s" || { echo "pesc-$ARM-$s is not trained yet" >&2; exit 1; }
+        need_trained "pesc-$ARM-$s"
         $PY -m training eval --model "$RUNS/pesc-$ARM-$s" --labels "pesc-$ARM-$s" \
           --heldout large --serving defaults --out "$K/seed$s"
       fi
@@ -142,7 +144,7 @@ if [ "$STAGE" != train ]; then
   for s in $SEEDS; do
     reports+=("$OUT/seed$s/eval.json") pesc+=("pesc-$s") dense+=("$DENSE-$s")
     if [ ! -f "$OUT/seed$s/eval.json" ]; then  # as for the knobs, a scored seed needs no runs
-      trained "$RUNS/pesc-$s" && trained "$RUNS/dense-$s" || { echo "seed $s is not trained yet" >&2; exit 1; }
+      need_trained "pesc-$s" "dense-$s"
       baselines=(--baseline "$RUNS/pesc-$s") labels="pesc-$s,dense-$s"
       if [ "$s" = "$first" ]; then baselines=(--baseline "$RUNS/crafted-$s" "${baselines[@]}") labels="crafted-$s,$labels"; fi
       $PY -m training eval --model "$RUNS/dense-$s" "${baselines[@]}" --labels "$labels" \
@@ -151,7 +153,7 @@ if [ "$STAGE" != train ]; then
     if [ "$CONTROL" = matched ]; then
       reports+=("$DENSE_OUT/seed$s/eval.json")
       if [ ! -f "$DENSE_OUT/seed$s/eval.json" ]; then
-        trained "$RUNS/$DENSE-$s" || { echo "$DENSE-$s is not trained yet" >&2; exit 1; }
+        need_trained "$DENSE-$s"
         $PY -m training eval --model "$RUNS/$DENSE-$s" --labels "$DENSE-$s" \
           --heldout large --serving defaults --out "$DENSE_OUT/seed$s"
       fi

@@ -68,6 +68,27 @@ def test_a_position_gets_the_same_numbers_however_its_prompt_is_chunked(window):
     assert torch.equal(torch.cat(parts), whole)
 
 
+@pytest.mark.parametrize("window", [None, 40])
+def test_several_threads_give_the_one_thread_numbers(window):
+    """The context is staged once by the calling thread and read by every OpenMP thread's tasks
+    (a thread_local the task lambda did not capture crashed the second thread); the tasks'
+    split does not change any number."""
+    ext = load_extension()
+    block_size, start, n, hq, hkv, d = 16, 70, 200, 9, 3, 64
+    blocks = -(-(start + n) // block_size)
+    cache = _cache(hkv, d, blocks, block_size, torch.float16, seed=6)
+    table = torch.arange(blocks)
+    q = torch.randn(n, hq, d, generator=torch.Generator().manual_seed(7))
+    one = ext.prefill_attention(q, cache, table, start, block_size, window or -1)
+    torch.set_num_threads(3)
+    try:
+        several = ext.prefill_attention(q, cache, table, start, block_size, window or -1)
+    finally:
+        torch.set_num_threads(1)
+    assert torch.equal(several, one)
+    torch.testing.assert_close(one.double(), _reference(q, cache, table, start, block_size, window), atol=2e-5, rtol=1e-4)
+
+
 def test_bad_arguments_are_refused():
     ext = load_extension()
     cache = _cache(3, 64, 4, 16, torch.float16, seed=0)

@@ -283,9 +283,10 @@ void paged_attention(const AttentionShape& shape, const float* qkvp, const KV* k
 // ---- prefill: blocked causal attention over the paged KV (flash-attention style) -------------
 // Why: a prompt chunk attends to its whole context.  Gathering that context out of the KV
 // blocks into a dense copy and building a [queries, context] mask (the PyTorch path) costs
-// memory traffic proportional to their product; here each task reads K/V blocks straight from
-// the cache once for a block of queries and keeps a running softmax (max, sum, output), so
-// nothing of size queries x context is ever stored.
+// memory traffic proportional to their product; here the context's K/V are staged once per
+// call in float32 blocks (StagedKV, linear in the context) and each task runs a block of
+// queries over them with a running softmax (max, sum, output), so nothing of size queries x
+// context is ever stored.
 //
 // A query's numbers depend only on its position and the cache: key blocks are aligned to
 // absolute positions (0, 64, 128, ...) and visited in order, so a prompt prefilled in one
@@ -297,10 +298,64 @@ constexpr int64_t kPrefillQueries = 64;  // query positions per task (x the GQA 
 template <typename KV>
 inline float kv_value(const KV* p, int64_t i) { return static_cast<float>(p[i]); }
 
+// The chunk's context in float32, staged once per call for all its tasks: per KV head and
+// 64-key block, K transposed ([D][64], the score loop's layout) and V ([64][D]); keys past the
+// chunk's last position are zeros (masked by the tasks).  Why: each task used to gather and
+// convert its key blocks out of the paged (float16) cache itself, once per query block, which
+// cost as much as its dot products.  Size: twice one layer's K/V of the context, in float32.
+struct StagedKV {
+  std::vector<float> k, v;  // [hkv][blocks][D * 64]
+  int64_t first_block = 0, blocks = 0, d = 0;
+  const float* kt(int64_t kvh, int64_t block) const { return k.data() + (kvh * blocks + block - first_block) * d * kPrefillKeys; }
+  const float* vb(int64_t kvh, int64_t block) const { return v.data() + (kvh * blocks + block - first_block) * d * kPrefillKeys; }
+};
+
+// One key row of D values as float32 (vector conversions from a half cache).
+template <typename KV>
+inline void key_row(const KV* src, int64_t D, float* dst) {
+  int64_t i = 0;
 #if defined(__AVX512F__)
-// Scores of four query rows against one block of 64 keys (kt: [D][64]): s_u[j] = sum_d
-// (q_u[d] * scale) * k_j[d], summed over d in order, as the scalar loop does.
-inline void prefill_scores4(const float* const* q, float scale, const float* kt, int64_t D, float* const* s) {
+  for (; i + 16 <= D; i += 16) _mm512_storeu_ps(dst + i, load16(src + i));
+#endif
+  for (; i < D; ++i) dst[i] = kv_value(src, i);
+}
+
+// Positions first_block * 64 .. last of each KV head, out of the sequence's blocks (`table`).
+template <typename KV>
+void stage_kv(StagedKV& staged, int64_t hkv, int64_t D, int64_t first_block, int64_t last, const KV* kc, const KV* vc,
+              const int64_t* table, int64_t block_size) {
+  staged.first_block = first_block;
+  staged.blocks = last / kPrefillKeys + 1 - first_block;
+  staged.d = D;
+  const int64_t per_block = D * kPrefillKeys, kv_stride = hkv * D;
+  staged.k.resize(hkv * staged.blocks * per_block);
+  staged.v.resize(hkv * staged.blocks * per_block);
+  at::parallel_for(0, hkv * staged.blocks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> row(D);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t kvh = t / staged.blocks, block = first_block + t % staged.blocks;
+      float* kt = staged.k.data() + t * per_block;
+      float* vb = staged.v.data() + t * per_block;
+      for (int64_t j = 0; j < kPrefillKeys; ++j) {
+        const int64_t pos = block * kPrefillKeys + j;
+        if (pos > last) {
+          for (int64_t d = 0; d < D; ++d) kt[d * kPrefillKeys + j] = 0.f;
+          std::fill(vb + j * D, vb + (j + 1) * D, 0.f);
+          continue;
+        }
+        const int64_t slot = table[pos / block_size] * block_size + pos % block_size;
+        key_row(kc + slot * kv_stride + kvh * D, D, row.data());
+        for (int64_t d = 0; d < D; ++d) kt[d * kPrefillKeys + j] = row[d];
+        key_row(vc + slot * kv_stride + kvh * D, D, vb + j * D);
+      }
+    }
+  });
+}
+
+#if defined(__AVX512F__)
+// Scores of four query rows (already scaled) against one block of 64 keys (kt: [D][64]):
+// s_u[j] = sum_d q_u[d] * k_j[d], summed over d in order, as the scalar loop does.
+inline void prefill_scores4(const float* const* q, const float* kt, int64_t D, float* const* s) {
   __m512 a[4][4];
 #pragma GCC unroll 4
   for (int u = 0; u < 4; ++u)
@@ -312,7 +367,7 @@ inline void prefill_scores4(const float* const* q, float scale, const float* kt,
                  k3 = _mm512_loadu_ps(kd + 48);
 #pragma GCC unroll 4
     for (int u = 0; u < 4; ++u) {
-      const __m512 qd = _mm512_set1_ps(q[u][d] * scale);
+      const __m512 qd = _mm512_set1_ps(q[u][d]);
       a[u][0] = _mm512_fmadd_ps(qd, k0, a[u][0]);
       a[u][1] = _mm512_fmadd_ps(qd, k1, a[u][1]);
       a[u][2] = _mm512_fmadd_ps(qd, k2, a[u][2]);
@@ -325,59 +380,131 @@ inline void prefill_scores4(const float* const* q, float scale, const float* kt,
     for (int v = 0; v < 4; ++v) _mm512_storeu_ps(s[u] + 16 * v, a[u][v]);
 }
 
-// One query row's output o [NV x 16] = o * shrink + sum_{jj in [jlo, jhi)} p[jj] * v[jj], the
-// row held in registers across the block's keys (one load of o, one store, instead of one of
-// each per key); the same fused multiply-adds in the same order as the scalar loop below.
-template <int NV>
-inline void prefill_pv_row(float* o, float shrink, const float* p, const float* vb, int64_t jlo, int64_t jhi,
-                           int64_t D) {
-  __m512 r[NV];
-  const __m512 sh = _mm512_set1_ps(shrink);
-#pragma GCC unroll 8
-  for (int v = 0; v < NV; ++v) r[v] = _mm512_mul_ps(_mm512_loadu_ps(o + 16 * v), sh);
-  for (int64_t jj = jlo; jj < jhi; ++jj) {
-    const __m512 pj = _mm512_set1_ps(p[jj]);
-    const float* vr = vb + jj * D;
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) r[v] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(vr + 16 * v), r[v]);
+// Lanes base .. base + 15 that fall in [lo, hi).
+inline __mmask16 lanes_in(int64_t lo, int64_t hi, int64_t base) {
+  const int64_t a = std::clamp<int64_t>(lo - base, 0, 16), b = std::clamp<int64_t>(hi - base, 0, 16);
+  return b <= a ? 0 : static_cast<__mmask16>(((1u << b) - 1) & ~((1u << a) - 1));
+}
+
+// One row's block of 64 scores -> probabilities under the new running max m (returned), keys
+// outside [jlo, jhi) zero; *total gets their sum.  Vector max and sum: the scalar loops'
+// dependency chains (64 maxes, 64 adds) cost as much as the row's dot products.
+inline float block_softmax(float* s, int64_t jlo, int64_t jhi, float running_max, float* total) {
+  __mmask16 mk[4];
+  __m512 sv[4];
+  __m512 mv = _mm512_set1_ps(running_max);
+#pragma GCC unroll 4
+  for (int v = 0; v < 4; ++v) {
+    mk[v] = lanes_in(jlo, jhi, 16 * v);
+    sv[v] = _mm512_loadu_ps(s + 16 * v);
+    mv = _mm512_mask_max_ps(mv, mk[v], mv, sv[v]);
   }
+  const float m = _mm512_reduce_max_ps(mv);
+  const __m512 mm = _mm512_set1_ps(m);
+  __m512 sum = _mm512_setzero_ps();
+#pragma GCC unroll 4
+  for (int v = 0; v < 4; ++v) {  // masked lanes: exp(0), then zeroed (exp's argument stays <= 0)
+    const __m512 e = _mm512_maskz_mov_ps(mk[v], exp_nonpositive(_mm512_maskz_sub_ps(mk[v], sv[v], mm)));
+    _mm512_storeu_ps(s + 16 * v, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  *total = _mm512_reduce_add_ps(sum);
+  return m;
+}
+
+// R query rows' outputs o_u [NV x 16] = o_u * shrink_u + sum_{jj in [jlo, jhi)} p_u[jj] * v[jj],
+// held in registers across the block's keys; each V vector loaded once feeds R rows.  A row's
+// probabilities are zero outside its own keys, and adding 0 * v leaves its sums as they were,
+// so rows with different key ranges share the union of them; per row, the same fused
+// multiply-adds in the same order as the scalar loop.
+template <int R, int NV>
+inline void prefill_pv_rows(float* const* o, const float* shrink, const float* const* p, const float* vb, int64_t jlo,
+                            int64_t jhi, int64_t D) {
+  __m512 r[R][NV];
+#pragma GCC unroll 4
+  for (int u = 0; u < R; ++u) {
+    const __m512 sh = _mm512_set1_ps(shrink[u]);
 #pragma GCC unroll 8
-  for (int v = 0; v < NV; ++v) _mm512_storeu_ps(o + 16 * v, r[v]);
+    for (int v = 0; v < NV; ++v) r[u][v] = _mm512_mul_ps(_mm512_loadu_ps(o[u] + 16 * v), sh);
+  }
+  for (int64_t jj = jlo; jj < jhi; ++jj) {
+    const float* vr = vb + jj * D;
+    __m512 vv[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) vv[v] = _mm512_loadu_ps(vr + 16 * v);
+#pragma GCC unroll 4
+    for (int u = 0; u < R; ++u) {
+      const __m512 pj = _mm512_set1_ps(p[u][jj]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) r[u][v] = _mm512_fmadd_ps(pj, vv[v], r[u][v]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int u = 0; u < R; ++u)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(o[u] + 16 * v, r[u][v]);
+}
+
+// Rows i .. i + R - 1 of a task's block through prefill_pv_rows (a row with no keys here has
+// shrink 1 and zero probabilities).
+template <int R, int NV>
+inline void prefill_pv_group(float* acc, const float* sc, const float* shrink, const int64_t* jlo, const int64_t* jhi,
+                             int64_t i, const float* vb, int64_t D) {
+  int64_t lo = kPrefillKeys, hi = 0;
+  float* o[R];
+  const float* p[R];
+  for (int u = 0; u < R; ++u) {
+    if (jlo[i + u] < jhi[i + u]) {
+      lo = std::min(lo, jlo[i + u]);
+      hi = std::max(hi, jhi[i + u]);
+    }
+    o[u] = acc + (i + u) * D;
+    p[u] = sc + (i + u) * kPrefillKeys;
+  }
+  if (lo < hi) prefill_pv_rows<R, NV>(o, shrink + i, p, vb, lo, hi, D);
 }
 #endif
 
+// Portable softmax of one row's block (no AVX-512): the same result up to the order of the sum.
+inline float block_softmax_scalar(float* s, int64_t jlo, int64_t jhi, float running_max, float* total) {
+  float m = running_max;
+  for (int64_t j = jlo; j < jhi; ++j) m = std::max(m, s[j]);
+  float t = 0.f;
+  for (int64_t j = 0; j < kPrefillKeys; ++j) {
+    s[j] = j >= jlo && j < jhi ? std::exp(s[j] - m) : 0.f;
+    t += s[j];
+  }
+  *total = t;
+  return m;
+}
+
 // One task: query positions q0 .. q0 + nq - 1 (chunk rows r0 ..) of one KV head's G query heads.
-template <typename KV>
-void prefill_task(const AttentionShape& shape, const float* q, int64_t row_stride, int64_t r0, int64_t nq, int64_t start,
-                  int64_t kvh, const KV* kc, const KV* vc, const int64_t* table, int64_t block_size, float scale,
-                  float* out, int64_t out_stride) {
-  const int64_t D = shape.d, G = shape.hq / shape.hkv, kv_stride = shape.hkv * D;
+inline void prefill_task(const AttentionShape& shape, const StagedKV& kv, const float* q, int64_t row_stride,
+                         int64_t r0, int64_t nq, int64_t start, int64_t kvh, float scale, float* out,
+                         int64_t out_stride) {
+  const int64_t D = shape.d, G = shape.hq / shape.hkv;
   const int64_t rows = nq * G;  // query vectors: position-major, then the group's heads
   const int64_t q_first = start + r0, q_last = q_first + nq - 1;
   const int64_t window = shape.window;
   const int64_t lo = window > 0 ? std::max<int64_t>(0, q_first - window + 1) : 0;
-  thread_local std::vector<float> kt, vb, sc, acc, mx, sum;
-  kt.resize(D * kPrefillKeys);      // the block's keys, transposed: [D][64]
-  vb.resize(kPrefillKeys * D);      // its values: [64][D]
+  thread_local std::vector<float> qs, sc, acc, mx, sum, sh;  // sh: each row's shrink in this block
+  thread_local std::vector<int64_t> lo_k, hi_k;             // each row's keys in this block
+  qs.resize(rows * D);              // the rows' queries, times the softmax scale
   sc.resize(rows * kPrefillKeys);   // scores, then probabilities
   acc.assign(rows * D, 0.f);
   mx.assign(rows, -std::numeric_limits<float>::infinity());
   sum.assign(rows, 0.f);
+  sh.resize(rows);
+  lo_k.resize(rows);
+  hi_k.resize(rows);
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* qr = q + (r0 + i / G) * row_stride + (kvh * G + i % G) * D;
+    for (int64_t d = 0; d < D; ++d) qs[i * D + d] = qr[d] * scale;
+  }
   for (int64_t k0 = lo - lo % kPrefillKeys; k0 <= q_last; k0 += kPrefillKeys) {
     const int64_t nk = std::min(kPrefillKeys, q_last + 1 - k0);
-    for (int64_t j = 0; j < kPrefillKeys; ++j) {
-      const int64_t pos = k0 + j;
-      if (j >= nk) {  // past the last query: zero keys, masked below
-        for (int64_t d = 0; d < D; ++d) kt[d * kPrefillKeys + j] = 0.f;
-        std::fill(vb.begin() + j * D, vb.begin() + (j + 1) * D, 0.f);
-        continue;
-      }
-      const int64_t slot = table[pos / block_size] * block_size + pos % block_size;
-      const KV* kr = kc + slot * kv_stride + kvh * D;
-      const KV* vr = vc + slot * kv_stride + kvh * D;
-      for (int64_t d = 0; d < D; ++d) kt[d * kPrefillKeys + j] = kv_value(kr, d);
-      for (int64_t d = 0; d < D; ++d) vb[j * D + d] = kv_value(vr, d);
-    }
+    const float* kt = kv.kt(kvh, k0 / kPrefillKeys);
+    const float* vb = kv.vb(kvh, k0 / kPrefillKeys);
 #if defined(__AVX512F__)
     // Scores of four query rows at a time: each key vector loaded once feeds four rows.
     for (int64_t i = 0; i < rows; i += 4) {
@@ -385,10 +512,10 @@ void prefill_task(const AttentionShape& shape, const float* q, int64_t row_strid
       float* srows[4];
       for (int64_t u = 0; u < 4; ++u) {
         const int64_t row = std::min(i + u, rows - 1);  // a short last group repeats its last row
-        qrs[u] = q + (r0 + row / G) * row_stride + (kvh * G + row % G) * D;
+        qrs[u] = qs.data() + row * D;
         srows[u] = sc.data() + row * kPrefillKeys;
       }
-      prefill_scores4(qrs, scale, kt.data(), D, srows);
+      prefill_scores4(qrs, kt, D, srows);
     }
 #endif
     for (int64_t i = 0; i < rows; ++i) {
@@ -396,52 +523,51 @@ void prefill_task(const AttentionShape& shape, const float* q, int64_t row_strid
       float* s = sc.data() + i * kPrefillKeys;
       const int64_t first_key = window > 0 ? pos - window + 1 : 0;
 #if !defined(__AVX512F__)
-      const float* qr = q + (r0 + i / G) * row_stride + (kvh * G + i % G) * D;
+      const float* qr = qs.data() + i * D;
       for (int64_t j = 0; j < kPrefillKeys; ++j) s[j] = 0.f;
       for (int64_t d = 0; d < D; ++d) {
-        const float qd = qr[d] * scale;
-        for (int64_t j = 0; j < kPrefillKeys; ++j) s[j] += qd * kt[d * kPrefillKeys + j];
+        for (int64_t j = 0; j < kPrefillKeys; ++j) s[j] += qr[d] * kt[d * kPrefillKeys + j];
       }
 #endif
       // The keys this query sees in the block: [jlo, jhi) (causal, window, the block's end).
       const int64_t jlo = std::clamp<int64_t>(first_key - k0, 0, kPrefillKeys);
       const int64_t jhi = std::clamp<int64_t>(pos + 1 - k0, 0, nk);
-      if (jlo >= jhi) continue;  // none: the block leaves this query's sums as they are
-      float m = mx[i];
-      for (int64_t j = jlo; j < jhi; ++j) m = std::max(m, s[j]);
+      lo_k[i] = jlo;
+      hi_k[i] = jhi;
+      if (jlo >= jhi) {  // none: the block leaves this query's sums as they are
+        sh[i] = 1.f;
+        std::fill(s, s + kPrefillKeys, 0.f);
+        continue;
+      }
       // The block's probabilities under the new running max; the old sums shrink to match.
-      const float shrink = mx[i] == -std::numeric_limits<float>::infinity() ? 0.f : std::exp(mx[i] - m);
-      for (int64_t j = 0; j < jlo; ++j) s[j] = m;  // exp(0), zeroed below: keeps exp's argument <= 0
-      for (int64_t j = jhi; j < kPrefillKeys; ++j) s[j] = m;
       float total = 0.f;
-      int64_t j = 0;
 #if defined(__AVX512F__)
-      for (; j + 16 <= kPrefillKeys; j += 16) {
-        _mm512_storeu_ps(s + j, exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s + j), _mm512_set1_ps(m))));
-      }
+      const float m = block_softmax(s, jlo, jhi, mx[i], &total);
+#else
+      const float m = block_softmax_scalar(s, jlo, jhi, mx[i], &total);
 #endif
-      for (; j < kPrefillKeys; ++j) s[j] = std::exp(s[j] - m);
-      for (j = 0; j < jlo; ++j) s[j] = 0.f;
-      for (j = jhi; j < kPrefillKeys; ++j) s[j] = 0.f;
-      for (j = 0; j < kPrefillKeys; ++j) total += s[j];  // masked keys add exact zeros: one fixed order
+      sh[i] = mx[i] == -std::numeric_limits<float>::infinity() ? 0.f : std::exp(mx[i] - m);
       mx[i] = m;
-      sum[i] = sum[i] * shrink + total;
-      float* o = acc.data() + i * D;
+      sum[i] = sum[i] * sh[i] + total;
+    }
+    int64_t i = 0;
 #if defined(__AVX512F__)
-      if (D == 64) {
-        prefill_pv_row<4>(o, shrink, s, vb.data(), jlo, jhi, D);
-        continue;
-      }
-      if (D == 128) {
-        prefill_pv_row<8>(o, shrink, s, vb.data(), jlo, jhi, D);
-        continue;
-      }
+    if (D == 64) {
+      for (; i + 4 <= rows; i += 4) prefill_pv_group<4, 4>(acc.data(), sc.data(), sh.data(), lo_k.data(), hi_k.data(), i, vb, D);
+      for (; i < rows; ++i) prefill_pv_group<1, 4>(acc.data(), sc.data(), sh.data(), lo_k.data(), hi_k.data(), i, vb, D);
+    } else if (D == 128) {
+      for (; i + 2 <= rows; i += 2) prefill_pv_group<2, 8>(acc.data(), sc.data(), sh.data(), lo_k.data(), hi_k.data(), i, vb, D);
+      for (; i < rows; ++i) prefill_pv_group<1, 8>(acc.data(), sc.data(), sh.data(), lo_k.data(), hi_k.data(), i, vb, D);
+    }
 #endif
-      for (int64_t d = 0; d < D; ++d) o[d] *= shrink;
-      for (int64_t jj = jlo; jj < jhi; ++jj) {
-        const float p = s[jj];
-        const float* vr = vb.data() + jj * D;
-        for (int64_t d = 0; d < D; ++d) o[d] = std::fma(p, vr[d], o[d]);
+    for (; i < rows; ++i) {
+      float* o = acc.data() + i * D;
+      const float* pr = sc.data() + i * kPrefillKeys;
+      if (lo_k[i] >= hi_k[i]) continue;
+      for (int64_t d = 0; d < D; ++d) o[d] *= sh[i];
+      for (int64_t jj = lo_k[i]; jj < hi_k[i]; ++jj) {
+        const float* vr = vb + jj * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = std::fma(pr[jj], vr[d], o[d]);
       }
     }
   }
@@ -461,13 +587,20 @@ void prefill_attention(const AttentionShape& shape, const float* q, int64_t row_
                        const KV* kc, const KV* vc, const int64_t* table, int64_t block_size, float* out,
                        int64_t out_stride) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(shape.d));
+  const int64_t last = start + n - 1;
+  const int64_t lo = shape.window > 0 ? std::max<int64_t>(0, start - shape.window + 1) : 0;
+  // Reused across layers and steps (one allocation per size).  The tasks must see the calling
+  // thread's copy: a lambda does not capture a thread_local, so they get it through `kv`.
+  thread_local StagedKV staged;
+  const StagedKV& kv = staged;
+  stage_kv(staged, shape.hkv, shape.d, lo / kPrefillKeys, last, kc, vc, table, block_size);
   const int64_t qblocks = (n + kPrefillQueries - 1) / kPrefillQueries;
   // Later query blocks see more keys: hand them out first so the threads finish together.
   at::parallel_for(0, qblocks * shape.hkv, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t qb = qblocks - 1 - t / shape.hkv, kvh = t % shape.hkv;
       const int64_t r0 = qb * kPrefillQueries, nq = std::min(kPrefillQueries, n - r0);
-      prefill_task(shape, q, row_stride, r0, nq, start, kvh, kc, vc, table, block_size, scale, out, out_stride);
+      prefill_task(shape, kv, q, row_stride, r0, nq, start, kvh, scale, out, out_stride);
     }
   });
 }

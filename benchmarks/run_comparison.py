@@ -282,7 +282,10 @@ def prefill_check(port: int, model: str = "", concurrent: int = 4, requests: int
         return (first or time.perf_counter()) - start, tokens
 
     async def run() -> dict:
-        async with httpx.AsyncClient(timeout=1800) as client:
+        # A fresh connection per request: llama-server closes a connection left idle for 5 s
+        # (a ~6 s prompt beside it is enough), and a pooled one it closed fails the request.
+        limits = httpx.Limits(max_keepalive_connections=0)
+        async with httpx.AsyncClient(timeout=1800, limits=limits) as client:
             await one(client, prompts[-1])  # warm-up (its prompt is used for nothing else)
             ttfts = [(await one(client, p))[0] for p in prompts[:singles]]
             sem = asyncio.Semaphore(concurrent)

@@ -64,7 +64,7 @@ def _refused(url: str) -> bool:
         return False
     except httpx.ConnectError:
         return True
-    except httpx.RemoteProtocolError:  # accepted as the listener closed, then closed unanswered
+    except (httpx.RemoteProtocolError, httpx.ReadError):  # accepted as the listener closed, then closed or reset unanswered
         return False
 
 

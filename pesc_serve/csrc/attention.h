@@ -306,8 +306,9 @@ inline float kv_value(const KV* p, int64_t i) { return static_cast<float>(p[i]);
 struct StagedKV {
   std::vector<float> k, v;  // [hkv][blocks][D * 64]
   int64_t first_block = 0, blocks = 0, d = 0;
-  const float* kt(int64_t kvh, int64_t block) const { return k.data() + (kvh * blocks + block - first_block) * d * kPrefillKeys; }
-  const float* vb(int64_t kvh, int64_t block) const { return v.data() + (kvh * blocks + block - first_block) * d * kPrefillKeys; }
+  int64_t offset(int64_t kvh, int64_t block) const { return (kvh * blocks + block - first_block) * d * kPrefillKeys; }
+  const float* kt(int64_t kvh, int64_t block) const { return k.data() + offset(kvh, block); }
+  const float* vb(int64_t kvh, int64_t block) const { return v.data() + offset(kvh, block); }
 };
 
 // One key row of D values as float32 (vector conversions from a half cache).
@@ -334,8 +335,8 @@ void stage_kv(StagedKV& staged, int64_t hkv, int64_t D, int64_t first_block, int
     std::vector<float> row(D);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t kvh = t / staged.blocks, block = first_block + t % staged.blocks;
-      float* kt = staged.k.data() + t * per_block;
-      float* vb = staged.v.data() + t * per_block;
+      float* kt = staged.k.data() + staged.offset(kvh, block);
+      float* vb = staged.v.data() + staged.offset(kvh, block);
       for (int64_t j = 0; j < kPrefillKeys; ++j) {
         const int64_t pos = block * kPrefillKeys + j;
         if (pos > last) {
